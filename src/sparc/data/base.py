@@ -1,0 +1,43 @@
+"""What every dataset yields: aligned samples and a label hierarchy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from sparc.data.hierarchy import Hierarchy
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One aligned sample: an image file, its caption and its label ids (leaves or inner nodes)."""
+
+    id: str
+    image: Path
+    caption: str
+    labels: tuple[str, ...]
+
+
+@dataclass
+class DatasetBuild:
+    """Result of building a dataset: samples in a fixed order, their hierarchy, skipped rows.
+
+    ``skipped`` lists ``(id, reason)`` for every source item that was left out, so the prepare
+    stage can report them; ``info`` is free-form provenance written to the prepared metadata.
+    """
+
+    samples: list[Sample]
+    hierarchy: Hierarchy
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+class DatasetBuilder(Protocol):
+    """A dataset: ``build(options, work_dir)`` renders or locates images and returns the samples.
+
+    ``work_dir`` is an empty directory the builder may write images into (they become part of the
+    prepared output); builders that read images in place return absolute paths instead.
+    """
+
+    def __call__(self, options: object, work_dir: Path) -> DatasetBuild: ...

@@ -1,0 +1,216 @@
+"""The prepared dataset: the `prepare` stage's output and every later stage's view of the data.
+
+Layout of ``data/prepared/<dataset>/``::
+
+    samples.csv      id, image, caption, labels ('|'-joined label ids), split, image_sha256
+    hierarchy.json   the label tree (see sparc.data.hierarchy)
+    meta.json        dataset name, options, counts, skipped items, fingerprint
+    images/          images the builder rendered (emoji); other datasets point at files in place
+
+Rows are in the builder's order, optionally reduced to an evenly spread subset. The split is a
+pure function of (split_seed, sample id), so it does not move when other samples come or go.
+The fingerprint is the SHA-256 of ``samples.csv`` (which holds every image's hash), so it changes
+whenever any id, caption, label, split or image byte does.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sparc.data.base import DatasetBuild
+from sparc.data.hierarchy import Hierarchy
+from sparc.params import DataParams
+
+SPLITS = ("train", "val", "test")
+LABEL_SEP = "|"
+
+
+def split_of(sample_id: str, split_seed: int, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split: u = first 8 bytes of sha256(f"{seed}:{id}") / 2**64 in [0, 1);
+    test if u < test_fraction, val if u < test_fraction + val_fraction, else train."""
+    digest = hashlib.sha256(f"{split_seed}:{sample_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def spread_subset(n: int, max_samples: int) -> np.ndarray:
+    """Indices of an evenly spread subset of ``max_samples`` out of ``n`` (all when 0 or >= n)."""
+    if max_samples <= 0 or max_samples >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, max_samples).round().astype(np.int64))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_prepared(
+    build: DatasetBuild,
+    out_dir: Path,
+    *,
+    dataset: str,
+    options: dict,
+    max_samples: int,
+    split_seed: int,
+    val_fraction: float,
+    test_fraction: float,
+) -> Path:
+    """Write the prepared dataset atomically to ``out_dir`` (``out_dir.tmp`` then rename).
+
+    Images under ``out_dir.tmp`` (rendered by the builder) are stored relative to ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    samples = build.samples
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"{dataset}: duplicate sample id {dup!r}")
+    if not samples:
+        raise ValueError(f"{dataset}: no usable samples")
+    keep = spread_subset(len(samples), max_samples)
+    known = set(build.hierarchy.labels)
+    rows = []
+    for i in keep:
+        s = samples[i]
+        for label in s.labels:
+            if label not in known:
+                raise ValueError(f"{dataset}: sample {s.id!r} has label {label!r} not in the hierarchy")
+        image = Path(s.image)
+        try:
+            rel = image.resolve().relative_to(tmp.resolve())
+            image_field = rel.as_posix()
+        except ValueError:
+            image_field = str(image.resolve())
+        rows.append(
+            {
+                "id": s.id,
+                "image": image_field,
+                "caption": s.caption,
+                "labels": LABEL_SEP.join(s.labels),
+                "split": split_of(s.id, split_seed, val_fraction, test_fraction),
+                "image_sha256": file_sha256(image),
+            }
+        )
+    tmp.mkdir(parents=True, exist_ok=True)
+    # Rendered images that did not make the subset are removed.
+    kept_images = {r["image"] for r in rows}
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file() and f.relative_to(tmp).as_posix() not in kept_images:
+            f.unlink()
+    with (tmp / "samples.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    build.hierarchy.save(tmp / "hierarchy.json")
+    counts = {sp: sum(r["split"] == sp for r in rows) for sp in SPLITS}
+    meta = {
+        "dataset": dataset,
+        "options": options,
+        "n_samples": len(rows),
+        "n_source": len(samples),
+        "splits": counts,
+        "split_seed": split_seed,
+        "n_labels": len(build.hierarchy.labels),
+        "hierarchy_depth": build.hierarchy.max_depth,
+        "skipped": [{"id": i, "reason": r} for i, r in build.skipped],
+        "info": build.info,
+        "fingerprint": file_sha256(tmp / "samples.csv"),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A prepared dataset read back: parallel lists in row order plus the hierarchy."""
+
+    root: Path
+    ids: list[str]
+    images: list[Path]
+    captions: list[str]
+    labels: list[tuple[str, ...]]
+    splits: np.ndarray  # [N] str: train | val | test
+    hierarchy: Hierarchy
+    meta: dict
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def indices(self, split: str) -> np.ndarray:
+        """Row indices of ``split`` (train | val | test), ascending."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
+        return np.flatnonzero(self.splits == split)
+
+
+def load_prepared(root: str | Path) -> PreparedData:
+    """Read ``data/prepared/<dataset>``; FileNotFoundError naming the missing file otherwise."""
+    root = Path(root)
+    for name in ("samples.csv", "hierarchy.json", "meta.json"):
+        if not (root / name).is_file():
+            raise FileNotFoundError(
+                f"prepared dataset incomplete: {root / name} is missing (run `dvc repro prepare`)"
+            )
+    with (root / "samples.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    images = [Path(r["image"]) if Path(r["image"]).is_absolute() else root / r["image"] for r in rows]
+    return PreparedData(
+        root=root,
+        ids=[r["id"] for r in rows],
+        images=images,
+        captions=[r["caption"] for r in rows],
+        labels=[tuple(x for x in r["labels"].split(LABEL_SEP) if x) for r in rows],
+        splits=np.array([r["split"] for r in rows]),
+        hierarchy=Hierarchy.load(root / "hierarchy.json"),
+        meta=json.loads((root / "meta.json").read_text()),
+    )
+
+
+def prepare_dataset(data: DataParams, out_dir: str | Path) -> Path:
+    """The `prepare` stage: build dataset ``data.dataset`` and write it to ``out_dir``.
+
+    The builder renders into ``out_dir.tmp/images``; nothing at ``out_dir`` changes until the
+    whole dataset is written.
+    """
+    from sparc.data import get_builder
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "images").mkdir(parents=True)
+    options = getattr(data, data.dataset, None)
+    build = get_builder(data.dataset)(options, tmp / "images")
+    return write_prepared(
+        build,
+        out_dir,
+        dataset=data.dataset,
+        options=asdict(options) if options is not None else {},
+        max_samples=data.max_samples,
+        split_seed=data.split_seed,
+        val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction,
+    )

@@ -1,0 +1,219 @@
+"""Typed, validated view of ``params.yaml``.
+
+Every stage reads its parameters through :func:`load_params`, which parses the file with YAML 1.2
+semantics (the same as DVC: ``1e-4`` is a float), checks every key against the dataclasses below
+and raises :class:`ParamsError` with one line naming the offending parameter when a value is
+unknown or out of range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from ruamel.yaml import YAML
+
+
+class ParamsError(ValueError):
+    """A parameter in params.yaml is missing, unknown or out of range; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EmojiOptions:
+    skin_tones: bool = False
+    size: int = 160
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipartOptions:
+    max_megapixels: float = 25.0
+    min_title_chars: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderOptions:
+    csv: str = ""
+    hierarchy: str = ""
+    strict: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParams:
+    dataset: str = "emoji"
+    max_samples: int = 0
+    split_seed: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    emoji: EmojiOptions = dataclasses.field(default_factory=EmojiOptions)
+    clipart: ClipartOptions = dataclasses.field(default_factory=ClipartOptions)
+    folder: FolderOptions = dataclasses.field(default_factory=FolderOptions)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamParams:
+    model: str
+    input: Literal["image", "caption"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractParams:
+    batch_size: int = 32
+    num_workers: int = 1
+    device: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml. ``lam`` is the YAML key ``lambda``."""
+
+    seed: int = 0
+    k: int = 16
+    L: int = 512
+    lam: float = 1.0
+    topk: Literal["global", "local"] = "global"
+    method: Literal["sparc", "usae"] = "sparc"
+    data: DataParams = dataclasses.field(default_factory=DataParams)
+    streams: dict[str, StreamParams] = dataclasses.field(default_factory=dict)
+    extract: ExtractParams = dataclasses.field(default_factory=ExtractParams)
+
+    @property
+    def stream_names(self) -> list[str]:
+        """Stream names in params.yaml order (the order every stage uses)."""
+        return list(self.streams)
+
+
+_YAML_KEYS = {"lam": "lambda"}
+
+
+def _yaml_key(field_name: str) -> str:
+    return _YAML_KEYS.get(field_name, field_name)
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Convert one YAML value to the annotated type ``tp`` or raise ParamsError naming ``where``."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ParamsError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is dict:
+        _, val_tp = get_args(tp)
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _convert(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ParamsError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where or 'params'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {_yaml_key(f.name): f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ParamsError(f"{prefix}{unknown[0]}: unknown parameter")
+    kwargs = {}
+    for key, field in fields.items():
+        name = f"{where}.{key}" if where else key
+        if key in raw:
+            kwargs[field.name] = _convert(raw[key], hints[field.name], name)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ParamsError(f"{name}: missing")
+    return cls(**kwargs)
+
+
+def validate(params: Params) -> Params:
+    """Check value ranges and names; returns ``params`` or raises ParamsError naming the parameter."""
+    from sparc.data import DATASETS
+    from sparc.features.registry import check_spec
+
+    if params.k <= 0:
+        raise ParamsError(f"k: must be a positive integer, got {params.k}")
+    if params.L <= 0:
+        raise ParamsError(f"L: must be a positive integer, got {params.L}")
+    if params.k > params.L:
+        raise ParamsError(f"k: must be at most L ({params.L}), got {params.k}")
+    if params.lam < 0:
+        raise ParamsError(f"lambda: must be non-negative, got {params.lam}")
+    data = params.data
+    if data.dataset not in DATASETS:
+        raise ParamsError(
+            f"data.dataset: unknown dataset {data.dataset!r} (known: {', '.join(sorted(DATASETS))})"
+        )
+    if data.max_samples < 0:
+        raise ParamsError(f"data.max_samples: must be >= 0, got {data.max_samples}")
+    for key in ("val_fraction", "test_fraction"):
+        value = getattr(data, key)
+        if not 0.0 <= value < 1.0:
+            raise ParamsError(f"data.{key}: must be in [0, 1), got {value}")
+    if data.val_fraction + data.test_fraction >= 1.0:
+        raise ParamsError("data.test_fraction: val_fraction + test_fraction must be below 1")
+    if not params.streams:
+        raise ParamsError("streams: at least one stream is needed")
+    for name, stream in params.streams.items():
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ParamsError(f"streams.{name}: stream names may use letters, digits, '-' and '_'")
+        try:
+            check_spec(stream.model, stream.input)
+        except ValueError as err:
+            raise ParamsError(f"streams.{name}.model: {err}") from None
+    if params.extract.batch_size <= 0:
+        raise ParamsError(f"extract.batch_size: must be positive, got {params.extract.batch_size}")
+    if params.extract.num_workers < 0:
+        raise ParamsError(f"extract.num_workers: must be >= 0, got {params.extract.num_workers}")
+    return params
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Parse a YAML file with YAML 1.2 rules (as DVC does)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: parameters file not found")
+    with path.open() as fh:
+        raw = YAML(typ="safe", pure=True).load(fh)
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def params_from_dict(raw: dict) -> Params:
+    """Build and validate :class:`Params` from an already parsed mapping."""
+    return validate(_build(Params, raw, ""))
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read, type-check and validate ``params.yaml``."""
+    return params_from_dict(read_yaml(path))
