@@ -66,6 +66,38 @@ class ExtractParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainParams:
+    """The `train` group; the top-level k, L, lambda, topk, method and seed also steer training."""
+
+    batch_size: int = 256
+    epochs: int = 200
+    lr: float = 1.0e-3
+    adam_eps: float = 1.0e-8
+    k_aux: int = 64
+    aux_coef: float = 0.03125
+    dead_steps: int = 1000
+    revive_every: int = 100
+    checkpoint_every: int = 500
+    usae_update: Literal["source_only", "joint"] = "joint"
+    device: str = "auto"
+    bf16: bool = False
+    tf32: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptsParams:
+    top_n: int = 50
+    purity_threshold: float = 0.3
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 1024
+    probe_min_positives: int = 20
+    probe_candidates: int = 20
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     """The whole of params.yaml. ``lam`` is the YAML key ``lambda``."""
 
@@ -78,6 +110,9 @@ class Params:
     data: DataParams = dataclasses.field(default_factory=DataParams)
     streams: dict[str, StreamParams] = dataclasses.field(default_factory=dict)
     extract: ExtractParams = dataclasses.field(default_factory=ExtractParams)
+    train: TrainParams = dataclasses.field(default_factory=TrainParams)
+    concepts: ConceptsParams = dataclasses.field(default_factory=ConceptsParams)
+    evaluate: EvaluateParams = dataclasses.field(default_factory=EvaluateParams)
 
     @property
     def stream_names(self) -> list[str]:

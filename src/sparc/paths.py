@@ -20,3 +20,33 @@ def features_root(dataset: str) -> Path:
 
 def features_dir(dataset: str, stream: str) -> Path:
     return features_root(dataset) / stream
+
+
+def sae_dir() -> Path:
+    """Output of `train`: the trained SAE (model.safetensors + config.json)."""
+    return DATA / "sae"
+
+
+def checkpoints_dir() -> Path:
+    """Training checkpoints for resuming; not a DVC output (keyed by the training config)."""
+    return DATA / "checkpoints"
+
+
+def train_reports_dir() -> Path:
+    """DVCLive directory of `train` (metrics.json, plots)."""
+    return REPORTS / "train"
+
+
+def codes_dir() -> Path:
+    """Output of `encode`: sparse codes of every sample (joint and per-stream inference)."""
+    return DATA / "codes"
+
+
+def concepts_dir() -> Path:
+    """Output of `concepts`: per-latent concept names and purities."""
+    return REPORTS / "concepts"
+
+
+def metrics_path() -> Path:
+    """Headline metrics of `evaluate` (declared as DVC metrics)."""
+    return REPORTS / "metrics.json"
