@@ -110,8 +110,12 @@ class Hierarchy:
             entries = data["labels"]
             parents = {str(e["id"]): e.get("parent") for e in entries}
             names = {str(e["id"]): str(e.get("name", e["id"])) for e in entries}
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"hierarchy JSON: expected {{'labels': [{{'id', 'parent'}}]}} ({err})") from None
+        if len(parents) != len(entries):
+            seen: set[str] = set()
+            dup = next(str(e["id"]) for e in entries if str(e["id"]) in seen or seen.add(str(e["id"])))
+            raise ValueError(f"hierarchy JSON: label {dup!r} is listed more than once")
         return cls.from_parents(parents, names)
 
     def save(self, path: str | Path) -> None:

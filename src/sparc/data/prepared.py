@@ -73,6 +73,8 @@ def write_prepared(
     """Write the prepared dataset atomically to ``out_dir`` (``out_dir.tmp`` then rename).
 
     Images under ``out_dir.tmp`` (rendered by the builder) are stored relative to ``out_dir``.
+    Raises ValueError for duplicate ids, no samples, or a label missing from the hierarchy; the
+    checks run before anything is written.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -91,6 +93,8 @@ def write_prepared(
         for label in s.labels:
             if label not in known:
                 raise ValueError(f"{dataset}: sample {s.id!r} has label {label!r} not in the hierarchy")
+            if LABEL_SEP in label:
+                raise ValueError(f"{dataset}: sample {s.id!r} has label {label!r} containing {LABEL_SEP!r}")
         image = Path(s.image)
         try:
             rel = image.resolve().relative_to(tmp.resolve())
@@ -133,9 +137,15 @@ def write_prepared(
         "fingerprint": file_sha256(tmp / "samples.csv"),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    # Swap in: the old output is moved aside first, so a crash never leaves out_dir half-written.
+    old = out_dir.with_name(out_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        out_dir.rename(old)
     tmp.rename(out_dir)
+    if old.exists():
+        shutil.rmtree(old)
     return out_dir
 
 
@@ -203,14 +213,19 @@ def prepare_dataset(data: DataParams, out_dir: str | Path) -> Path:
         shutil.rmtree(tmp)
     (tmp / "images").mkdir(parents=True)
     options = getattr(data, data.dataset, None)
-    build = get_builder(data.dataset)(options, tmp / "images")
-    return write_prepared(
-        build,
-        out_dir,
-        dataset=data.dataset,
-        options=asdict(options) if options is not None else {},
-        max_samples=data.max_samples,
-        split_seed=data.split_seed,
-        val_fraction=data.val_fraction,
-        test_fraction=data.test_fraction,
-    )
+    try:
+        build = get_builder(data.dataset)(options, tmp / "images")
+        return write_prepared(
+            build,
+            out_dir,
+            dataset=data.dataset,
+            options=asdict(options) if options is not None else {},
+            max_samples=data.max_samples,
+            split_seed=data.split_seed,
+            val_fraction=data.val_fraction,
+            test_fraction=data.test_fraction,
+        )
+    finally:
+        # On failure nothing is left behind but an untouched out_dir (if one existed).
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -1,0 +1,154 @@
+"""The folder dataset: a CSV of id, image, caption, labels plus an optional hierarchy JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sparc.data.folder import build_folder
+from sparc.data.hierarchy import ROOT
+from sparc.data.prepared import load_prepared, prepare_dataset
+from sparc.params import DataParams, FolderOptions
+
+HIERARCHY = {
+    "labels": [
+        {"id": "animal", "name": "Animal", "parent": None},
+        {"id": "animal/cat", "name": "Cat", "parent": "animal"},
+        {"id": "animal/dog", "name": "Dog", "parent": "animal"},
+        {"id": "indoor"},
+    ]
+}
+
+
+def write_csv(path: Path, rows: list[dict], header: list[str] | None = None) -> Path:
+    header = header or ["id", "image", "caption", "labels"]
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> Path:
+    """tmp/ds with images/ (two good, one corrupt) and an absolute-path image elsewhere."""
+    ds = tmp_path / "ds"
+    (ds / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(ds / "images/cat.png")
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(ds / "images/dog.jpg")
+    (ds / "images/corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "elsewhere.png")
+    (ds / "hierarchy.json").write_text(json.dumps(HIERARCHY))
+    return ds
+
+
+def good_rows(folder: Path) -> list[dict]:
+    return [
+        {"id": "cat1", "image": "images/cat.png", "caption": "A red cat, indoors", "labels": "animal/cat|indoor"},
+        {"id": "dog1", "image": "images/dog.jpg", "caption": 'A "green" dog\non two lines', "labels": " animal/dog "},
+        {"id": "abs1", "image": str(folder.parent / "elsewhere.png"), "caption": "Blue", "labels": ""},
+        {"id": "inner", "image": "images/cat.png", "caption": "An animal", "labels": "animal"},
+    ]
+
+
+def test_good_rows_with_hierarchy(folder: Path, tmp_path: Path) -> None:
+    csv_path = write_csv(folder / "data.csv", good_rows(folder), header=["caption", "extra", "labels", "image", "id"])
+    build = build_folder(FolderOptions(csv=str(csv_path), hierarchy=str(folder / "hierarchy.json")), tmp_path / "w")
+    assert [s.id for s in build.samples] == ["cat1", "dog1", "abs1", "inner"]
+    assert build.skipped == []
+    cat, dog, abs1, inner = build.samples
+    assert cat.labels == ("animal/cat", "indoor") and cat.image == (folder / "images/cat.png").resolve()
+    assert dog.caption == 'A "green" dog\non two lines' and dog.labels == ("animal/dog",)
+    assert abs1.labels == () and abs1.image == (folder.parent / "elsewhere.png").resolve()
+    assert inner.labels == ("animal",)
+    assert build.hierarchy.parents["animal/cat"] == "animal"
+    assert build.hierarchy.names["animal/cat"] == "Cat" and build.hierarchy.names["indoor"] == "indoor"
+    assert build.info["n_rows"] == 4 and build.info["n_kept"] == 4
+
+
+def test_flat_hierarchy_without_json(folder: Path, tmp_path: Path) -> None:
+    csv_path = write_csv(folder / "data.csv", good_rows(folder))
+    build = build_folder(FolderOptions(csv=str(csv_path)), tmp_path)
+    assert build.hierarchy.labels == ["animal", "animal/cat", "animal/dog", "indoor"]
+    assert all(build.hierarchy.parents[lab] == ROOT for lab in build.hierarchy.labels)
+
+
+BAD_ROWS = [
+    ({"id": "", "image": "images/cat.png", "caption": "c", "labels": ""}, "empty id"),
+    ({"id": "cat1", "image": "images/dog.jpg", "caption": "again", "labels": ""}, "duplicate id (first used on line 2)"),
+    ({"id": "nofile", "image": "images/missing.png", "caption": "c", "labels": ""}, "missing image file"),
+    ({"id": "noimage", "image": " ", "caption": "c", "labels": ""}, "empty image path"),
+    ({"id": "corrupt", "image": "images/corrupt.png", "caption": "c", "labels": ""}, "unreadable image"),
+    ({"id": "nocap", "image": "images/cat.png", "caption": "  ", "labels": ""}, "empty caption"),
+    ({"id": "badlabel", "image": "images/cat.png", "caption": "c", "labels": "animal|animal/fish"}, "label 'animal/fish' is not in the hierarchy"),
+    ({"id": "rootlabel", "image": "images/cat.png", "caption": "c", "labels": ROOT}, "is reserved"),
+]
+
+
+def test_bad_rows_are_skipped_and_reported(folder: Path, tmp_path: Path, capsys) -> None:
+    rows = good_rows(folder) + [row for row, _ in BAD_ROWS]
+    csv_path = write_csv(folder / "data.csv", rows)
+    build = build_folder(FolderOptions(csv=str(csv_path), hierarchy=str(folder / "hierarchy.json")), tmp_path)
+    assert [s.id for s in build.samples] == ["cat1", "dog1", "abs1", "inner"]
+    assert len(build.skipped) == len(BAD_ROWS)
+    for (sample_id, reason), (row, problem) in zip(build.skipped, BAD_ROWS, strict=True):
+        assert problem in reason
+        assert sample_id == (row["id"] or sample_id)
+    assert build.skipped[0][0].startswith("<empty id on line")
+    # dog1's caption spans two CSV lines, so the first bad row starts on line 7
+    assert build.skipped[0][1].startswith("line 7: ")
+    err = capsys.readouterr().err
+    assert f"12 rows, 4 kept, {len(BAD_ROWS)} skipped" in err
+    assert "'nofile': line 9: missing image file" in err
+    assert build.info["n_skipped"] == len(BAD_ROWS)
+
+
+@pytest.mark.parametrize(("row", "problem"), BAD_ROWS, ids=[p for _, p in BAD_ROWS])
+def test_strict_mode_raises_on_first_bad_row(folder: Path, tmp_path: Path, row: dict, problem: str) -> None:
+    csv_path = write_csv(folder / "data.csv", good_rows(folder) + [row, {**row, "id": "later"}])
+    options = FolderOptions(csv=str(csv_path), hierarchy=str(folder / "hierarchy.json"), strict=True)
+    with pytest.raises(ValueError, match="strict") as info:
+        build_folder(options, tmp_path)
+    message = str(info.value)
+    assert problem in message
+    assert "line 7" in message and "later" not in message
+    if row["id"]:
+        assert f"id {row['id']!r}" in message
+
+
+def test_missing_csv_and_columns(folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="data.folder.csv: set it"):
+        build_folder(FolderOptions(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="data.folder.csv: .*nope.csv not found"):
+        build_folder(FolderOptions(csv=str(folder / "nope.csv")), tmp_path)
+    bad = write_csv(folder / "cols.csv", [{"id": "a", "image": "x", "text": "t"}], header=["id", "image", "text"])
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) caption, labels"):
+        build_folder(FolderOptions(csv=str(bad)), tmp_path)
+    (folder / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        build_folder(FolderOptions(csv=str(folder / "empty.csv")), tmp_path)
+
+
+def test_bad_hierarchy_file(folder: Path, tmp_path: Path) -> None:
+    csv_path = write_csv(folder / "data.csv", good_rows(folder))
+    with pytest.raises(FileNotFoundError, match="data.folder.hierarchy"):
+        build_folder(FolderOptions(csv=str(csv_path), hierarchy=str(folder / "nope.json")), tmp_path)
+    (folder / "cyclic.json").write_text(json.dumps({"labels": [{"id": "a", "parent": "b"}, {"id": "b", "parent": "a"}]}))
+    with pytest.raises(ValueError, match="data.folder.hierarchy: .*cycle"):
+        build_folder(FolderOptions(csv=str(csv_path), hierarchy=str(folder / "cyclic.json")), tmp_path)
+
+
+def test_bom_and_prepare_end_to_end(folder: Path, tmp_path: Path) -> None:
+    csv_path = write_csv(folder / "data.csv", good_rows(folder))
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())  # spreadsheet export
+    params = DataParams(dataset="folder", folder=FolderOptions(csv=str(csv_path)))
+    data = load_prepared(prepare_dataset(params, tmp_path / "prep"))
+    assert data.ids == ["cat1", "dog1", "abs1", "inner"]
+    assert data.captions[1] == 'A "green" dog\non two lines'
+    assert data.labels[0] == ("animal/cat", "indoor") and data.labels[2] == ()
+    assert data.images[0] == (folder / "images/cat.png").resolve()
+    assert data.meta["options"]["csv"] == str(csv_path)

@@ -1,0 +1,223 @@
+"""The prepared dataset: deterministic splits, subsets, atomic writes, round trip, fingerprint."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sparc.data
+from sparc.data.base import DatasetBuild, Sample
+from sparc.data.hierarchy import Hierarchy
+from sparc.data.prepared import (
+    load_prepared,
+    prepare_dataset,
+    split_of,
+    spread_subset,
+    write_prepared,
+)
+from sparc.params import DataParams
+
+HIER = Hierarchy.from_parents({"a": None, "a/x": "a", "a/y": "a", "b": None})
+
+
+def make_image(path: Path, color: tuple[int, int, int]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), color).save(path)
+    return path
+
+
+def make_build(root: Path, n: int = 12, captions: dict[str, str] | None = None) -> DatasetBuild:
+    """n samples with images under ``root`` (absolute paths), labels cycling through HIER."""
+    labels = [("a/x",), ("a/y",), ("b",), ("a/x", "b"), ()]
+    samples = []
+    for i in range(n):
+        sid = f"s{i:03d}"
+        img = make_image(root / f"{sid}.png", (i * 20 % 256, 0, 0))
+        cap = (captions or {}).get(sid, f"caption {i}")
+        samples.append(Sample(sid, img, cap, labels[i % len(labels)]))
+    return DatasetBuild(samples, HIER, skipped=[("bad1", "why")], info={"source": "test"})
+
+
+def write(build: DatasetBuild, out: Path, **kw) -> Path:
+    args = dict(dataset="t", options={"o": 1}, max_samples=0, split_seed=0, val_fraction=0.1, test_fraction=0.2)
+    args.update(kw)
+    return write_prepared(build, out, **args)
+
+
+def test_split_of_is_a_function_of_seed_and_id() -> None:
+    ids = [f"id{i}" for i in range(20000)]
+    splits = [split_of(i, 0, 0.1, 0.2) for i in ids]
+    frac = {s: splits.count(s) / len(ids) for s in ("train", "val", "test")}
+    assert abs(frac["test"] - 0.2) < 0.015 and abs(frac["val"] - 0.1) < 0.015
+    assert splits == [split_of(i, 0, 0.1, 0.2) for i in ids]
+    other_seed = [split_of(i, 1, 0.1, 0.2) for i in ids]
+    assert other_seed != splits
+    assert {split_of(i, 0, 0.0, 0.0) for i in ids[:100]} == {"train"}
+
+
+def test_split_does_not_depend_on_other_samples(tmp_path: Path) -> None:
+    full = load_prepared(write(make_build(tmp_path / "img", 40), tmp_path / "full"))
+    small_build = make_build(tmp_path / "img", 40)
+    small_build.samples = small_build.samples[::3]
+    small = load_prepared(write(small_build, tmp_path / "small"))
+    full_split = dict(zip(full.ids, full.splits, strict=True))
+    assert len(small) == 14
+    assert all(full_split[i] == s for i, s in zip(small.ids, small.splits, strict=True))
+
+
+def test_spread_subset() -> None:
+    assert spread_subset(10, 0).tolist() == list(range(10))
+    assert spread_subset(10, 10).tolist() == list(range(10))
+    assert spread_subset(10, 50).tolist() == list(range(10))
+    sub = spread_subset(100, 7)
+    assert len(sub) == 7 and sub[0] == 0 and sub[-1] == 99
+    assert np.all(np.diff(sub) > 0)
+    gaps = np.diff(sub)
+    assert gaps.max() - gaps.min() <= 1  # evenly spread
+    assert spread_subset(5, 1).tolist() == [0]
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    build = make_build(tmp_path / "img")
+    out = write(build, tmp_path / "prep")
+    data = load_prepared(out)
+    assert data.ids == [s.id for s in build.samples]
+    assert data.captions == [s.caption for s in build.samples]
+    assert data.labels == [s.labels for s in build.samples]
+    assert [p.resolve() for p in data.images] == [s.image.resolve() for s in build.samples]
+    assert data.hierarchy.parents == HIER.parents
+    assert data.meta["dataset"] == "t" and data.meta["options"] == {"o": 1}
+    assert data.meta["skipped"] == [{"id": "bad1", "reason": "why"}]
+    assert data.meta["info"] == {"source": "test"}
+    assert sum(data.meta["splits"].values()) == len(data) == 12
+    for split in ("train", "val", "test"):
+        idx = data.indices(split)
+        assert np.all(data.splits[idx] == split)
+    assert sorted(np.concatenate([data.indices(s) for s in ("train", "val", "test")]).tolist()) == list(range(12))
+    with pytest.raises(ValueError, match="unknown split"):
+        data.indices("dev")
+    assert not (tmp_path / "prep.tmp").exists()
+
+
+def test_subset_keeps_builder_order(tmp_path: Path) -> None:
+    build = make_build(tmp_path / "img", 12)
+    data = load_prepared(write(build, tmp_path / "prep", max_samples=4))
+    assert data.ids == [build.samples[i].id for i in spread_subset(12, 4)]
+    assert data.meta["n_source"] == 12 and data.meta["n_samples"] == 4
+
+
+def test_fingerprint_tracks_captions_and_image_bytes(tmp_path: Path) -> None:
+    out = tmp_path / "prep"
+    build = make_build(tmp_path / "img")
+    fp = load_prepared(write(build, out)).fingerprint
+    assert load_prepared(write(build, out)).fingerprint == fp  # same input, same fingerprint
+
+    changed = make_build(tmp_path / "img", captions={"s003": "caption 3!"})
+    fp_caption = load_prepared(write(changed, out)).fingerprint
+    assert fp_caption != fp
+
+    build = make_build(tmp_path / "img")
+    assert load_prepared(write(build, out)).fingerprint == fp
+    img = Image.open(build.samples[5].image).convert("RGB")
+    img.putpixel((0, 0), (1, 2, 3))
+    img.save(build.samples[5].image)
+    fp_image = load_prepared(write(build, out)).fingerprint
+    assert fp_image not in (fp, fp_caption)
+
+
+def test_duplicate_ids_rejected(tmp_path: Path) -> None:
+    build = make_build(tmp_path / "img", 5)
+    build.samples.append(build.samples[2])
+    with pytest.raises(ValueError, match="duplicate sample id 's002'"):
+        write(build, tmp_path / "prep")
+    assert not (tmp_path / "prep").exists() and not (tmp_path / "prep.tmp").exists()
+
+
+def test_label_not_in_hierarchy_rejected(tmp_path: Path) -> None:
+    build = make_build(tmp_path / "img", 5)
+    build.samples[3] = Sample("s003", build.samples[3].image, "c", ("a/z",))
+    with pytest.raises(ValueError, match="sample 's003' has label 'a/z' not in the hierarchy"):
+        write(build, tmp_path / "prep")
+    assert not (tmp_path / "prep").exists()
+
+
+def test_no_samples_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no usable samples"):
+        write(DatasetBuild([], HIER), tmp_path / "prep")
+
+
+def _rendering_builder(n: int, fail: bool = False, duplicate: bool = False):
+    """A builder that renders n images into work_dir (like emoji), optionally failing."""
+
+    def build(options, work_dir: Path) -> DatasetBuild:
+        samples = []
+        for i in range(n):
+            img = make_image(work_dir / f"r{i}.png", (0, 10 * i, 0))
+            samples.append(Sample(f"r{i}", img, f"render {i}", ("b",)))
+        if fail:
+            raise RuntimeError("builder broke halfway")
+        if duplicate:
+            samples.append(samples[0])
+        return DatasetBuild(samples, HIER)
+
+    return build
+
+
+@pytest.fixture()
+def fake_builder(monkeypatch):
+    def install(builder) -> None:
+        monkeypatch.setattr(sparc.data, "get_builder", lambda name: builder)
+
+    return install
+
+
+def test_prepare_rendered_images_are_relative(tmp_path: Path, fake_builder) -> None:
+    fake_builder(_rendering_builder(6))
+    data_params = DataParams(dataset="emoji", max_samples=3)
+    out = prepare_dataset(data_params, tmp_path / "prep")
+    data = load_prepared(out)
+    with (out / "samples.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["image"] for r in rows] == ["images/r0.png", "images/r2.png", "images/r5.png"]
+    assert all(p.is_file() for p in data.images)
+    # images that did not make the subset are not kept
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["r0.png", "r2.png", "r5.png"]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["options"] == {"skin_tones": False, "size": 160}
+    # relative paths: the same data prepared elsewhere has the same fingerprint
+    again = load_prepared(prepare_dataset(data_params, tmp_path / "elsewhere" / "prep"))
+    assert again.fingerprint == data.fingerprint
+    assert not (tmp_path / "prep.tmp").exists()
+
+
+@pytest.mark.parametrize("kind", ["builder", "writer"])
+def test_failure_leaves_no_output(tmp_path: Path, fake_builder, kind: str) -> None:
+    out = tmp_path / "prep"
+    fake_builder(_rendering_builder(4, fail=kind == "builder", duplicate=kind == "writer"))
+    with pytest.raises((RuntimeError, ValueError)):
+        prepare_dataset(DataParams(dataset="emoji"), out)
+    assert not out.exists()
+    assert not (tmp_path / "prep.tmp").exists()
+
+
+def test_failure_keeps_previous_output(tmp_path: Path, fake_builder) -> None:
+    out = tmp_path / "prep"
+    fake_builder(_rendering_builder(4))
+    before = load_prepared(prepare_dataset(DataParams(dataset="emoji"), out)).fingerprint
+    fake_builder(_rendering_builder(4, fail=True))
+    with pytest.raises(RuntimeError, match="builder broke halfway"):
+        prepare_dataset(DataParams(dataset="emoji"), out)
+    assert load_prepared(out).fingerprint == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prep"]
+
+
+def test_load_prepared_names_missing_file(tmp_path: Path) -> None:
+    out = write(make_build(tmp_path / "img", 3), tmp_path / "prep")
+    (out / "hierarchy.json").unlink()
+    with pytest.raises(FileNotFoundError, match="hierarchy.json is missing"):
+        load_prepared(out)
