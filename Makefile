@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.sparc-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system repro test lint bench clean-venv
+.PHONY: setup system repro test lint bench paper clean-venv
 
 setup: $(STAMP) system
 	@git rev-parse --verify -q HEAD >/dev/null || { echo "error: DVC experiments need a git commit; run 'git commit' first" >&2; exit 1; }
@@ -39,3 +39,8 @@ bench: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The paper setting as a DVC experiment: make paper CSV=/path/to/captions.csv [HIERARCHY=...]
+paper: setup
+	@test -n "$(CSV)" || { echo "usage: make paper CSV=/path/to/captions.csv [HIERARCHY=/path/to/hierarchy.json]" >&2; exit 2; }
+	$(BIN)/python -m sparc paper --csv "$(CSV)" --hierarchy "$(HIERARCHY)"

@@ -37,10 +37,56 @@ def cmd_extract(params: Params, args: argparse.Namespace) -> None:
     print(f"extracted {args.stream} -> {out}")
 
 
+def cmd_train(params: Params, args: argparse.Namespace) -> None:
+    from sparc.train.stage import run_train
+
+    print(f"trained SAE -> {run_train(params)}")
+
+
+def cmd_encode(params: Params, args: argparse.Namespace) -> None:
+    from sparc.evaluate.stage import run_encode
+
+    print(f"sparse codes -> {run_encode(params)}")
+
+
+def cmd_concepts(params: Params, args: argparse.Namespace) -> None:
+    from sparc.evaluate.stage import run_concepts
+
+    print(f"concepts -> {run_concepts(params)}")
+
+
+def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
+    from sparc.evaluate.stage import run_evaluate
+
+    print(f"metrics -> {run_evaluate(params)}")
+
+
+def cmd_paper(params: Params, args: argparse.Namespace) -> None:
+    """Run the paper setting as the DVC experiment ``paper`` (see sparc.presets)."""
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from sparc.presets import paper_command
+
+    for path in (args.csv, args.hierarchy):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+    cmd = paper_command(args.csv, args.hierarchy or "")
+    print(shlex.join(cmd))
+    if not args.dry:
+        subprocess.run(cmd, check=True)
+
+
 COMMANDS = {
     "check": (cmd_check, "validate params.yaml"),
     "prepare": (cmd_prepare, "build the dataset named by data.dataset"),
     "extract": (cmd_extract, "extract one stream's features"),
+    "train": (cmd_train, "train the multi-stream SAE on the extracted features"),
+    "encode": (cmd_encode, "sparse codes of every sample (joint and per-stream inference)"),
+    "concepts": (cmd_concepts, "name every latent per stream from its top activating samples"),
+    "paper": (cmd_paper, "run the paper setting (DINOv2 + OpenCLIP, L=8192, k=64) as a DVC experiment"),
+    "evaluate": (cmd_evaluate, "Jaccard, patterns, reconstruction, probes, retrieval, universality"),
 }
 
 
@@ -52,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         if name == "extract":
             p.add_argument("stream", help="stream name from params.yaml `streams:`")
+        if name == "paper":
+            p.add_argument("--csv", required=True, help="image-caption CSV in the folder format")
+            p.add_argument("--hierarchy", default="", help="optional label hierarchy JSON")
+            p.add_argument("--dry", action="store_true", help="print the dvc command, do not run it")
     return parser
 
 
