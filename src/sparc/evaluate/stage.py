@@ -1,0 +1,648 @@
+"""The `encode`, `concepts` and `evaluate` stages.
+
+encode (``run_encode``) writes ``data/codes/``::
+
+    joint/codes.npz, joint/codes.json   SparseCodes of every prepared row, joint inference: the
+                                        model's own rule (Global TopK for topk=global; each
+                                        stream its own top-k for topk=local)
+    local/codes.npz, local/codes.json   per-stream inference (each stream its own top-k)
+    meta.json                           model_sha256 (of model.safetensors), dataset,
+                                        dataset_fingerprint, ids_sha256, n, L, k, streams,
+                                        joint_mode
+
+encode refuses a model whose streams, L, k or topk differ from params.yaml, and features that do
+not match the prepared ids. concepts and evaluate refuse codes whose dataset fingerprint, id order,
+L or streams do not match the prepared data and params; evaluate also refuses codes encoded by
+another model (model_sha256 against data/sae) and concepts computed from other codes.
+
+concepts (``run_concepts``) writes ``reports/concepts/``::
+
+    concepts.csv   one row per latent: latent, per stream <s>_n_active (firings on the split),
+                   <s>_label (dominant label id of the top-n samples), <s>_name (its display
+                   name when purity >= purity_threshold, else empty), <s>_purity; agreed_name
+                   (the name when every stream names the latent with the same label)
+    summary.json   split, n_samples, top_n, purity_threshold, L, named_fraction{s},
+                   mean_purity{s} (over latents firing in s), agreeing, agreeing_fraction, codes
+                   (the identity of the codes used: model_sha256, dataset_fingerprint,
+                   ids_sha256)
+
+The split is ``concepts.split`` (default test, the paper's setting: names describe the same
+samples the other metrics are computed on).
+
+evaluate (``run_evaluate``) computes everything on the test split and writes ``reports/``:
+
+``metrics.json`` (DVC metrics)::
+
+    n_eval                       number of test samples
+    sparsity.l0_joint.<s>        mean non-zeros per sample in the joint codes (the real L0)
+    sparsity.l0_local.<s>        the same for per-stream codes
+    concepts.named_fraction.<s>, concepts.mean_purity.<s>, concepts.agreeing,
+    concepts.agreeing_fraction   copied from reports/concepts/summary.json
+    jaccard.depth_<d>.all        hierarchical generalised Jaccard at depth d (0 = root), mean
+                                 over all L latents
+    jaccard.depth_<d>.live       the same over live latents (firing in >= 1 stream on test)
+    jaccard.n_live               number of live latents
+    patterns.alive_all, .dead_all, .mixed     fractions of L (joint codes, test)
+    patterns.counts.{alive_all,dead_all,mixed}
+    patterns.combinations.<s1+s2..|none>      latents alive in exactly that set of streams
+    patterns.dead_fraction.<s>
+    reconstruction.self_nmse_mean, .cross_nmse_mean, .self_fvu_mean, .cross_fvu_mean
+    reconstruction.nmse.<s>-><t>, reconstruction.fvu.<s>-><t>   the M x M matrices
+    probes.mean_test_logloss.<s>, probes.mean_test_accuracy.<s>, probes.n_classes,
+    probes.chance (= ln 2)
+    retrieval.n                  gallery size (all test samples)
+    retrieval.chance.{R@1,R@5,R@10,median_rank,MRR}
+    retrieval.<s>-><t>.{R@1,R@5,R@10,median_rank,MRR}       per-stream codes, query s, gallery t
+    retrieval.raw.<s>-><t>.{...}  raw features, only for pairs sharing a space (same OpenCLIP
+                                  model, image vs caption); other pairs are absent here and have
+                                  a row with applicable=False (empty metrics) in retrieval.csv
+    universality.joint.{firing_entropy_mean,cofire_mean,n_firing}   USAE metrics on joint codes
+    universality.local.{...}                                       ... and on per-stream codes
+
+Undefined values (a mean over nothing) are ``null``. Retrieval and reconstruction run on
+``evaluate.device``; retrieval ranks count ties as a uniformly random order.
+
+``latents.csv``: latent, agreed_name, per stream name_<s>, purity_<s> (from concepts), freq_<s>
+(firing fraction on test, joint codes), jaccard_d<d> per depth, pattern (alive_all | dead_all |
+mixed), alive_in (streams the latent fires in, '+'-joined, 'none'), firing_entropy, cofire
+(joint codes; empty for latents that never fire).
+``retrieval.csv``: query, gallery, representation (codes | raw | chance), applicable, n, R@1,
+R@5, R@10, median_rank, MRR.
+``probes.csv``: label, name, depth, n_positives, n_balanced, stream, latent, val_logloss,
+test_logloss, test_accuracy.
+``reconstruction.csv``: source, target, kind (self | cross), nmse, fvu.
+
+Protocol details are in the docstrings of sparc.evaluate.{metrics,concepts,jaccard,probes,
+retrieval,reconstruction}.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from sparc import paths
+from sparc.data.prepared import PreparedData, file_sha256, load_prepared
+from sparc.evaluate.concepts import assign_concepts, concept_rows, concept_summary
+from sparc.evaluate.jaccard import hierarchical_jaccard, jaccard_summary
+from sparc.evaluate.labels import LabelSpace
+from sparc.evaluate.metrics import (
+    activation_patterns,
+    chance_retrieval,
+    code_matrix,
+    cofire_counts,
+    cofire_proportion,
+    firing_counts,
+    firing_entropy,
+    retrieval_metrics,
+)
+from sparc.evaluate.probes import ProbeResult, probe_rows, probe_summary, run_probes
+from sparc.evaluate.reconstruction import reconstruction_matrix, reconstruction_summary
+from sparc.evaluate.retrieval import pair_rank_counts, shares_space
+from sparc.model.codes import SparseCodes
+from sparc.params import Params, ParamsError
+
+EVAL_SPLIT = "test"
+MODEL_FILE = "model.safetensors"
+CODES_META = "meta.json"
+CONCEPTS_CSV = "concepts.csv"
+CONCEPTS_SUMMARY = "summary.json"
+RETRIEVAL_KS = (1, 5, 10)
+RETRIEVAL_FIELDS = [
+    "query", "gallery", "representation", "applicable", "n", *[f"R@{k}" for k in RETRIEVAL_KS], "median_rank", "MRR",
+]
+
+
+class EvaluateInputError(ValueError):
+    """Codes, concepts, model or data that do not belong together (the message says which)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_concepts_params(params: Params) -> None:
+    c = params.concepts
+    if c.top_n <= 0:
+        raise ParamsError(f"concepts.top_n: must be positive, got {c.top_n}")
+    if not 0.0 <= c.purity_threshold <= 1.0:
+        raise ParamsError(f"concepts.purity_threshold: must be in [0, 1], got {c.purity_threshold}")
+
+
+def _check_evaluate_params(params: Params) -> None:
+    e = params.evaluate
+    if e.batch_size <= 0:
+        raise ParamsError(f"evaluate.batch_size: must be positive, got {e.batch_size}")
+    if e.probe_min_positives < 1:
+        raise ParamsError(f"evaluate.probe_min_positives: must be >= 1, got {e.probe_min_positives}")
+    if e.probe_candidates < 1:
+        raise ParamsError(f"evaluate.probe_candidates: must be >= 1, got {e.probe_candidates}")
+
+
+def ids_sha256(ids: list[str]) -> str:
+    """SHA-256 of the ids joined by newlines (identifies the row order)."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def model_sha256(sae_dir: str | Path) -> str:
+    """SHA-256 of ``<sae_dir>/model.safetensors``; FileNotFoundError when it is missing."""
+    path = Path(sae_dir) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"trained SAE not found: {path} is missing (run `dvc repro train`)")
+    return file_sha256(path)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def _fresh_tmp(out: Path) -> Path:
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _finite(obj):
+    """Replace NaN / inf by None so the JSON is valid for every reader."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(_finite(obj), indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    fields = fields or (list(rows[0]) if rows else [])
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _fmt(x) -> object:
+    """CSV cell: floats rounded to 6 significant decimals, None/NaN as empty."""
+    if x is None:
+        return ""
+    if isinstance(x, (float, np.floating)):
+        return "" if not math.isfinite(x) else round(float(x), 6)
+    return x
+
+
+def split_rows(prepared: PreparedData, split: str) -> np.ndarray:
+    """Row indices of ``split`` (train | val | test | all); EvaluateInputError when empty."""
+    rows = np.arange(len(prepared)) if split == "all" else prepared.indices(split)
+    if rows.size == 0:
+        raise EvaluateInputError(f"the prepared dataset has no {split!r} samples to evaluate on")
+    return rows
+
+
+def codes_to_csr(codes: SparseCodes, rows: np.ndarray | None = None) -> dict[str, sp.csr_matrix]:
+    """Per stream ``[n, L]`` CSR of the given rows (all rows when None)."""
+    out = {}
+    for s in codes.streams:
+        idx, val = codes.indices[s], codes.values[s]
+        if rows is not None:
+            idx, val = idx[rows], val[rows]
+        out[s] = code_matrix(idx, val, codes.L)
+    return out
+
+
+def read_codes_meta(codes_dir: str | Path) -> dict:
+    """``<codes_dir>/meta.json``; FileNotFoundError / EvaluateInputError when missing or unreadable."""
+    path = Path(codes_dir) / CODES_META
+    if not path.is_file():
+        raise FileNotFoundError(f"sparse codes incomplete: {path} is missing (run `dvc repro encode`)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EvaluateInputError(f"{path}: unreadable ({err}); run `dvc repro encode`") from None
+    if not isinstance(meta, dict):
+        raise EvaluateInputError(f"{path}: expected a JSON object; run `dvc repro encode`")
+    return meta
+
+
+def load_codes(
+    codes_dir: str | Path,
+    kind: str,
+    prepared: PreparedData,
+    params: Params,
+    model_hash: str | None = None,
+) -> tuple[SparseCodes, dict]:
+    """Load ``<codes_dir>/<kind>`` (joint | local) and check it belongs to ``prepared``, ``params``
+    and (when given) the model with SHA-256 ``model_hash``. Returns ``(codes, meta)``."""
+    codes_dir = Path(codes_dir)
+    meta = read_codes_meta(codes_dir)
+    if model_hash is not None and meta.get("model_sha256") != model_hash:
+        raise EvaluateInputError(
+            f"{codes_dir}: codes were encoded by another model (sha256 {str(meta.get('model_sha256'))[:12]}..., "
+            f"the trained SAE is {model_hash[:12]}...); run `dvc repro encode`"
+        )
+    if meta.get("dataset_fingerprint") != prepared.fingerprint:
+        raise EvaluateInputError(
+            f"{codes_dir}: codes belong to another prepared dataset (fingerprint "
+            f"{str(meta.get('dataset_fingerprint'))[:12]}..., prepared data {prepared.fingerprint[:12]}...)"
+        )
+    try:
+        codes = SparseCodes.load(codes_dir / kind)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise EvaluateInputError(f"{codes_dir / kind}: cannot read the codes ({err}); run `dvc repro encode`") from None
+    if codes.ids != prepared.ids:
+        if len(codes.ids) != len(prepared.ids):
+            raise EvaluateInputError(
+                f"{codes_dir / kind}: {len(codes.ids)} rows, the prepared dataset has {len(prepared.ids)}"
+            )
+        row = next(i for i, (a, b) in enumerate(zip(codes.ids, prepared.ids, strict=True)) if a != b)
+        raise EvaluateInputError(
+            f"{codes_dir / kind}: row {row} has id {codes.ids[row]!r}, the prepared dataset has "
+            f"{prepared.ids[row]!r} (id order mismatch)"
+        )
+    if codes.L != params.L:
+        raise EvaluateInputError(f"{codes_dir / kind}: codes have L={codes.L}, params.yaml has L={params.L}")
+    if codes.streams != params.stream_names:
+        raise EvaluateInputError(
+            f"{codes_dir / kind}: codes have streams {codes.streams}, params.yaml has {params.stream_names}"
+        )
+    n = len(codes.ids)
+    for s in codes.streams:
+        idx, val = codes.indices[s], codes.values[s]
+        if idx.ndim != 2 or idx.shape != val.shape or idx.shape[0] != n:
+            raise EvaluateInputError(
+                f"{codes_dir / kind}: stream {s} has indices {idx.shape} and values {val.shape} for {n} ids"
+            )
+        if idx.size and (idx.min() < 0 or idx.max() >= codes.L):
+            raise EvaluateInputError(f"{codes_dir / kind}: stream {s} has latent ids outside [0, {codes.L})")
+        if not np.isfinite(val).all():
+            raise EvaluateInputError(f"{codes_dir / kind}: stream {s} has non-finite activations")
+    return codes, meta
+
+
+def _load_features(params: Params, features_root: Path, prepared: PreparedData):
+    from sparc.features.store import load_streams
+
+    streams = load_streams(features_root, params.stream_names)
+    first = streams[params.stream_names[0]]
+    if first.ids != prepared.ids:
+        raise EvaluateInputError(
+            f"{features_root}: feature rows do not match the prepared dataset's ids (re-run `dvc repro extract`)"
+        )
+    fp = first.meta.get("dataset_fingerprint")
+    if fp is not None and fp != prepared.fingerprint:
+        raise EvaluateInputError(
+            f"{features_root}: features were extracted from another prepared dataset (re-run `dvc repro extract`)"
+        )
+    return streams
+
+
+def _load_model(params: Params, sae_dir: Path, device: str):
+    from sparc.model.io import load_sae
+
+    model = load_sae(sae_dir, device=device)
+    if list(model.streams) != params.stream_names:
+        raise EvaluateInputError(
+            f"{sae_dir}: the SAE has streams {list(model.streams)}, params.yaml has {params.stream_names}"
+        )
+    for key, have, want in (("L", model.cfg.L, params.L), ("k", model.cfg.k, params.k), ("topk", model.cfg.topk, params.topk)):
+        if have != want:
+            raise EvaluateInputError(
+                f"{sae_dir}: the SAE has {key}={have}, params.yaml has {key}={want} (run `dvc repro train`)"
+            )
+    return model
+
+
+def _device(params: Params, device: str | None) -> str:
+    from sparc.features.base import resolve_device
+
+    try:
+        return str(resolve_device(device or params.evaluate.device))
+    except ValueError as err:
+        raise ParamsError(f"evaluate.device: {err}") from None
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def run_encode(
+    params: Params,
+    *,
+    sae_dir: str | Path | None = None,
+    features_root: str | Path | None = None,
+    prepared_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """The `encode` stage: joint and per-stream sparse codes of every prepared row (see module
+    docstring). Writes ``out_dir`` (default ``data/codes``) atomically and returns it."""
+    from sparc.model.io import encode_dataset
+
+    if params.evaluate.batch_size <= 0:
+        raise ParamsError(f"evaluate.batch_size: must be positive, got {params.evaluate.batch_size}")
+    dataset = params.data.dataset
+    sae_dir = Path(sae_dir or paths.sae_dir())
+    features_root = Path(features_root or paths.features_root(dataset))
+    prepared = load_prepared(prepared_dir or paths.prepared_dir(dataset))
+    out_dir = Path(out_dir or paths.codes_dir())
+    dev = _device(params, device)
+
+    model_hash = model_sha256(sae_dir)
+    model = _load_model(params, sae_dir, dev)
+    streams = _load_features(params, features_root, prepared)
+    for s, fs in streams.items():
+        if fs.dim != model.cfg.dims[s]:
+            raise EvaluateInputError(f"stream {s}: features have dim {fs.dim}, the SAE expects {model.cfg.dims[s]}")
+    features = {s: fs.features for s, fs in streams.items()}
+    joint_mode = model.cfg.topk
+    tmp = _fresh_tmp(out_dir)
+    for kind, mode in (("joint", joint_mode), ("local", "local")):
+        codes = encode_dataset(
+            model, features, prepared.ids, mode=mode, batch_size=params.evaluate.batch_size,
+            device=dev, progress=progress,
+        )
+        codes.save(tmp / kind)
+        k = int(next(iter(codes.indices.values())).shape[1])
+    meta = {
+        "model_sha256": model_hash,
+        "dataset": prepared.meta.get("dataset"),
+        "dataset_fingerprint": prepared.fingerprint,
+        "ids_sha256": ids_sha256(prepared.ids),
+        "n": len(prepared.ids),
+        "L": model.cfg.L,
+        "k": k,
+        "streams": list(model.streams),
+        "joint_mode": joint_mode,
+    }
+    _write_json(tmp / CODES_META, meta)
+    _replace_dir(tmp, out_dir)
+    return out_dir
+
+
+# --------------------------------------------------------------------------- concepts
+
+
+def run_concepts(
+    params: Params,
+    *,
+    codes_dir: str | Path | None = None,
+    prepared_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+) -> Path:
+    """The `concepts` stage: name every latent per stream (sparc.evaluate.concepts) on
+    ``concepts.split``; writes ``concepts.csv`` and ``summary.json`` to ``out_dir``."""
+    _check_concepts_params(params)
+    prepared = load_prepared(prepared_dir or paths.prepared_dir(params.data.dataset))
+    codes_dir = Path(codes_dir or paths.codes_dir())
+    out_dir = Path(out_dir or paths.concepts_dir())
+    codes, meta = load_codes(codes_dir, "joint", prepared, params)
+    split = params.concepts.split
+    rows = split_rows(prepared, split)
+    space = LabelSpace(prepared.hierarchy)
+    labels = space.matrix([prepared.labels[i] for i in rows])
+    table = assign_concepts(
+        codes_to_csr(codes, rows), labels, space, params.concepts.top_n, params.concepts.purity_threshold
+    )
+    summary = {
+        "split": split,
+        "n_samples": int(rows.size),
+        "top_n": params.concepts.top_n,
+        "purity_threshold": params.concepts.purity_threshold,
+        "L": codes.L,
+        **concept_summary(table),
+        "codes": {k: meta.get(k) for k in ("model_sha256", "dataset_fingerprint", "ids_sha256")},
+    }
+    tmp = _fresh_tmp(out_dir)
+    _write_csv(tmp / CONCEPTS_CSV, concept_rows(table))
+    _write_json(tmp / CONCEPTS_SUMMARY, summary)
+    _replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def load_concepts(concepts_dir: str | Path, codes_meta: dict, L: int) -> tuple[list[dict], dict]:
+    """Read the concepts stage's CSV and summary; EvaluateInputError when they were computed from
+    other codes or for another L."""
+    concepts_dir = Path(concepts_dir)
+    for name in (CONCEPTS_CSV, CONCEPTS_SUMMARY):
+        if not (concepts_dir / name).is_file():
+            raise FileNotFoundError(f"concepts incomplete: {concepts_dir / name} is missing (run `dvc repro concepts`)")
+    try:
+        summary = json.loads((concepts_dir / CONCEPTS_SUMMARY).read_text())
+        used = summary["codes"]
+        with (concepts_dir / CONCEPTS_CSV).open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        latents = [int(r["latent"]) for r in rows]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise EvaluateInputError(f"{concepts_dir}: unreadable concepts ({err!r}); run `dvc repro concepts`") from None
+    for key in ("model_sha256", "dataset_fingerprint", "ids_sha256"):
+        if used.get(key) != codes_meta.get(key):
+            raise EvaluateInputError(
+                f"{concepts_dir}: concepts were computed from other codes ({key} differs); run `dvc repro concepts`"
+            )
+    if latents != list(range(L)):
+        raise EvaluateInputError(f"{concepts_dir / CONCEPTS_CSV}: expected one row per latent 0..{L - 1}")
+    return rows, summary
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def _universality(codes: dict[str, sp.csr_matrix]) -> tuple[dict, np.ndarray, np.ndarray]:
+    counts = np.stack([firing_counts(m) for m in codes.values()])
+    fe = firing_entropy(counts)
+    cof = cofire_proportion(*cofire_counts(codes))
+    firing = counts.sum(axis=0) > 0
+    summary = {
+        "firing_entropy_mean": float(fe[firing].mean()) if firing.any() else None,
+        "cofire_mean": float(cof[firing].mean()) if firing.any() else None,
+        "n_firing": int(firing.sum()),
+    }
+    return summary, fe, cof
+
+
+def _retrieval(
+    local: dict[str, sp.csr_matrix], streams: dict, rows: np.ndarray, device: str
+) -> tuple[dict, list[dict]]:
+    """Retrieval metrics for every ordered stream pair (codes, and raw features where applicable)."""
+    names = list(local)
+    N = rows.size
+    codes: dict[tuple[str, str], dict] = {}
+    raw: dict[tuple[str, str], dict] = {}
+    for a, s in enumerate(names):
+        for t in names[a + 1 :]:
+            fwd, rev = pair_rank_counts(local[s], local[t], device=device)
+            codes[(s, t)] = retrieval_metrics(*fwd, RETRIEVAL_KS)
+            codes[(t, s)] = retrieval_metrics(*rev, RETRIEVAL_KS)
+            if shares_space(streams[s].meta, streams[t].meta):
+                xs = np.asarray(streams[s].features[rows], dtype=np.float32)
+                xt = np.asarray(streams[t].features[rows], dtype=np.float32)
+                fwd, rev = pair_rank_counts(xs, xt, device=device)
+                raw[(s, t)] = retrieval_metrics(*fwd, RETRIEVAL_KS)
+                raw[(t, s)] = retrieval_metrics(*rev, RETRIEVAL_KS)
+    chance = chance_retrieval(N, RETRIEVAL_KS)
+    summary: dict = {"n": N, "chance": chance}
+    table = [{"query": "", "gallery": "", "representation": "chance", "applicable": True, "n": N, **chance}]
+    for s in names:
+        for t in names:
+            if s == t:
+                continue
+            summary[f"{s}->{t}"] = codes[(s, t)]
+            table.append({"query": s, "gallery": t, "representation": "codes", "applicable": True, "n": N, **codes[(s, t)]})
+            if (s, t) in raw:
+                table.append({"query": s, "gallery": t, "representation": "raw", "applicable": True, "n": N, **raw[(s, t)]})
+            else:
+                table.append({"query": s, "gallery": t, "representation": "raw", "applicable": False, "n": N})
+    if raw:
+        summary["raw"] = {f"{s}->{t}": raw[(s, t)] for s in names for t in names if (s, t) in raw}
+    return summary, table
+
+
+def _latent_rows(
+    concepts: list[dict],
+    names: list[str],
+    freq: dict[str, np.ndarray],
+    N: int,
+    jac: dict[int, np.ndarray],
+    alive: dict[str, np.ndarray],
+    fe: np.ndarray,
+    cof: np.ndarray,
+) -> list[dict]:
+    """Rows of latents.csv (module docstring), one per latent."""
+    rows = []
+    for i, concept in enumerate(concepts):
+        row: dict = {"latent": i, "agreed_name": concept["agreed_name"]}
+        for s in names:
+            row[f"name_{s}"] = concept[f"{s}_name"]
+            row[f"purity_{s}"] = concept[f"{s}_purity"]
+        for s in names:
+            row[f"freq_{s}"] = _fmt(freq[s][i] / N)
+        for d, v in jac.items():
+            row[f"jaccard_d{d}"] = _fmt(v[i])
+        n_alive = sum(bool(alive[s][i]) for s in names)
+        row["pattern"] = "alive_all" if n_alive == len(names) else "dead_all" if n_alive == 0 else "mixed"
+        row["alive_in"] = "+".join(s for s in names if alive[s][i]) or "none"
+        row["firing_entropy"] = _fmt(fe[i])
+        row["cofire"] = _fmt(cof[i])
+        rows.append(row)
+    return rows
+
+
+def run_evaluate(
+    params: Params,
+    *,
+    codes_dir: str | Path | None = None,
+    prepared_dir: str | Path | None = None,
+    features_root: str | Path | None = None,
+    sae_dir: str | Path | None = None,
+    concepts_dir: str | Path | None = None,
+    metrics_path: str | Path | None = None,
+    device: str | None = None,
+) -> Path:
+    """The `evaluate` stage: every protocol of method.md section 4 except localisation, on the
+    test split. Writes ``metrics_path`` (default reports/metrics.json) and the CSVs next to it
+    (module docstring); returns ``metrics_path``."""
+    _check_evaluate_params(params)
+    dataset = params.data.dataset
+    prepared = load_prepared(prepared_dir or paths.prepared_dir(dataset))
+    codes_dir = Path(codes_dir or paths.codes_dir())
+    sae_dir = Path(sae_dir or paths.sae_dir())
+    features_root = Path(features_root or paths.features_root(dataset))
+    concepts_dir = Path(concepts_dir or paths.concepts_dir())
+    metrics_path = Path(metrics_path or paths.metrics_path())
+    dev = _device(params, device)
+
+    model_hash = model_sha256(sae_dir)
+    joint, meta = load_codes(codes_dir, "joint", prepared, params, model_hash)
+    local, _ = load_codes(codes_dir, "local", prepared, params, model_hash)
+    concept_table, concept_sum = load_concepts(concepts_dir, meta, params.L)
+    streams = _load_features(params, features_root, prepared)
+    model = _load_model(params, sae_dir, dev)
+
+    rows = split_rows(prepared, EVAL_SPLIT)
+    N = rows.size
+    names = params.stream_names
+    joint_t = codes_to_csr(joint, rows)
+    local_t = codes_to_csr(local, rows)
+    space = LabelSpace(prepared.hierarchy)
+    labels = space.matrix([prepared.labels[i] for i in rows])
+
+    freq = {s: firing_counts(m) for s, m in joint_t.items()}
+    alive = {s: f > 0 for s, f in freq.items()}
+    live = np.logical_or.reduce([alive[s] for s in names])
+    jac = hierarchical_jaccard(joint_t, labels, space)
+    patterns = activation_patterns(alive)
+    probes = run_probes(
+        joint_t, labels, space,
+        min_positives=params.evaluate.probe_min_positives,
+        n_candidates=params.evaluate.probe_candidates,
+        seed=params.evaluate.probe_seed,
+    )
+    retrieval, retrieval_rows = _retrieval(local_t, streams, rows, dev)
+    uni_joint, fe, cof = _universality(joint_t)
+    uni_local, _, _ = _universality(local_t)
+    recon = reconstruction_matrix(
+        model, {s: fs.features for s, fs in streams.items()}, rows, joint.subset(rows),
+        batch_size=params.evaluate.batch_size, device=dev,
+    )
+
+    metrics = {
+        "n_eval": int(N),
+        "sparsity": {
+            "l0_joint": {s: joint_t[s].nnz / N for s in names},
+            "l0_local": {s: local_t[s].nnz / N for s in names},
+        },
+        "concepts": {
+            k: concept_sum[k] for k in ("named_fraction", "mean_purity", "agreeing", "agreeing_fraction")
+        },
+        "jaccard": {**jaccard_summary(jac, live), "n_live": int(live.sum())},
+        "patterns": patterns,
+        "reconstruction": reconstruction_summary(recon),
+        "probes": probe_summary(probes, names),
+        "retrieval": retrieval,
+        "universality": {"joint": uni_joint, "local": uni_local},
+    }
+
+    latent_rows = _latent_rows(concept_table, names, freq, N, jac, alive, fe, cof)
+    recon_rows = [
+        {"source": s, "target": t, "kind": "self" if s == t else "cross", "nmse": _fmt(v["nmse"]), "fvu": _fmt(v["fvu"])}
+        for (s, t), v in recon.items()
+    ]
+    probe_csv = [{k: _fmt(v) for k, v in r.items()} for r in probe_rows(probes)]
+    retrieval_csv = [{k: _fmt(r.get(k)) for k in RETRIEVAL_FIELDS} for r in retrieval_rows]
+
+    out = metrics_path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    tables = {
+        "latents.csv": (latent_rows, list(latent_rows[0])),
+        "retrieval.csv": (retrieval_csv, RETRIEVAL_FIELDS),
+        "probes.csv": (probe_csv, [f.name for f in dataclasses.fields(ProbeResult)]),
+        "reconstruction.csv": (recon_rows, ["source", "target", "kind", "nmse", "fvu"]),
+    }
+    for name, (rows_, fields) in tables.items():
+        tmp = out / f".{name}.tmp"
+        _write_csv(tmp, rows_, fields)
+        os.replace(tmp, out / name)
+    tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
+    _write_json(tmp, metrics)
+    os.replace(tmp, metrics_path)
+    return metrics_path

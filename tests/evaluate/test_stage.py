@@ -1,0 +1,262 @@
+"""The encode / concepts / evaluate stages on a tiny synthetic setup made in code.
+
+Features and labels come from the planted-concept generator; the prepared dataset, the feature
+store and the SAE are written with the project's own writers, so the stages read exactly what the
+pipeline produces.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparc.data.base import DatasetBuild, Sample
+from sparc.data.planted import PlantedConfig, make_planted
+from sparc.data.prepared import write_prepared
+from sparc.evaluate.stage import EvaluateInputError, run_concepts, run_encode, run_evaluate
+from sparc.features.store import write_stream
+from sparc.model.codes import SparseCodes
+from sparc.model.io import load_sae, save_sae
+from sparc.model.sae import MultiStreamSAE, SAEConfig
+from sparc.params import Params, params_from_dict
+
+CLIP = "openclip:ViT-B-32@laion2b_s34b_b79k"
+STREAMS = {
+    "clip_img": {"model": CLIP, "input": "image"},
+    "clip_txt": {"model": CLIP, "input": "caption"},
+    "dino": {"model": "dinov2:facebook/dinov2-small", "input": "image"},
+}
+DIMS = {"clip_img": 16, "clip_txt": 16, "dino": 20}
+L, K = 24, 4
+
+
+@dataclass
+class Setup:
+    root: Path
+    params: Params
+    prepared: Path
+    features: Path
+    sae: Path
+
+    def encode(self, out: Path, params: Params | None = None, sae: Path | None = None) -> Path:
+        return run_encode(
+            params or self.params, sae_dir=sae or self.sae, features_root=self.features,
+            prepared_dir=self.prepared, out_dir=out, device="cpu", progress=False,
+        )
+
+    def concepts(self, codes: Path, out: Path, params: Params | None = None) -> Path:
+        return run_concepts(params or self.params, codes_dir=codes, prepared_dir=self.prepared, out_dir=out)
+
+    def evaluate(self, codes: Path, concepts: Path, metrics: Path, sae: Path | None = None) -> Path:
+        return run_evaluate(
+            self.params, codes_dir=codes, prepared_dir=self.prepared, features_root=self.features,
+            sae_dir=sae or self.sae, concepts_dir=concepts, metrics_path=metrics, device="cpu",
+        )
+
+
+def make_params(**over) -> Params:
+    raw = {
+        "L": L, "k": K, "streams": STREAMS,
+        "concepts": {"top_n": 10, "purity_threshold": 0.3},
+        "evaluate": {"batch_size": 64, "probe_min_positives": 5, "probe_candidates": 5},
+    }
+    raw.update(over)
+    return params_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    root = tmp_path_factory.mktemp("stage")
+    planted = make_planted(PlantedConfig(dims=dict(zip(["a", "b", "c"], DIMS.values(), strict=True)), n_samples=240))
+    images = root / "images"
+    images.mkdir()
+    samples = []
+    for i, sid in enumerate(planted.ids):
+        img = images / f"{sid}.png"
+        img.write_bytes(f"image {i}".encode())
+        samples.append(Sample(sid, img, f"caption {i}", planted.labels[i]))
+    prepared = write_prepared(
+        DatasetBuild(samples, planted.hierarchy), root / "prepared", dataset="planted", options={},
+        max_samples=0, split_seed=0, val_fraction=0.1, test_fraction=0.4,
+    )
+    fingerprint = json.loads((prepared / "meta.json").read_text())["fingerprint"]
+    features = root / "features"
+    for (name, spec), feats in zip(STREAMS.items(), planted.features.values(), strict=True):
+        write_stream(features / name, planted.ids, feats, {**spec, "dataset_fingerprint": fingerprint})
+    sae = save_sae(MultiStreamSAE(SAEConfig(dims=DIMS, L=L, k=K), seed=1), root / "sae")
+    return Setup(root, make_params(), prepared, features, sae)
+
+
+@pytest.fixture(scope="module")
+def outputs(setup: Setup) -> dict[str, Path]:
+    codes = setup.encode(setup.root / "codes")
+    concepts = setup.concepts(codes, setup.root / "concepts")
+    metrics = setup.evaluate(codes, concepts, setup.root / "reports" / "metrics.json")
+    return {"codes": codes, "concepts": concepts, "metrics": metrics}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_encode_writes_joint_and_local_codes(setup: Setup, outputs: dict[str, Path]) -> None:
+    meta = json.loads((outputs["codes"] / "meta.json").read_text())
+    assert meta["L"] == L and meta["k"] == K and meta["streams"] == list(STREAMS)
+    assert meta["joint_mode"] == "global" and meta["n"] == 240
+    joint = SparseCodes.load(outputs["codes"] / "joint")
+    local = SparseCodes.load(outputs["codes"] / "local")
+    # joint inference shares one index set; per-stream inference does not
+    for s in STREAMS:
+        np.testing.assert_array_equal(joint.indices[s], joint.indices["clip_img"])
+    assert any((local.indices[s] != local.indices["clip_img"]).any() for s in STREAMS)
+    model = load_sae(setup.sae)
+    x = {s: torch.from_numpy(np.load(setup.features / s / "features.npy")[:5].astype(np.float32)) for s in STREAMS}
+    direct = model.encode(x, mode="local")
+    for s in STREAMS:
+        np.testing.assert_array_equal(local.indices[s][:5], direct[s].indices.numpy())
+
+
+def test_concepts_outputs(outputs: dict[str, Path]) -> None:
+    rows = read_csv(outputs["concepts"] / "concepts.csv")
+    assert [int(r["latent"]) for r in rows] == list(range(L))
+    assert {"clip_img_purity", "dino_name", "agreed_name"} <= set(rows[0])
+    summary = json.loads((outputs["concepts"] / "summary.json").read_text())
+    assert summary["split"] == "test" and summary["top_n"] == 10
+    assert set(summary["named_fraction"]) == set(STREAMS)
+    for r in rows:
+        for s in STREAMS:
+            p = float(r[f"{s}_purity"])
+            assert 0.0 <= p <= 1.0
+            assert bool(r[f"{s}_name"]) == (p >= 0.3 and bool(r[f"{s}_label"]))
+
+
+def test_metrics_schema_and_ranges(outputs: dict[str, Path]) -> None:
+    metrics = json.loads(outputs["metrics"].read_text())
+    assert set(metrics) == {
+        "n_eval", "sparsity", "concepts", "jaccard", "patterns", "reconstruction", "probes",
+        "retrieval", "universality",
+    }
+    assert set(metrics["jaccard"]) == {"depth_0", "depth_1", "depth_2", "n_live"}
+    for d in range(3):
+        j = metrics["jaccard"][f"depth_{d}"]
+        assert 0.0 <= j["all"] <= j["live"] <= 1.0
+    pat = metrics["patterns"]
+    assert pat["alive_all"] + pat["dead_all"] + pat["mixed"] == pytest.approx(1.0)
+    assert sum(pat["combinations"].values()) == L
+    rec = metrics["reconstruction"]
+    assert len(rec["nmse"]) == 9 and rec["self_nmse_mean"] > 0
+    ret = metrics["retrieval"]
+    assert ret["n"] == metrics["n_eval"]
+    assert len([k for k in ret if "->" in k]) == 6
+    assert set(ret["raw"]) == {"clip_img->clip_txt", "clip_txt->clip_img"}
+    assert ret["chance"]["R@1"] == pytest.approx(1 / ret["n"])
+    assert metrics["probes"]["n_classes"] > 0
+    for s in STREAMS:
+        assert metrics["sparsity"]["l0_local"][s] <= K
+    uni = metrics["universality"]["joint"]
+    assert 0.0 <= uni["firing_entropy_mean"] <= 1.0 and 0.0 <= uni["cofire_mean"] <= 1.0
+
+
+def test_csv_outputs(outputs: dict[str, Path]) -> None:
+    out = outputs["metrics"].parent
+    latents = read_csv(out / "latents.csv")
+    assert len(latents) == L
+    assert {"name_dino", "purity_dino", "freq_dino", "jaccard_d2", "pattern", "alive_in"} <= set(latents[0])
+    retrieval = read_csv(out / "retrieval.csv")
+    raw = [r for r in retrieval if r["representation"] == "raw"]
+    assert len(raw) == 6
+    assert {(r["query"], r["gallery"]) for r in raw if r["applicable"] == "True"} == {
+        ("clip_img", "clip_txt"), ("clip_txt", "clip_img"),
+    }
+    assert all(r["R@1"] == "" for r in raw if r["applicable"] == "False")
+    recon = read_csv(out / "reconstruction.csv")
+    assert len(recon) == 9 and sum(r["kind"] == "self" for r in recon) == 3
+    probes = read_csv(out / "probes.csv")
+    assert probes and {r["stream"] for r in probes} == set(STREAMS)
+
+
+def test_reconstruction_agrees_with_training_loss(setup: Setup, outputs: dict[str, Path]) -> None:
+    """The stage's NMSE is the training loss's NMSE on the same (test) rows."""
+    metrics = json.loads(outputs["metrics"].read_text())
+    splits = [r["split"] for r in read_csv(setup.prepared / "samples.csv")]
+    test = np.flatnonzero(np.array(splits) == "test")
+    model = load_sae(setup.sae)
+    x = {s: torch.from_numpy(np.load(setup.features / s / "features.npy")[test].astype(np.float32)) for s in STREAMS}
+    with torch.no_grad():
+        terms = model.loss(x, lam=1.0).terms
+    for s in STREAMS:
+        assert metrics["reconstruction"]["nmse"][f"{s}->{s}"] == pytest.approx(float(terms[f"self_nmse/{s}"]), rel=1e-4)
+    assert metrics["reconstruction"]["cross_nmse_mean"] == pytest.approx(float(terms["cross_nmse"]), rel=1e-4)
+
+
+def test_evaluate_is_deterministic(setup: Setup, outputs: dict[str, Path], tmp_path: Path) -> None:
+    again = setup.evaluate(outputs["codes"], outputs["concepts"], tmp_path / "metrics.json")
+    assert again.read_bytes() == outputs["metrics"].read_bytes()
+    assert (tmp_path / "latents.csv").read_bytes() == (outputs["metrics"].parent / "latents.csv").read_bytes()
+
+
+def test_codes_from_another_model_are_refused(setup: Setup, outputs: dict[str, Path], tmp_path: Path) -> None:
+    other = other_sae(tmp_path, seed=2)
+    with pytest.raises(EvaluateInputError, match="another model"):
+        setup.evaluate(outputs["codes"], outputs["concepts"], tmp_path / "m.json", sae=other)
+
+
+def other_sae(tmp_path: Path, seed: int) -> Path:
+    return save_sae(MultiStreamSAE(SAEConfig(dims=DIMS, L=L, k=K), seed=seed), tmp_path / f"sae{seed}")
+
+
+def test_stale_concepts_are_refused(setup: Setup, outputs: dict[str, Path], tmp_path: Path) -> None:
+    other = other_sae(tmp_path, seed=3)
+    codes = setup.encode(tmp_path / "codes", sae=other)
+    with pytest.raises(EvaluateInputError, match="concepts were computed from other codes"):
+        setup.evaluate(codes, outputs["concepts"], tmp_path / "m.json", sae=other)
+
+
+def test_id_order_mismatch_is_refused(setup: Setup, outputs: dict[str, Path], tmp_path: Path) -> None:
+    codes = tmp_path / "codes"
+    shutil.copytree(outputs["codes"], codes)
+    joint = SparseCodes.load(codes / "joint")
+    swapped = list(joint.ids)
+    swapped[3], swapped[4] = swapped[4], swapped[3]
+    SparseCodes(swapped, joint.L, joint.indices, joint.values).save(codes / "joint")
+    with pytest.raises(EvaluateInputError, match="row 3 .*id order mismatch"):
+        setup.concepts(codes, tmp_path / "concepts")
+
+
+def test_wrong_L_is_refused(setup: Setup, outputs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(EvaluateInputError, match="L=24, params.yaml has L=32"):
+        setup.concepts(outputs["codes"], tmp_path / "concepts", params=make_params(L=32))
+    with pytest.raises(EvaluateInputError, match="L=24, params.yaml has L=32"):
+        setup.encode(tmp_path / "codes", params=make_params(L=32))
+
+
+def test_missing_files_are_named(setup: Setup, outputs: dict[str, Path], tmp_path: Path) -> None:
+    codes = tmp_path / "codes"
+    shutil.copytree(outputs["codes"], codes)
+    (codes / "joint" / "codes.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="codes.npz is missing"):
+        setup.concepts(codes, tmp_path / "concepts")
+    (codes / "meta.json").unlink()
+    with pytest.raises(FileNotFoundError, match="meta.json is missing"):
+        setup.concepts(codes, tmp_path / "concepts")
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        setup.evaluate(outputs["codes"], outputs["concepts"], tmp_path / "m.json", sae=tmp_path / "nowhere")
+
+
+def test_corrupted_codes_are_refused(setup: Setup, outputs: dict[str, Path], tmp_path: Path) -> None:
+    codes = tmp_path / "codes"
+    shutil.copytree(outputs["codes"], codes)
+    (codes / "joint" / "codes.npz").write_bytes(b"not a zip file")
+    with pytest.raises(EvaluateInputError, match="cannot read the codes"):
+        setup.concepts(codes, tmp_path / "concepts")
+    (codes / "meta.json").write_text("{truncated")
+    with pytest.raises(EvaluateInputError, match="meta.json: unreadable"):
+        setup.concepts(codes, tmp_path / "concepts")
