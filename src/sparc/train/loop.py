@@ -1,0 +1,429 @@
+"""The training loop: one loop for every data source (in-memory arrays or the feature store).
+
+One step (global step t, 0-based):
+
+1. when ``t > 0`` and ``t % revive_every == 0``: latents dead longer than ``dead_steps`` are
+   revived with ``model.revive`` (generator seeded by ``counter_seed(seed, REVIVE, ...)``), the
+   Adam moments of the returned rows are zeroed and their counters restart at 0 (a revived latent
+   is a new latent). Reviving before a step, never after the last one, keeps freshly
+   re-initialised encoder rows out of the final model and out of the logged dead fractions;
+2. batch = :class:`~sparc.train.sampler.EpochSampler` ``.batch(t)`` gathered from the source;
+3. loss: ``model.loss(x, lam, dead)`` (SPARC, Global or Local TopK from the spec), or for
+   ``method == "usae"`` ``model.usae_loss(x, source, dead)`` with the source stream drawn from
+   ``counter_rng(seed, USAE_SOURCE, t)``; ``dead[s] = since[s] > dead_steps`` feeds the AuxK term;
+4. backward; for USAE with ``usae_update == "source_only"`` the gradients of every parameter not
+   owned by the source stream are dropped (as in the USAE reference, where only the source
+   model's optimizer steps); ``"joint"`` steps every parameter that received a gradient;
+5. ``model.remove_parallel_grad()``, Adam step, ``model.normalise_decoder()``;
+6. dead-latent counters (steps since each latent last fired, per stream; only streams that were
+   encoded this step) advance;
+7. every ``log_every`` steps (and at the last step): the loss terms averaged over the steps since
+   the previous log, per-stream dead fraction (``since > dead_steps``) and active fraction (fired
+   at least once since the previous log) go to the logger; terms are accumulated on the device, so
+   the only host synchronisations are the log and the revival;
+8. every ``checkpoint_every`` steps (and when ``max_steps`` stops the run early), except after the
+   last step: a checkpoint.
+
+Every random choice is counter based (see :mod:`sparc.train.sampler`), so a checkpoint stores the
+step and the run resumes exactly; the logged history is stored in the checkpoint and replayed into
+the logger, so the resumed run's logs equal an uninterrupted run's logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sparc.model.sae import MultiStreamSAE, SAEConfig
+from sparc.params import Params, TrainParams
+from sparc.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+)
+from sparc.train.live import MetricLogger
+from sparc.train.sampler import (
+    REVIVE,
+    USAE_SOURCE,
+    EpochSampler,
+    FeatureSource,
+    counter_rng,
+    counter_seed,
+)
+
+# TrainParams fields that do not change the trained weights or the logged history.
+NOT_IN_KEY = ("device", "checkpoint_every", "ram_budget_mb", "cpu_threads")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything that determines a training run: the top-level knobs and the ``train`` group."""
+
+    L: int
+    k: int
+    lam: float = 1.0
+    topk: Literal["global", "local"] = "global"
+    method: Literal["sparc", "usae"] = "sparc"
+    seed: int = 0
+    train: TrainParams = field(default_factory=TrainParams)
+
+    @classmethod
+    def from_params(cls, params: Params) -> TrainSpec:
+        return cls(
+            L=params.L,
+            k=params.k,
+            lam=params.lam,
+            topk=params.topk,
+            method=params.method,
+            seed=params.seed,
+            train=params.train,
+        )
+
+    def check(self) -> None:
+        """Raise ValueError naming the first out-of-range parameter."""
+        t = self.train
+        if self.L < 1 or not 1 <= self.k <= self.L:
+            raise ValueError(f"k, L: need 1 <= k <= L, got k={self.k}, L={self.L}")
+        if self.lam < 0:
+            raise ValueError(f"lambda: must be non-negative, got {self.lam}")
+        positive = ("batch_size", "epochs", "k_aux", "dead_steps", "revive_every", "checkpoint_every", "log_every")
+        for name in positive:
+            if getattr(t, name) < 1:
+                raise ValueError(f"train.{name}: must be >= 1, got {getattr(t, name)}")
+        if not t.lr > 0:
+            raise ValueError(f"train.lr: must be positive, got {t.lr}")
+        if not t.adam_eps > 0:
+            raise ValueError(f"train.adam_eps: must be positive, got {t.adam_eps}")
+        if t.aux_coef < 0:
+            raise ValueError(f"train.aux_coef: must be non-negative, got {t.aux_coef}")
+        if t.cpu_threads < 0:
+            raise ValueError(f"train.cpu_threads: must be >= 0, got {t.cpu_threads}")
+        if t.ram_budget_mb < 0:
+            raise ValueError(f"train.ram_budget_mb: must be >= 0, got {t.ram_budget_mb}")
+
+    def sae_config(self, dims: dict[str, int]) -> SAEConfig:
+        """Model config for streams ``dims``; ``k_aux`` is capped at ``L``."""
+        k_aux = min(self.train.k_aux, self.L)
+        return SAEConfig(dims=dict(dims), L=self.L, k=self.k, topk=self.topk, k_aux=k_aux)
+
+    def key_payload(self) -> dict:
+        """The spec as JSON-able data, without the fields that do not change the results."""
+        out = dataclasses.asdict(self)
+        for name in NOT_IN_KEY:
+            out["train"].pop(name)
+        return out
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train_sae`: the model, how far it got, and the last logged metrics."""
+
+    model: MultiStreamSAE
+    step: int
+    total_steps: int
+    metrics: dict[str, float]
+    history: list[tuple[int, dict[str, float]]]
+    checkpoint: Path | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def metric_name(term: str) -> str:
+    """Logger name of a model loss term: the scalar terms go under ``loss/``, per-stream and
+    per-pair terms keep their group (``cross_nmse/a->b`` -> ``cross_nmse/a_to_b``)."""
+    if "/" not in term:
+        return {"self_nmse": "loss/self", "cross_nmse": "loss/cross"}.get(term, f"loss/{term}")
+    return term.replace("->", "_to_")
+
+
+class Trainer:
+    """State of one run (:func:`train_sae` drives it).
+
+    ``since[s]`` ``[L]`` int64: training steps since latent l last fired in stream s (only
+    :meth:`train_step` and :meth:`revive` change it); ``window_fired[s]`` ``[L]`` bool: fired since
+    the last log; ``sums``/``counts``: loss terms accumulated on the device since the last log;
+    ``history``: every logged ``(step, metrics)``; ``step``: completed global steps.
+    """
+
+    def __init__(self, source: FeatureSource, spec: TrainSpec, device: torch.device) -> None:
+        self.source, self.spec, self.device = source, spec, device
+        t = spec.train
+        self.sampler = EpochSampler(len(source), t.batch_size, spec.seed)
+        self.total_steps = t.epochs * self.sampler.steps_per_epoch
+        self.model = MultiStreamSAE(
+            spec.sae_config(source.dims), seed=spec.seed, bf16=t.bf16, tf32=t.tf32
+        ).to(device)
+        self.model.train()
+        self.param_by_name = dict(self.model.named_parameters())
+        self.name_of = {p: n for n, p in self.param_by_name.items()}
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, eps=t.adam_eps)
+        self.streams = list(source.dims)
+        L = spec.L
+        self.since = {s: torch.zeros(L, dtype=torch.int64, device=device) for s in self.streams}
+        self.window_fired = {s: torch.zeros(L, dtype=torch.bool, device=device) for s in self.streams}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self.step = 0
+        # USAE source-only rule: for each source, the parameters whose gradients are dropped.
+        self.frozen: dict[str, list[torch.nn.Parameter]] | None = None
+        if spec.method == "usae" and t.usae_update == "source_only":
+            self.frozen = {
+                src: [p for o in self.streams if o != src for p in self.model.stream_parameters(o)]
+                for src in self.streams
+            }
+
+    # -- one step -----------------------------------------------------------------------------
+    def train_step(self) -> None:
+        spec, t, step = self.spec, self.spec.train, self.step
+        if step > 0 and step % t.revive_every == 0:
+            self.revive()
+        x = self.source.gather(self.sampler.batch(step))
+        dead = {s: self.since[s] > t.dead_steps for s in self.streams}
+        if spec.method == "usae":
+            src = self.streams[int(counter_rng(spec.seed, USAE_SOURCE, step).integers(len(self.streams)))]
+            out = self.model.usae_loss(x, src, dead=dead, aux_coef=t.aux_coef)
+        else:
+            src = None
+            out = self.model.loss(x, spec.lam, dead=dead, aux_coef=t.aux_coef)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        if self.frozen is not None and src is not None:
+            for p in self.frozen[src]:
+                p.grad = None
+        self.model.remove_parallel_grad()
+        self.optimizer.step()
+        self.model.normalise_decoder()
+        for s, fired in out.fired.items():
+            self.since[s] = torch.where(fired, torch.zeros_like(self.since[s]), self.since[s] + 1)
+            self.window_fired[s] |= fired
+        self._accumulate("loss/total", out.total.detach().float())
+        for term, value in out.terms.items():
+            self._accumulate(metric_name(term), value.float())
+        self.step += 1
+
+    def _accumulate(self, name: str, value: torch.Tensor) -> None:
+        if name in self.sums:
+            self.sums[name] = self.sums[name] + value
+            self.counts[name] += 1
+        else:
+            self.sums[name] = value.clone()
+            self.counts[name] = 1
+
+    def revive(self) -> None:
+        """Revive latents dead longer than ``dead_steps`` and reset their Adam moments."""
+        t = self.spec.train
+        for i, s in enumerate(self.streams):
+            dead = torch.nonzero(self.since[s] > t.dead_steps).flatten()
+            if dead.numel() == 0:
+                continue
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(counter_seed(self.spec.seed, REVIVE, self.step * len(self.streams) + i))
+            for param, rows in self.model.revive(s, dead, gen):
+                st = self.optimizer.state.get(param)
+                if st:
+                    st["exp_avg"][rows] = 0
+                    st["exp_avg_sq"][rows] = 0
+            self.since[s][dead] = 0
+
+    # -- logging ------------------------------------------------------------------------------
+    def collect_metrics(self) -> dict[str, float]:
+        """Averages since the last log plus dead/active fractions; one host sync. Resets the window."""
+        names = sorted(self.sums)
+        values = [self.sums[n] / self.counts[n] for n in names]
+        t = self.spec.train
+        for s in self.streams:
+            names += [f"dead_fraction/{s}", f"active_fraction/{s}"]
+            values += [(self.since[s] > t.dead_steps).float().mean(), self.window_fired[s].float().mean()]
+        numbers = torch.stack([v.float() for v in values]).tolist()
+        names.append("epoch")
+        numbers.append(float(self.step / self.sampler.steps_per_epoch))
+        # sorted names: the same order whether logged live or replayed from a checkpoint
+        metrics = dict(sorted(zip(names, numbers, strict=True)))
+        self.sums, self.counts = {}, {}
+        for s in self.streams:
+            self.window_fired[s].zero_()
+        return metrics
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        trainer = optimizer_tensors(self.optimizer, self.name_of)
+        for s in self.streams:
+            trainer[f"since/{s}"] = self.since[s]
+            trainer[f"window_fired/{s}"] = self.window_fired[s].to(torch.uint8)
+        for name, value in self.sums.items():
+            trainer[f"sums/{name}"] = value.reshape(1)
+        return {"model": self.model.state_dict(), "trainer": trainer}
+
+    def state_json(self) -> dict:
+        return {
+            "spec": self.spec.key_payload(),
+            "dims": self.source.dims,
+            "n_rows": len(self.source),
+            "epoch": self.sampler.epoch_of(self.step),
+            "batch_in_epoch": self.step % self.sampler.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "counts": self.counts,
+            "history": [[s, m] for s, m in self.history],
+        }
+
+    def save(self, run_dir: Path) -> Path:
+        return save_checkpoint(run_dir, self.step, self.state_tensors(), self.state_json())
+
+    def load(self, path: Path) -> None:
+        ck = load_checkpoint(path)
+        st = ck.state
+        if st.get("dims") != self.source.dims:
+            saved, now = st.get("dims", {}), self.source.dims
+            diff = next(
+                (f"stream {s} has dim {saved.get(s)} in the checkpoint but {now.get(s)} in the features"
+                 for s in {**saved, **now} if saved.get(s) != now.get(s)),
+                f"streams {list(saved)} in the checkpoint vs {list(now)} in the features",
+            )
+            raise ValueError(f"checkpoint {path}: {diff}; delete it or train with matching features")
+        if st.get("spec") != self.spec.key_payload():
+            raise ValueError(f"checkpoint {path} was written with other training parameters; delete it to start over")
+        if st.get("n_rows") != len(self.source):
+            raise ValueError(f"checkpoint {path}: {st.get('n_rows')} training rows there, {len(self.source)} now")
+        self.model.load_state_dict({k: v.to(self.device) for k, v in ck.tensors["model"].items()})
+        trainer = ck.tensors["trainer"]
+        restore_optimizer(self.optimizer, trainer, self.param_by_name)
+        for s in self.streams:
+            self.since[s] = trainer[f"since/{s}"].to(self.device)
+            self.window_fired[s] = trainer[f"window_fired/{s}"].to(self.device).bool()
+        self.sums = {k[len("sums/"):]: v.to(self.device).reshape(()) for k, v in trainer.items() if k.startswith("sums/")}
+        self.counts = {k: int(v) for k, v in st["counts"].items()}
+        self.history = [(int(s), dict(m)) for s, m in st["history"]]
+        self.step = ck.step
+
+
+def train_sae(
+    source: FeatureSource,
+    spec: TrainSpec,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    logger: MetricLogger | None = None,
+    max_steps: int | None = None,
+    callback: Callable[[int, MultiStreamSAE], None] | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train a multi-stream SAE on ``source`` (see the module docstring for one step).
+
+    ``checkpoint_dir``: this run's checkpoint directory; when it holds a checkpoint the run resumes
+    from it (after checking dims, spec and row count; ValueError otherwise), and checkpoints are
+    written there every ``checkpoint_every`` steps. ``max_steps``: stop after this global step
+    (a checkpoint is written there), e.g. to split a run; the epoch schedule is unchanged.
+    ``callback(step, model)`` runs after every completed step (after any checkpoint of that step).
+    Runs ``train.epochs * ceil(N / batch_size)`` steps in total. The model is on the spec's device.
+    """
+    spec.check()
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps: must be >= 1, got {max_steps}")
+    device = resolve_device(spec.train.device)
+    if source.device != device:
+        raise ValueError(f"the feature source yields tensors on {source.device}, training runs on {device}")
+    trainer = Trainer(source, spec, device)
+    run_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if run_dir is not None and (last := latest_checkpoint(run_dir)) is not None:
+        trainer.load(last)
+    if logger is not None:
+        for step, metrics in trainer.history:
+            logger.log(step, metrics)
+    stop = trainer.total_steps if max_steps is None else min(max_steps, trainer.total_steps)
+    t = spec.train
+    last_ckpt: Path | None = None
+    bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc="train", unit="step", disable=not progress)
+    try:
+        while trainer.step < stop:
+            trainer.train_step()
+            step = trainer.step
+            if step % t.log_every == 0 or step == trainer.total_steps:
+                metrics = trainer.collect_metrics()
+                trainer.history.append((step, metrics))
+                if logger is not None:
+                    logger.log(step, metrics)
+                bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
+            if run_dir is not None and step < trainer.total_steps and (step % t.checkpoint_every == 0 or step == stop):
+                last_ckpt = trainer.save(run_dir)
+            bar.update(1)
+            if callback is not None:
+                callback(step, trainer.model)
+    finally:
+        bar.close()
+    if last_ckpt is None and run_dir is not None and trainer.step < trainer.total_steps:
+        last_ckpt = latest_checkpoint(run_dir)
+    return TrainResult(
+        model=trainer.model,
+        step=trainer.step,
+        total_steps=trainer.total_steps,
+        metrics=trainer.history[-1][1] if trainer.history else {},
+        history=list(trainer.history),
+        checkpoint=last_ckpt,
+    )
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: MultiStreamSAE, source: FeatureSource, spec: TrainSpec, batch_size: int = 1024
+) -> dict[str, float]:
+    """The training objective's terms over every row of ``source`` (no gradient, no counters).
+
+    SPARC: ``model.loss(x, lam)`` per batch; USAE: ``model.usae_loss(x, s)`` for every source s.
+    Terms are averaged over samples (batch means weighted by batch size), named as in the
+    training log (:func:`metric_name`), plus ``loss/total`` (``L_self + lam * L_cross`` for SPARC);
+    the AuxK terms are left out (no latent counts as dead outside training).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    weights: dict[str, int] = {}
+    n = len(source)
+    for start in range(0, n, batch_size):
+        x = source.gather(np.arange(start, min(n, start + batch_size)))
+        b = min(n, start + batch_size) - start
+        if spec.method == "usae":
+            outs = [model.usae_loss(x, s) for s in model.streams]
+        else:
+            outs = [model.loss(x, spec.lam)]
+        for out in outs:
+            items = [("loss/total", out.total)] + [
+                (metric_name(k), v) for k, v in out.terms.items() if k != "aux" and not k.startswith("aux/")
+            ]
+            for name, value in items:
+                sums[name] = sums.get(name, 0) + value.detach().float() * b
+                weights[name] = weights.get(name, 0) + b
+    names = sorted(sums)
+    values = torch.stack([sums[k] / weights[k] for k in names]).tolist()
+    return dict(zip(names, values, strict=True))
+
+
+def train_arrays(
+    features: dict[str, np.ndarray],
+    spec: TrainSpec,
+    *,
+    rows: np.ndarray | None = None,
+    **kwargs,
+) -> TrainResult:
+    """:func:`train_sae` on in-memory arrays ``features[s]`` ``[N, d_s]`` (rows aligned); keyword
+    arguments as for :func:`train_sae`."""
+    source = FeatureSource(features, rows, device=resolve_device(spec.train.device))
+    return train_sae(source, spec, **kwargs)

@@ -1,0 +1,128 @@
+"""The `train` stage: read the feature store, train the SAE on the train split, write it.
+
+Inputs: the prepared dataset (for the split and the sample order) and one feature stream per
+``streams:`` entry. Outputs:
+
+- ``out_dir`` (``data/sae``): the final model (``save_sae``: model.safetensors + config.json),
+  written atomically only when training finished;
+- ``reports_dir`` (``reports/train``): DVCLive's ``metrics.json`` (the last logged training
+  averages, ``val/...`` terms over the validation split, ``step``) and ``plots/metrics/**.tsv``;
+- ``checkpoints_dir/<key>``: checkpoints while training; ``key`` hashes the training spec and the
+  feature streams' metadata (model, input, dim, dataset fingerprint), so a run resumes only its
+  own checkpoints. The directory is deleted once the final model is written: a finished run is
+  the DVC output itself (and the run-cache restores it), so its checkpoints serve no purpose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparc import paths
+from sparc.data.prepared import PreparedData, load_prepared
+from sparc.features.store import FeatureStoreError, FeatureStream, load_streams
+from sparc.params import Params
+from sparc.train.checkpoint import checkpoint_key, prune_run
+from sparc.train.live import LiveLogger
+from sparc.train.loop import TrainSpec, evaluate_loss, resolve_device, train_sae
+from sparc.train.sampler import FeatureSource
+
+
+def check_matches_prepared(streams: dict[str, FeatureStream], prepared: PreparedData) -> None:
+    """Every stream must hold the prepared dataset's ids in its order and come from that dataset.
+
+    Raises FeatureStoreError naming the stream and the first differing row.
+    """
+    for name, stream in streams.items():
+        if len(stream.ids) != len(prepared.ids):
+            raise FeatureStoreError(
+                f"stream {name}: {len(stream.ids)} rows, but the prepared dataset has {len(prepared.ids)} "
+                "(re-run `dvc repro` to extract features of the current dataset)"
+            )
+        if stream.ids != prepared.ids:
+            row = next(i for i, (a, b) in enumerate(zip(stream.ids, prepared.ids, strict=True)) if a != b)
+            raise FeatureStoreError(
+                f"stream {name}: row {row} has id {stream.ids[row]!r}, the prepared dataset has {prepared.ids[row]!r}"
+            )
+        fp = stream.meta.get("dataset_fingerprint")
+        if fp is not None and fp != prepared.fingerprint:
+            raise FeatureStoreError(
+                f"stream {name}: extracted from dataset fingerprint {fp[:12]}..., the prepared dataset is "
+                f"{prepared.fingerprint[:12]}... (re-run `dvc repro extract`)"
+            )
+
+
+def run_key(spec: TrainSpec, streams: dict[str, FeatureStream], rows: np.ndarray) -> str:
+    """Checkpoint key: hash of the training spec, each stream's metadata and the training rows."""
+    return checkpoint_key(
+        {
+            "spec": spec.key_payload(),
+            "streams": {name: dict(s.meta, n=len(s)) for name, s in streams.items()},
+            "rows": hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest(),
+        }
+    )
+
+
+def run_train(
+    params: Params,
+    *,
+    features_root: str | Path | None = None,
+    prepared_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    reports_dir: str | Path | None = None,
+    checkpoints_dir: str | Path | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Stage entry point. Returns ``out_dir`` when training finished; when ``max_steps`` stopped it
+    early, returns the checkpoint written there (a later call resumes from it) and writes no model.
+
+    Training rows are the prepared dataset's train split; the final ``val/...`` metrics are the
+    training objective's terms on the val split. ``train.cpu_threads > 0`` sets PyTorch's CPU
+    thread count for the duration of the call (restored afterwards).
+    """
+    from sparc.model.io import save_sae
+
+    dataset = params.data.dataset
+    features_root = Path(features_root) if features_root is not None else paths.features_root(dataset)
+    prepared_dir = Path(prepared_dir) if prepared_dir is not None else paths.prepared_dir(dataset)
+    out_dir = Path(out_dir) if out_dir is not None else paths.sae_dir()
+    reports_dir = Path(reports_dir) if reports_dir is not None else paths.train_reports_dir()
+    checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir is not None else paths.checkpoints_dir()
+
+    spec = TrainSpec.from_params(params)
+    spec.check()
+    prepared = load_prepared(prepared_dir)
+    train_rows, val_rows = prepared.indices("train"), prepared.indices("val")
+    if len(train_rows) == 0:
+        raise ValueError(f"{prepared_dir}: the train split is empty")
+    streams = load_streams(features_root, params.stream_names, check_finite=False)
+    check_matches_prepared(streams, prepared)
+    device = resolve_device(spec.train.device)
+    arrays = {name: s.features for name, s in streams.items()}
+    budget = spec.train.ram_budget_mb * 2**20
+    source = FeatureSource(arrays, train_rows, ram_budget_bytes=budget, device=device)
+    run_dir = checkpoints_dir / run_key(spec, streams, train_rows)
+
+    threads = torch.get_num_threads()
+    if spec.train.cpu_threads > 0:
+        torch.set_num_threads(spec.train.cpu_threads)
+    logger = LiveLogger(reports_dir)
+    try:
+        result = train_sae(source, spec, checkpoint_dir=run_dir, logger=logger, max_steps=max_steps, progress=progress)
+        if result.finished and len(val_rows):
+            val = FeatureSource(arrays, val_rows, ram_budget_bytes=budget, device=device)
+            metrics = evaluate_loss(result.model, val, spec, batch_size=spec.train.batch_size)
+            logger.log(result.step, {f"val/{k}": v for k, v in metrics.items()})
+    finally:
+        logger.close()
+        torch.set_num_threads(threads)
+    if not result.finished:
+        assert result.checkpoint is not None
+        return result.checkpoint
+    save_sae(result.model, out_dir)
+    prune_run(run_dir)
+    return out_dir
