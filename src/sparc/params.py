@@ -31,6 +31,7 @@ class EmojiOptions:
 class ClipartOptions:
     max_megapixels: float = 25.0
     min_title_chars: int = 3
+    max_title_repeats: int = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,9 @@ class TrainParams:
     dead_steps: int = 1000
     revive_every: int = 100
     checkpoint_every: int = 500
+    log_every: int = 10
+    ram_budget_mb: int = 4096
+    cpu_threads: int = 1
     usae_update: Literal["source_only", "joint"] = "joint"
     device: str = "auto"
     bf16: bool = False
@@ -88,6 +92,7 @@ class TrainParams:
 class ConceptsParams:
     top_n: int = 50
     purity_threshold: float = 0.3
+    split: Literal["train", "val", "test", "all"] = "test"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +100,8 @@ class EvaluateParams:
     batch_size: int = 1024
     probe_min_positives: int = 20
     probe_candidates: int = 20
+    probe_seed: int = 0
+    device: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

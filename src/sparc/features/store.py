@@ -6,8 +6,9 @@ Layout of ``data/features/<dataset>/<stream>/``::
     ids.txt        the N sample ids, one per line, in row order
     meta.json      model spec, input, dim, dtype, preprocessing, dataset fingerprint, N
 
-A stream is written to ``<stream>.tmp`` and renamed when complete, so an interrupted extraction
-never leaves a directory that looks finished.
+A stream is written to ``<stream>.tmp`` and renamed when complete (a previous ``<stream>`` is moved
+to ``<stream>.old`` for the swap, then deleted), so an interrupted extraction never leaves a
+directory that looks finished, and a failed one leaves no ``.tmp`` behind.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ class FeatureStoreError(ValueError):
     """The feature store is missing, misaligned or holds non-finite values (message says where)."""
 
 
+def check_ids(name: str, ids: list[str]) -> None:
+    """Ids must be unique, non-empty and single-line (ids.txt holds one per line)."""
+    seen: set[str] = set()
+    for row, sample_id in enumerate(ids):
+        if not sample_id or "\n" in sample_id or "\r" in sample_id:
+            raise FeatureStoreError(f"stream {name}: id at row {row} is empty or holds a line break: {sample_id!r}")
+        if sample_id in seen:
+            raise FeatureStoreError(f"stream {name}: duplicate id {sample_id!r} at row {row}")
+        seen.add(sample_id)
+
+
 class StreamWriter:
     """Append row blocks of one stream; :meth:`close` publishes the directory atomically.
 
@@ -40,10 +52,13 @@ class StreamWriter:
     def __init__(self, out_dir: str | Path, ids: list[str], dim: int, meta: dict) -> None:
         self.out_dir = Path(out_dir)
         self.tmp = self.out_dir.with_name(self.out_dir.name + ".tmp")
+        self.ids = list(ids)
+        check_ids(self.out_dir.name, self.ids)
+        if dim <= 0:
+            raise FeatureStoreError(f"stream {self.out_dir.name}: feature dimension must be positive, got {dim}")
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
-        self.ids = list(ids)
         self.meta = dict(meta, dim=int(dim), n=len(self.ids), dtype=np.dtype(DTYPE).name)
         self.array = np.lib.format.open_memmap(
             self.tmp / "features.npy", mode="w+", dtype=DTYPE, shape=(len(self.ids), dim)
@@ -66,29 +81,41 @@ class StreamWriter:
         self.row = end
 
     def close(self) -> Path:
+        """Check every row was written, add ids.txt and meta.json, rename tmp -> final."""
         if self.row != len(self.ids):
             raise FeatureStoreError(f"{self.out_dir.name}: {self.row} rows written, {len(self.ids)} expected")
         self.array.flush()
-        del self.array
-        (self.tmp / "ids.txt").write_text("".join(f"{i}\n" for i in self.ids))
+        self.array = None
+        (self.tmp / "ids.txt").write_text("".join(f"{i}\n" for i in self.ids), encoding="utf-8")
         (self.tmp / "meta.json").write_text(json.dumps(self.meta, indent=1, sort_keys=True) + "\n")
+        # The previous stream is moved aside before the swap, so no moment leaves a half-written one.
+        old = self.out_dir.with_name(self.out_dir.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
         if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
+            self.out_dir.rename(old)
         self.tmp.rename(self.out_dir)
+        if old.exists():
+            shutil.rmtree(old)
         return self.out_dir
 
     def abort(self) -> None:
-        del self.array
+        """Drop everything written so far (the temporary directory); the final one is untouched."""
+        self.array = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> StreamWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
 
 
 def write_stream(out_dir: str | Path, ids: list[str], features: np.ndarray, meta: dict) -> Path:
@@ -124,7 +151,9 @@ def open_stream(path: str | Path, name: str | None = None) -> FeatureStream:
         if not (path / fname).is_file():
             raise FeatureStoreError(f"stream {name}: {path / fname} is missing (run `dvc repro extract`)")
     features = np.load(path / "features.npy", mmap_mode="r")
-    ids = (path / "ids.txt").read_text().splitlines()
+    ids = (path / "ids.txt").read_text(encoding="utf-8").split("\n")
+    if ids and ids[-1] == "":
+        ids.pop()
     if features.ndim != 2 or features.shape[0] != len(ids):
         raise FeatureStoreError(f"stream {name}: features {features.shape} do not match {len(ids)} ids")
     return FeatureStream(name, path, ids, features, json.loads((path / "meta.json").read_text()))
@@ -152,15 +181,19 @@ def check_aligned(streams: dict[str, FeatureStream], check_finite: bool = True) 
     ref = streams[ref_name]
     for name in names[1:]:
         ids = streams[name].ids
-        if len(ids) != len(ref.ids):
-            raise FeatureStoreError(
-                f"stream {name}: {len(ids)} rows, but stream {ref_name} has {len(ref.ids)}"
-            )
-        if ids != ref.ids:
-            row = next(i for i, (a, b) in enumerate(zip(ids, ref.ids)) if a != b)
+        if ids == ref.ids:
+            continue
+        common = min(len(ids), len(ref.ids))
+        row = next((i for i in range(common) if ids[i] != ref.ids[i]), common)
+        if row < common:
             raise FeatureStoreError(
                 f"stream {name}: row {row} has id {ids[row]!r}, stream {ref_name} has {ref.ids[row]!r}"
             )
+        longer, extra = (name, ids) if len(ids) > len(ref.ids) else (ref_name, ref.ids)
+        raise FeatureStoreError(
+            f"stream {name}: {len(ids)} rows, but stream {ref_name} has {len(ref.ids)} "
+            f"(first unmatched row {row}: id {extra[row]!r} only in stream {longer})"
+        )
     fingerprints = {n: s.meta.get("dataset_fingerprint") for n, s in streams.items()}
     if len(set(fingerprints.values())) > 1:
         raise FeatureStoreError(f"streams were extracted from different datasets: {fingerprints}")

@@ -1,0 +1,226 @@
+"""Training throughput of the sparse multi-stream SAE against a plain dense implementation.
+
+Both implementations train the same model (method.md sections 1-2: Global TopK, self + cross NMSE,
+AuxK on a fixed set of dead latents) from the same initialisation on the same batches of random
+unit-norm features. Every timed step is a full training step: forward, loss, backward,
+``remove_parallel_grad``, Adam step, ``normalise_decoder``. The two are timed in alternation, so
+machine load affects both alike, and the ratio of their median step times is printed together
+with the losses after the same number of steps (they must agree within 1%).
+
+Then the step time of the sparse implementation is printed as a function of L and of the batch
+size (the dense one too, unless ``--quick``).
+
+    python benchmarks/train_throughput.py            # paper sizes, ~3-4 minutes on 2 CPU cores
+    python benchmarks/train_throughput.py --quick    # fewer steps, sparse-only scaling tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparc.model.sae import MultiStreamSAE, SAEConfig
+
+DIMS = {"dino": 1024, "clip_img": 768, "clip_txt": 768}
+LR = 1e-4
+AUX_COEF = 1 / 32
+LAM = 1.0
+DEAD_EVERY = 8  # latents l with l % 8 == 0 are marked dead in every stream
+
+
+class DenseSAE(nn.Module):
+    """The same model with dense ``[B, L]`` masked codes and dense matmuls everywhere.
+
+    Parameters are copied from a :class:`MultiStreamSAE` (same storage layout: ``W_enc``,
+    ``W_dec`` are ``[L, d]``), so both start from the same initialisation.
+    """
+
+    def __init__(self, ref: MultiStreamSAE) -> None:
+        super().__init__()
+        self.streams = list(ref.streams)
+        self.k, self.k_aux = ref.cfg.k, ref.cfg.k_aux
+        self.b_pre = nn.ParameterDict({s: nn.Parameter(ref.b_pre[s].detach().clone()) for s in self.streams})
+        self.W_enc = nn.ParameterDict({s: nn.Parameter(ref.W_enc[s].detach().clone()) for s in self.streams})
+        self.b_lat = nn.ParameterDict({s: nn.Parameter(ref.b_lat[s].detach().clone()) for s in self.streams})
+        self.W_dec = nn.ParameterDict({s: nn.Parameter(ref.W_dec[s].detach().clone()) for s in self.streams})
+
+    @staticmethod
+    def nmse(xhat: Tensor, x: Tensor) -> Tensor:
+        return (((xhat - x) ** 2).sum(1) / (x**2).sum(1).clamp_min(1e-12)).mean()
+
+    def loss(self, x: dict[str, Tensor], lam: float, dead: dict[str, Tensor], aux_coef: float) -> Tensor:
+        xn = {s: F.normalize(x[s], dim=1, eps=1e-8) for s in self.streams}
+        h = {s: F.linear(xn[s] - self.b_pre[s], self.W_enc[s], self.b_lat[s]) for s in self.streams}
+        idx = sum(v.detach() for v in h.values()).topk(self.k, dim=1).indices
+        z = {s: torch.zeros_like(h[s]).scatter(1, idx, F.relu(h[s].gather(1, idx))) for s in self.streams}
+        xhat = {(s, t): z[s] @ self.W_dec[t] + self.b_pre[t] for s in self.streams for t in self.streams}
+        l_self = torch.stack([self.nmse(xhat[s, s], xn[s]) for s in self.streams]).mean()
+        pairs = [(s, t) for s in self.streams for t in self.streams if s != t]
+        l_cross = torch.stack([self.nmse(xhat[s, t], xn[t]) for s, t in pairs]).mean()
+        aux = []
+        for s in self.streams:
+            aux_idx = h[s].detach().masked_fill(~dead[s], float("-inf")).topk(self.k_aux, dim=1).indices
+            vals = F.relu(h[s].gather(1, aux_idx)) * dead[s][aux_idx]
+            e = torch.zeros_like(h[s]).scatter(1, aux_idx, vals) @ self.W_dec[s]
+            aux.append(self.nmse(e, (xn[s] - xhat[s, s]).detach()) * dead[s].any())
+        return l_self + aux_coef * torch.stack(aux).mean() + lam * l_cross
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        for W in self.W_dec.values():
+            W.grad -= (W.grad * W).sum(1, keepdim=True) / (W * W).sum(1, keepdim=True) * W
+
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        for W in self.W_dec.values():
+            W /= W.norm(dim=1, keepdim=True)
+
+
+def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """Adam (lr 1e-4, eps 1e-8), the fused kernel where this torch build has one for the device."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=LR, eps=1e-8, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(model.parameters(), lr=LR, eps=1e-8)
+
+
+def make_step(model: nn.Module, dead: dict[str, Tensor]) -> Callable[[dict[str, Tensor]], Tensor]:
+    """One full training step of either implementation; returns the detached total loss."""
+    opt = make_optimizer(model)
+
+    def step(x: dict[str, Tensor]) -> Tensor:
+        if isinstance(model, MultiStreamSAE):
+            total = model.loss(x, lam=LAM, dead=dead, aux_coef=AUX_COEF).total
+        else:
+            total = model.loss(x, lam=LAM, dead=dead, aux_coef=AUX_COEF)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        model.remove_parallel_grad()
+        opt.step()
+        model.normalise_decoder()
+        return total.detach()
+
+    return step
+
+
+def batches(dims: dict[str, int], batch: int, n_batches: int, seed: int) -> list[dict[str, Tensor]]:
+    """Random unit-norm features, ``n_batches`` batches of ``batch`` rows per stream."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        {s: F.normalize(torch.randn(batch, d, generator=gen), dim=1) for s, d in dims.items()}
+        for _ in range(n_batches)
+    ]
+
+
+def dead_masks(L: int) -> dict[str, Tensor]:
+    return {s: torch.arange(L) % DEAD_EVERY == 0 for s in DIMS}
+
+
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of all threads)
+
+
+def time_steps(steps: dict[str, Callable], data: list[dict[str, Tensor]], n: int, warmup: int = 2
+               ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Run ``warmup + n`` steps of each implementation in alternation; per-step times and losses."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    losses: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + n):
+        x = data[i % len(data)]
+        for name, step in steps.items():
+            start = CLOCK()
+            loss = step(x)
+            elapsed = CLOCK() - start
+            losses[name].append(float(loss))
+            if i >= warmup:
+                times[name].append(elapsed)
+    return times, losses
+
+
+def build(L: int, k: int, seed: int, bf16: bool = False) -> tuple[MultiStreamSAE, DenseSAE]:
+    sparse = MultiStreamSAE(SAEConfig(dims=DIMS, L=L, k=k, topk="global", k_aux=64), seed=seed, bf16=bf16)
+    return sparse, DenseSAE(sparse)
+
+
+def scaling_table(title: str, values: list[int], make: Callable[[int], tuple[int, int]], n_steps: int,
+                  with_dense: bool, k: int, seed: int) -> None:
+    """Print median step time (and samples/s) of sparse (and dense) for each value of one knob."""
+    print(f"\n{title}")
+    head = f"{'value':>7} {'sparse s/step':>14} {'sparse samp/s':>14}"
+    if with_dense:
+        head += f" {'dense s/step':>13} {'dense samp/s':>13} {'ratio':>6}"
+    print(head)
+    for v in values:
+        L, batch = make(v)
+        sparse, dense = build(L, k, seed)
+        dead = dead_masks(L)
+        impls = {"sparse": make_step(sparse, dead)}
+        if with_dense:
+            impls["dense"] = make_step(dense, dead)
+        times, _ = time_steps(impls, batches(DIMS, batch, 2, seed), n_steps, warmup=1)
+        ts = statistics.median(times["sparse"])
+        row = f"{v:>7} {ts:>14.4f} {batch / ts:>14.0f}"
+        if with_dense:
+            td = statistics.median(times["dense"])
+            row += f" {td:>13.4f} {batch / td:>13.0f} {td / ts:>6.1f}"
+        print(row, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per implementation (after 2 warm-up steps)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps; scaling tables for the sparse implementation only")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: elapsed seconds; cpu: CPU seconds of all threads (less sensitive to "
+                        "other processes; samples/s then means per CPU second)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        global CLOCK
+        CLOCK = time.process_time
+    steps = min(args.steps, 5) if args.quick else args.steps
+    L, k, batch = 8192, 64, 256
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; streams {DIMS}, L={L}, k={k}, "
+          f"batch={batch}, Adam lr={LR}, lambda={LAM}, aux on every {DEAD_EVERY}th latent")
+    print(f"clock: {args.clock}; load average at start (other processes slow both implementations): "
+          f"{os.getloadavg()[0]:.2f}")
+
+    sparse, dense = build(L, k, args.seed)
+    dead = dead_masks(L)
+    data = batches(DIMS, batch, 8, args.seed)
+    times, losses = time_steps({"sparse": make_step(sparse, dead), "dense": make_step(dense, dead)}, data, steps)
+    print(f"\n{'impl':>7} {'median s/step':>14} {'min s/step':>11} {'samples/s':>10} {'final loss':>11}")
+    for name in ("sparse", "dense"):
+        med = statistics.median(times[name])
+        print(f"{name:>7} {med:>14.4f} {min(times[name]):>11.4f} {batch / med:>10.0f} {losses[name][-1]:>11.6f}")
+    ratio = statistics.median(times["dense"]) / statistics.median(times["sparse"])
+    rel = abs(losses["sparse"][-1] - losses["dense"][-1]) / abs(losses["dense"][-1])
+    print(f"speed-up (median dense / median sparse): {ratio:.2f}x")
+    print(f"loss after {len(losses['sparse'])} steps: sparse {losses['sparse'][-1]:.6f}, dense "
+          f"{losses['dense'][-1]:.6f}, relative difference {rel:.2e} ({'OK' if rel < 0.01 else 'MISMATCH'} at 1%)")
+    print(f"loss at step 1: sparse {losses['sparse'][0]:.6f}, dense {losses['dense'][0]:.6f}")
+
+    bf16_model, _ = build(L, k, args.seed, bf16=True)
+    bt, _ = time_steps({"sparse_bf16": make_step(bf16_model, dead)}, data, max(3, steps // 2))
+    med = statistics.median(bt["sparse_bf16"])
+    print(f"sparse with bf16 encoder matmul: {med:.4f} s/step, {batch / med:.0f} samples/s")
+
+    scale_steps = 2 if args.quick else 3
+    scaling_table("step time vs L (batch 256)", [2048, 4096, 8192, 16384], lambda v: (v, batch),
+                  scale_steps, not args.quick, k, args.seed)
+    scaling_table("step time vs batch size (L 8192)", [64, 128, 256, 512], lambda v: (L, v),
+                  scale_steps, not args.quick, k, args.seed)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
