@@ -208,6 +208,9 @@ def main() -> None:
     print(f"loss after {len(losses['sparse'])} steps: sparse {losses['sparse'][-1]:.6f}, dense "
           f"{losses['dense'][-1]:.6f}, relative difference {rel:.2e} ({'OK' if rel < 0.01 else 'MISMATCH'} at 1%)")
     print(f"loss at step 1: sparse {losses['sparse'][0]:.6f}, dense {losses['dense'][0]:.6f}")
+    dense_params = dict(dense.named_parameters())
+    diff = max(float((p - dense_params[n]).abs().max()) for n, p in sparse.named_parameters())
+    print(f"largest parameter difference after training (independent copies): {diff:.2e}")
 
     bf16_model, _ = build(L, k, args.seed, bf16=True)
     bt, _ = time_steps({"sparse_bf16": make_step(bf16_model, dead)}, data, max(3, steps // 2))

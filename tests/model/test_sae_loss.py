@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from dense_sae import dense_loss, dense_usae_loss
+from tests.model.dense_sae import dense_loss, dense_usae_loss
 
 import sparc.model.sparse as sparse
 from sparc.model.losses import nmse, nmse_per_sample, nmse_sources
