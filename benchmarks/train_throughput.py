@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparc.model.sae import MultiStreamSAE, SAEConfig
+from sparc.model.sparse import CPU_BUFFERS
 
 DIMS = {"dino": 1024, "clip_img": 768, "clip_txt": 768}
 LR = 1e-4
@@ -158,6 +159,7 @@ def scaling_table(title: str, values: list[int], make: Callable[[int], tuple[int
     print(head)
     for v in values:
         L, batch = make(v)
+        CPU_BUFFERS.clear()  # gradient buffers of the previous size are not needed any more
         sparse, dense = build(L, k, seed)
         dead = dead_masks(L)
         impls = {"sparse": make_step(sparse, dead)}
@@ -209,7 +211,7 @@ def main() -> None:
           f"{losses['dense'][-1]:.6f}, relative difference {rel:.2e} ({'OK' if rel < 0.01 else 'MISMATCH'} at 1%)")
     print(f"loss at step 1: sparse {losses['sparse'][0]:.6f}, dense {losses['dense'][0]:.6f}")
     dense_params = dict(dense.named_parameters())
-    diff = max(float((p - dense_params[n]).abs().max()) for n, p in sparse.named_parameters())
+    diff = max(float((p - dense_params[n]).detach().abs().max()) for n, p in sparse.named_parameters())
     print(f"largest parameter difference after training (independent copies): {diff:.2e}")
 
     bf16_model, _ = build(L, k, args.seed, bf16=True)

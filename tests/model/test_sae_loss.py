@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from tests.model.dense_sae import dense_loss, dense_usae_loss
 
 import sparc.model.sparse as sparse
 from sparc.model.losses import nmse, nmse_per_sample, nmse_sources
 from sparc.model.sae import MultiStreamSAE, SAEConfig
+from tests.model.dense_sae import dense_loss, dense_usae_loss
 
 DIMS = {"a": 8, "b": 6, "c": 5}
 L, K, K_AUX = 32, 4, 3

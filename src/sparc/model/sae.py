@@ -23,8 +23,9 @@ Initialisation (deterministic from ``seed``, independent of the device): ``W_enc
 biases zero.
 
 Training speed. :meth:`loss` and :meth:`usae_loss` compute the dense logits once without a graph
-(the only ``O(B L d)`` work), choose the indices, and make the gathered logits differentiable with
-a sparse backward (:func:`sparc.model.sparse.gather_logits`). All decodes are sparse
+(the only ``O(B L d)`` work; oneDNN on CPU, see :mod:`sparc.model.matmul`), choose the indices,
+and make the gathered logits differentiable with a sparse backward
+(:func:`sparc.model.sparse.gather_logits`). All decodes are sparse
 (:func:`sparc.model.sparse.sparse_decode`): only the ``k`` (and ``k_aux``) active decoder rows are
 read and receive gradient; each target decoder is decoded by all source streams (and its AuxK
 code) in one call, whose backward reads each touched decoder row once. On accelerators no step
@@ -34,13 +35,14 @@ selection looks at the dead mask on the host (see :func:`sparc.model.topk.aux_to
 and for gradients with respect to the inputs, e.g. localisation).
 
 Gradients of the ``[L, d]`` matrices are dense tensors (as Adam needs) that are zero outside the
-touched rows. On CPU, gradients of 32 MiB or more live in reusable buffers
+touched rows. On CPU, gradients of 8 MiB or more live in reusable buffers
 (:class:`sparc.model.sparse.CpuBufferPool`); with ``optimizer.zero_grad(set_to_none=True)`` (the
 default) the same buffers serve every step. Gradients are correct either way.
 
 Precision options (attributes, also constructor keywords; not saved with the weights):
-``bf16=True`` computes the dense encoder matmul with bfloat16 inputs and float32 output (about 5x
-faster on CPUs with AVX512-BF16 and on CUDA; the gradients and all sparse work stay float32);
+``bf16=True`` computes the dense encoder matmul with bfloat16 inputs and float32 output (about 2x
+faster than the float32 oneDNN matmul on CPUs with AVX512-BF16, and faster on CUDA; the
+gradients and all sparse work stay float32);
 ``tf32=True`` lets that matmul use TF32 on CUDA (no effect elsewhere). Both only change the logits
 within bf16/TF32 rounding.
 
@@ -63,6 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparc.model.losses import LossOutput, nmse, nmse_sources
+from sparc.model.matmul import linear
 from sparc.model.sparse import decode_rows, gather_logits, row_dots, sparse_decode
 from sparc.model.topk import aux_topk, global_topk, local_topk
 
@@ -241,7 +244,7 @@ class MultiStreamSAE(nn.Module):
         if self.bf16:
             return F.linear(xc.to(torch.bfloat16), W.to(torch.bfloat16)).to(W.dtype) + self.b_lat[s]
         with _tf32_matmul(self.tf32 and W.device.type == "cuda"):
-            return F.linear(xc, W, self.b_lat[s])
+            return linear(xc, W, self.b_lat[s])
 
     def _select(self, h: dict[str, Tensor], mode: str) -> dict[str, Tensor]:
         if mode == "global":

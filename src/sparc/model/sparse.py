@@ -24,20 +24,23 @@ resident table of per-sample gradients ``G [R, d]`` (:class:`LatentPlan`). Then
 ``dW = A G`` (values of ``A`` = the coefficients) and ``dvalues`` = ``(W G^T)`` sampled at the
 pattern of ``A``: each latent's row of ``W`` is read once for all its occurrences.
 
-On CPU (``CPU_KERNELS``) these are the CSR kernels ``torch.addmm`` (MKL) and
-``torch.sparse.sampled_addmm``; elsewhere, or with ``CPU_KERNELS = False``, portable ops are used
-(``embedding_bag`` with one bag per latent, and gathered rows with a batched matmul).
+On CPU (``CPU_KERNELS``) ``dvalues`` comes from ``torch.sparse.sampled_addmm`` and ``dW`` from
+the MKL CSR ``torch.addmm`` written into a reusable buffer (outputs of ``POOL_MIN_BYTES`` or
+more); elsewhere, or with ``CPU_KERNELS = False``, portable ops are used (``embedding_bag`` with
+one bag per latent, and gathered rows with a batched matmul).
 
-CPU memory: glibc serves every allocation of 32 MiB or more (e.g. the ``[8192, 1024]`` float32
-gradient of a 1024-d stream) with a fresh ``mmap``, i.e. ~8k page faults (~15 ms) per gradient per
-step. Such ``[L, d]`` gradients are therefore written into buffers from :class:`CpuBufferPool`,
-which hands a buffer out again only once no tensor refers to it any more (the trainer's
-``zero_grad(set_to_none=True)`` releases it). Nothing here synchronises with the host.
+CPU memory: glibc serves large allocations (always from 32 MiB, e.g. the ``[8192, 1024]`` float32
+gradient of a 1024-d stream) with fresh pages, i.e. ~8k page faults (~15 ms) per gradient per step.
+Large ``[L, d]`` gradients are therefore written into buffers from :class:`CpuBufferPool`, which
+hands a buffer out again only once no tensor refers to it any more (the trainer's
+``zero_grad(set_to_none=True)`` releases it). On accelerators nothing here synchronises with the
+host.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -49,8 +52,9 @@ from torch import Tensor
 # Use the CPU-specific kernels on CPU (False: the accelerator code path everywhere; the tests run
 # both on CPU).
 CPU_KERNELS = True
-# Outputs at least this large (glibc's largest mmap threshold) are written into pooled buffers.
-POOL_MIN_BYTES = 32 * 1024 * 1024
+# On CPU, [L, d] gradients at least this large are written into pooled buffers (MKL CSR matmul);
+# smaller ones come from embedding_bag (faster while its output does not fault in fresh pages).
+POOL_MIN_BYTES = 8 * 1024 * 1024
 # On CPU, the portable gather-dot works in chunks of samples whose gathered rows fit in the L2 cache.
 _CPU_GATHER_BYTES = 1024 * 1024
 # Rows per chunk of the CPU row-wise dot products (keeps the temporary in cache).
@@ -63,30 +67,34 @@ class CpuBufferPool:
     Buffers are numpy arrays exposed through ``torch.from_numpy``; every tensor (or view) made
     from one holds a reference to the array, so an array whose reference count is back to the
     pool's own is free. At most ``max_per_shape`` buffers are kept per (shape, dtype); beyond
-    that, and for non-float dtypes, :meth:`take` returns an ordinary new tensor.
+    that, and for non-float dtypes, :meth:`take` returns an ordinary new tensor. Buffers stay
+    allocated until :meth:`clear`.
     """
 
     def __init__(self, max_per_shape: int = 4) -> None:
         self.max_per_shape = max_per_shape
         self._arrays: dict[tuple[tuple[int, ...], torch.dtype], list[np.ndarray]] = {}
+        self._lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """An uninitialised CPU tensor of ``shape``/``dtype``, from the pool when possible."""
         np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype)
         if np_dtype is None:
             return torch.empty(shape, dtype=dtype)
-        arrays = self._arrays.setdefault((tuple(shape), dtype), [])
-        for i in range(len(arrays)):
-            if sys.getrefcount(arrays[i]) == 2:  # only the list and this call refer to it
-                return torch.from_numpy(arrays[i])
-        if len(arrays) >= self.max_per_shape:
-            return torch.empty(shape, dtype=dtype)
-        arrays.append(np.empty(shape, dtype=np_dtype))
-        return torch.from_numpy(arrays[-1])
+        with self._lock:
+            arrays = self._arrays.setdefault((tuple(shape), dtype), [])
+            for i in range(len(arrays)):
+                if sys.getrefcount(arrays[i]) == 2:  # only the list and this call refer to it
+                    return torch.from_numpy(arrays[i])
+            if len(arrays) >= self.max_per_shape:
+                return torch.empty(shape, dtype=dtype)
+            arrays.append(np.empty(shape, dtype=np_dtype))
+            return torch.from_numpy(arrays[-1])
 
     def clear(self) -> None:
         """Forget every buffer (memory is returned once the last tensor using it is gone)."""
-        self._arrays.clear()
+        with self._lock:
+            self._arrays.clear()
 
 
 CPU_BUFFERS = CpuBufferPool()
