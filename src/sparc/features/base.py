@@ -30,13 +30,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; otherwise ``torch.device(device)``."""
+def resolve_device(device: str, param: str = "extract.device") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; otherwise ``torch.device(device)``.
+
+    ``param`` names the parameter in the error raised when CUDA is asked for but absent."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"extract.device: {device!r} requested but CUDA is not available")
+        raise ValueError(f"{param}: {device!r} requested but CUDA is not available")
     return dev
 
 

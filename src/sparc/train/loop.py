@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sparc.features.base import resolve_device
 from sparc.model.sae import MultiStreamSAE, SAEConfig
 from sparc.params import Params, TrainParams
 from sparc.train.checkpoint import (
@@ -137,16 +138,6 @@ class TrainResult:
     @property
     def finished(self) -> bool:
         return self.step >= self.total_steps
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device: {name!r} requested but CUDA is not available")
-    return device
 
 
 def metric_name(term: str) -> str:
@@ -340,7 +331,7 @@ def train_sae(
     spec.check()
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps: must be >= 1, got {max_steps}")
-    device = resolve_device(spec.train.device)
+    device = resolve_device(spec.train.device, "train.device")
     if source.device != device:
         raise ValueError(f"the feature source yields tensors on {source.device}, training runs on {device}")
     trainer = Trainer(source, spec, device)
@@ -425,5 +416,5 @@ def train_arrays(
 ) -> TrainResult:
     """:func:`train_sae` on in-memory arrays ``features[s]`` ``[N, d_s]`` (rows aligned); keyword
     arguments as for :func:`train_sae`."""
-    source = FeatureSource(features, rows, device=resolve_device(spec.train.device))
+    source = FeatureSource(features, rows, device=resolve_device(spec.train.device, "train.device"))
     return train_sae(source, spec, **kwargs)

@@ -23,11 +23,12 @@ import torch
 
 from sparc import paths
 from sparc.data.prepared import PreparedData, load_prepared
+from sparc.features.base import resolve_device
 from sparc.features.store import FeatureStoreError, FeatureStream, load_streams
 from sparc.params import Params
 from sparc.train.checkpoint import checkpoint_key, prune_run
 from sparc.train.live import LiveLogger
-from sparc.train.loop import TrainSpec, evaluate_loss, resolve_device, train_sae
+from sparc.train.loop import TrainSpec, evaluate_loss, train_sae
 from sparc.train.sampler import FeatureSource
 
 
@@ -101,7 +102,7 @@ def run_train(
         raise ValueError(f"{prepared_dir}: the train split is empty")
     streams = load_streams(features_root, params.stream_names, check_finite=False)
     check_matches_prepared(streams, prepared)
-    device = resolve_device(spec.train.device)
+    device = resolve_device(spec.train.device, "train.device")
     arrays = {name: s.features for name, s in streams.items()}
     budget = spec.train.ram_budget_mb * 2**20
     source = FeatureSource(arrays, train_rows, ram_budget_bytes=budget, device=device)
