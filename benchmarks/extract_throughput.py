@@ -137,13 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-workers", type=int, default=None, help="default: extract.num_workers")
     parser.add_argument("--repeats", type=int, default=3, help="alternated (a)/(b) runs")
     parser.add_argument("--streams", nargs="*", default=None, help="stream names from params.yaml")
-    parser.add_argument("--threads", type=int, default=0, help="model threads on the CPU (0 = the stage's choice, model_threads)")
+    parser.add_argument("--threads", type=int, default=None, help="model threads on the CPU (default: the stage's choice from extract.cpu_threads)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     args.batch_size = args.batch_size or params.extract.batch_size
     args.num_workers = params.extract.num_workers if args.num_workers is None else args.num_workers
-    args.threads = args.threads or model_threads(args.num_workers)
+    args.threads = model_threads(args.num_workers, params.extract.cpu_threads if args.threads is None else args.threads)
     names = args.streams or params.stream_names
     unknown = [n for n in names if n not in params.streams]
     if unknown:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from sparc.model.sae import MultiStreamSAE, SAEConfig
 from sparc.model.sparse import CPU_BUFFERS
+from sparc.train.loop import make_adam
 
 DIMS = {"dino": 1024, "clip_img": 768, "clip_txt": 768}
 LR = 1e-4
@@ -84,17 +85,9 @@ class DenseSAE(nn.Module):
             W /= W.norm(dim=1, keepdim=True)
 
 
-def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    """Adam (lr 1e-4, eps 1e-8), the fused kernel where this torch build has one for the device."""
-    try:
-        return torch.optim.Adam(model.parameters(), lr=LR, eps=1e-8, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(model.parameters(), lr=LR, eps=1e-8)
-
-
 def make_step(model: nn.Module, dead: dict[str, Tensor]) -> Callable[[dict[str, Tensor]], Tensor]:
     """One full training step of either implementation; returns the detached total loss."""
-    opt = make_optimizer(model)
+    opt = make_adam(model.parameters(), lr=LR, eps=1e-8)
 
     def step(x: dict[str, Tensor]) -> Tensor:
         if isinstance(model, MultiStreamSAE):

@@ -45,6 +45,7 @@ def test_yaml_12_floats(tmp_path):
         (lambda r: r.update(kk=3), "kk: unknown parameter"),
         (lambda r: r["train"].update(lr="fast"), "train.lr: expected a number"),
         (lambda r: r.update(streams={}), "streams: at least one stream"),
+        (lambda r: r["extract"].update(cpu_threads=-1), "extract.cpu_threads: must be >= 0"),
     ],
 )
 def test_bad_values_name_the_parameter(raw, edit, message):

@@ -87,3 +87,33 @@ def test_second_repro_has_nothing_to_do(repo):
     assert "Data and pipelines are up to date" in out, out
     status = run(["dvc", "status"], repo).stdout
     assert "up to date" in status, status
+
+
+def test_repro_reaches_the_evaluation(repo):
+    """Every stage ran: training metrics, per-stream codes, concepts and the evaluation metrics."""
+    params = read_yaml(repo / "params.yaml")
+    streams = list(params["streams"])
+    train = json.loads((repo / "reports/train/metrics.json").read_text())
+    assert train["step"] > 0
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert metrics["n_eval"] > 0
+    assert set(metrics["sparsity"]["l0_joint"]) == set(streams)
+    assert all(0 < v <= params["k"] for v in metrics["sparsity"]["l0_local"].values())
+    assert 0.0 <= metrics["jaccard"]["depth_0"]["all"] <= 1.0
+    assert sum(metrics["patterns"]["counts"].values()) == params["L"]
+    assert len(metrics["reconstruction"]["nmse"]) == len(streams) ** 2
+    concepts = (repo / "reports/concepts/concepts.csv").read_text().splitlines()
+    assert len(concepts) == params["L"] + 1
+
+
+def ran_stages(output: str) -> set[str]:
+    """Names of the stages a `dvc repro` / `dvc exp run` output says it ran."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def test_seed_experiment_reruns_only_training_and_after(repo):
+    """`dvc exp run -S seed=1` reuses the prepared data and the features (last: it changes params)."""
+    out = run(["dvc", "exp", "run", "-n", "seed1", "-S", "seed=1"], repo).stdout
+    assert ran_stages(out) == {"train", "encode", "concepts", "evaluate"}, out
+    assert "seed1" in run(["dvc", "exp", "list", "--name-only"], repo).stdout.split()
+    assert read_yaml(repo / "params.yaml")["seed"] == 1

@@ -63,6 +63,7 @@ class StreamParams:
 class ExtractParams:
     batch_size: int = 32
     num_workers: int = 1
+    cpu_threads: int = 0
     device: str = "auto"
 
 
@@ -236,6 +237,8 @@ def validate(params: Params) -> Params:
         raise ParamsError(f"extract.batch_size: must be positive, got {params.extract.batch_size}")
     if params.extract.num_workers < 0:
         raise ParamsError(f"extract.num_workers: must be >= 0, got {params.extract.num_workers}")
+    if params.extract.cpu_threads < 0:
+        raise ParamsError(f"extract.cpu_threads: must be >= 0, got {params.extract.cpu_threads}")
     return params
 
 

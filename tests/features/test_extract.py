@@ -109,6 +109,7 @@ def test_model_threads_leave_cores_to_workers():
     cores = usable_cores()
     assert model_threads(0) == model_threads(1) == max(1, cores - 1)
     assert model_threads(2) == max(1, cores - 2) and model_threads(10**6) == 1
+    assert model_threads(1, requested=3) == 3  # extract.cpu_threads > 0 is taken as given
     before = torch.get_num_threads()
     with cpu_threads(1):
         assert torch.get_num_threads() == 1

@@ -6,14 +6,16 @@ batch, in row order, so the output rows match ``samples.csv``. On CUDA, batches 
 copied asynchronously.
 
 CPU threads: each worker runs single-threaded (the DataLoader default) and, on the CPU, the model
-gets ``max(1, cores - max(1, num_workers))`` intra-op threads (:func:`model_threads`): one core per
+gets ``extract.cpu_threads`` intra-op threads, by default (0)
+``max(1, cores - max(1, num_workers))`` (:func:`model_threads`): one core per
 worker, and at least one core left for everything else (the main process's own loading when
 ``num_workers`` is 0, the feature store, other jobs), so the model's threads are not preempted.
 Preemption is expensive: an intra-op thread that loses its core stalls every parallel op at its
 barrier. On the 2-core build machine shared with other jobs, MiniLM ran 3.5x (up to 15x with the
 loading in the main process) and EfficientNet-Lite0 1.5-2x faster with 1 thread than with 2; with
-2 threads the best runs were faster, but run times varied up to 3x. ``extract_stream(threads=...)``
-overrides the choice.
+2 threads the best runs were faster, but run times varied up to 3x. On the same machine when quiet,
+2 threads made ViT-S/14 1.46x and EfficientNet-Lite0 1.14x faster (benchmarks/extract_throughput.py
+``--threads 2``): set ``extract.cpu_threads: 2`` there if nothing else runs.
 
 Determinism: the model runs with ``torch.use_deterministic_algorithms`` and fixed batches, so the
 same inputs and settings give the same bytes on the same machine and device.
@@ -93,8 +95,11 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def model_threads(num_workers: int) -> int:
-    """Intra-op threads for the model on the CPU: ``max(1, usable_cores() - max(1, num_workers))``."""
+def model_threads(num_workers: int, requested: int = 0) -> int:
+    """Intra-op threads for the model on the CPU: ``requested`` when positive (``extract.cpu_threads``),
+    else ``max(1, usable_cores() - max(1, num_workers))``."""
+    if requested > 0:
+        return requested
     return max(1, usable_cores() - max(1, num_workers))
 
 
@@ -170,8 +175,9 @@ def run_extract(params, stream: str, prepared_dir: str | Path, out_dir: str | Pa
     cfg = params.streams[stream]
     data = load_prepared(prepared_dir)
     on_cpu = resolve_device(params.extract.device).type == "cpu"
+    threads = model_threads(params.extract.num_workers, params.extract.cpu_threads)
     # The thread count is set before the model is built: ONNX Runtime fixes it at session creation.
-    with cpu_threads(model_threads(params.extract.num_workers)) if on_cpu else nullcontext():
+    with cpu_threads(threads) if on_cpu else nullcontext():
         extractor = build_extractor(cfg.model, cfg.input, params.extract.device)
         return extract_stream(
             data,
@@ -180,4 +186,5 @@ def run_extract(params, stream: str, prepared_dir: str | Path, out_dir: str | Pa
             batch_size=params.extract.batch_size,
             num_workers=params.extract.num_workers,
             stream=stream,
+            threads=threads,
         )
