@@ -6,7 +6,7 @@ batch, in row order, so the output rows match ``samples.csv``. On CUDA, batches 
 copied asynchronously.
 
 CPU threads: each worker runs single-threaded (the DataLoader default) and, on the CPU, the model
-gets ``extract.cpu_threads`` intra-op threads, by default (0)
+gets ``extract.cpu_threads`` intra-op threads; the default (0) is
 ``max(1, cores - max(1, num_workers))`` (:func:`model_threads`): one core per
 worker, and at least one core left for everything else (the main process's own loading when
 ``num_workers`` is 0, the feature store, other jobs), so the model's threads are not preempted.
