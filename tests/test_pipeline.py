@@ -106,6 +106,21 @@ def test_repro_reaches_the_evaluation(repo):
     assert len(concepts) == params["L"] + 1
 
 
+def test_pull_from_a_remote_restores_outputs_without_recomputing(repo, tmp_path):
+    """The README's remote workflow: push the outputs, clone, `dvc pull`, and nothing is left to run."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    run(["dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote")], repo)
+    run([*git, "add", "dvc.lock", ".dvc/config"], repo)
+    run([*git, "commit", "-qm", "lock and remote"], repo)
+    run(["dvc", "push"], repo)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    run(["dvc", "pull"], clone)
+    for rel in ("reports/metrics.json", "data/features/emoji/minilm/features.npy"):
+        assert (clone / rel).read_bytes() == (repo / rel).read_bytes(), rel
+    assert "Data and pipelines are up to date" in run(["dvc", "repro"], clone).stdout
+
+
 def ran_stages(output: str) -> set[str]:
     """Names of the stages a `dvc repro` / `dvc exp run` output says it ran."""
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
