@@ -8,7 +8,7 @@ Layout of one run's directory ``<checkpoints_dir>/<key>/``::
                               counters, log accumulators
         state.json            step, epoch, dims, key payload, logged metric history, ...
 
-A checkpoint is written to ``step-XXXXXXXX.tmp`` and renamed when complete; older step directories
+A checkpoint is written to ``step-<step, 8 digits>.tmp`` and renamed when complete; older step directories
 are deleted only after the rename, so a crash at any moment leaves at least one complete
 checkpoint. :func:`latest_checkpoint` ignores ``.tmp`` directories.
 """
