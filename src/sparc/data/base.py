@@ -41,3 +41,14 @@ class DatasetBuilder(Protocol):
     """
 
     def __call__(self, options: object, work_dir: Path) -> DatasetBuild: ...
+
+
+def require_package_path(path: Path, dataset: str, package: str, *, directory: bool = False) -> Path:
+    """``path`` when it is an existing file (a directory when ``directory``), else a
+    ``FileNotFoundError`` naming the dataset and the Debian package that provides it."""
+    if not (path.is_dir() if directory else path.is_file()):
+        raise FileNotFoundError(
+            f"{dataset} dataset: {path} not found; install the Debian package {package!r} "
+            f"(apt-get install {package})"
+        )
+    return path

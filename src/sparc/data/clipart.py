@@ -53,7 +53,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from sparc.data.base import DatasetBuild, Sample
+from sparc.data.base import DatasetBuild, Sample, require_package_path
 from sparc.data.hierarchy import Hierarchy
 from sparc.params import ClipartOptions
 
@@ -154,15 +154,6 @@ def _category(rel: Path) -> str:
     return rel.parent.as_posix() if rel.parent != Path(".") else ""
 
 
-def _require(path: Path, package: str) -> Path:
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"clipart dataset: {path} not found; install the Debian package {package!r} "
-            f"(apt-get install {package})"
-        )
-    return path
-
-
 def build_clipart(
     options: ClipartOptions,
     work_dir: Path,
@@ -183,8 +174,8 @@ def build_clipart(
         raise ValueError(
             f"data.clipart.max_title_repeats: must be >= 0 (0 = no limit), got {options.max_title_repeats}"
         )
-    png_root = _require(Path(png_root), "openclipart-png").resolve()
-    svg_root = _require(Path(svg_root), "openclipart-svg").resolve()
+    png_root = require_package_path(Path(png_root), "clipart", "openclipart-png", directory=True).resolve()
+    svg_root = require_package_path(Path(svg_root), "clipart", "openclipart-svg", directory=True).resolve()
 
     skipped: list[tuple[str, str]] = []
     reasons: Counter[str] = Counter()

@@ -35,7 +35,7 @@ from pathlib import Path
 import PIL
 from PIL import Image, ImageDraw, ImageFont, features
 
-from sparc.data.base import DatasetBuild, Sample
+from sparc.data.base import DatasetBuild, Sample, require_package_path
 from sparc.data.hierarchy import Hierarchy
 from sparc.params import EmojiOptions
 
@@ -73,22 +73,13 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def _require(path: Path, package: str) -> Path:
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"emoji dataset: {path} not found; install the Debian package {package!r} "
-            f"(apt-get install {package})"
-        )
-    return path
-
-
 def parse_emoji_test(path: Path = EMOJI_TEST_PATH) -> list[EmojiEntry]:
     """Fully-qualified emoji of ``emoji-test.txt`` in file order.
 
     Line format: ``1F600 ; fully-qualified # 😀 E1.0 grinning face``; ``# group: X`` and
     ``# subgroup: y`` comment lines set the group and subgroup of the lines after them.
     """
-    path = _require(Path(path), "unicode-data")
+    path = require_package_path(Path(path), "emoji", "unicode-data")
     entries: list[EmojiEntry] = []
     group = subgroup = ""
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -117,7 +108,7 @@ def parse_emoji_test(path: Path = EMOJI_TEST_PATH) -> list[EmojiEntry]:
 def load_font(path: Path = FONT_PATH) -> ImageFont.FreeTypeFont:
     """Noto Color Emoji at its bitmap size, with the Raqm layout engine (needed to shape
     ZWJ sequences, flags and keycaps into single glyphs)."""
-    path = _require(Path(path), "fonts-noto-color-emoji")
+    path = require_package_path(Path(path), "emoji", "fonts-noto-color-emoji")
     if not features.check("raqm"):
         raise RuntimeError(
             "emoji dataset: this Pillow has no libraqm, so emoji sequences cannot be shaped; "
