@@ -36,7 +36,7 @@ def test_yaml_12_floats(tmp_path):
         (lambda r: r.update(k=r["L"] + 1), "k: must be at most L"),
         (lambda r: r.update({"lambda": -0.5}), "lambda: must be non-negative"),
         (lambda r: r.update(topk="both"), "topk: 'both' is not one of global, local"),
-        (lambda r: r.update(method="sae"), "method: 'sae' is not one of sparc, usae"),
+        (lambda r: r.update(method="sae"), "method: 'sae' is not one of sparc, usae, usae_paper"),
         (lambda r: r["data"].update(dataset="imagenet"), "data.dataset: unknown dataset 'imagenet'"),
         (lambda r: r["streams"]["vit"].update(model="resnet:50"), "streams.vit.model: unknown model family 'resnet'"),
         (lambda r: r["streams"]["vit"].update(model="vit-s14"), "streams.vit.model: model spec 'vit-s14' is not of the form"),
@@ -46,6 +46,22 @@ def test_yaml_12_floats(tmp_path):
         (lambda r: r["train"].update(lr="fast"), "train.lr: expected a number"),
         (lambda r: r.update(streams={}), "streams: at least one stream"),
         (lambda r: r["extract"].update(cpu_threads=-1), "extract.cpu_threads: must be >= 0"),
+        # every value the stages used to reject only when they ran (or never)
+        (lambda r: r.update(lamda=0.0), "lamda: unknown parameter (did you mean lambda?)"),
+        (lambda r: r["train"].update(epochs=0), "train.epochs: must be >= 1, got 0"),
+        (lambda r: r["train"].update(batch_size=0), "train.batch_size: must be >= 1, got 0"),
+        (lambda r: r["train"].update(lr=-1.0), "train.lr: must be positive, got -1.0"),
+        (lambda r: r["train"].update(device="tpu"), "train.device: unknown device 'tpu' (use auto, cpu, cuda"),
+        (lambda r: r["extract"].update(device="gpu"), "extract.device: unknown device 'gpu'"),
+        (lambda r: r["evaluate"].update(device="cuda:x"), "evaluate.device: unknown device 'cuda:x'"),
+        (lambda r: r["concepts"].update(top_n=0), "concepts.top_n: must be >= 1, got 0"),
+        (lambda r: r["concepts"].update(purity_threshold=2.0), "concepts.purity_threshold: must be in [0, 1]"),
+        (lambda r: r["evaluate"].update(batch_size=0), "evaluate.batch_size: must be >= 1, got 0"),
+        (lambda r: r["data"].update(dataset="folder"), "data.folder.csv: empty; set it to your CSV"),
+        (lambda r: r["data"]["emoji"].update(size=0), "data.emoji.size: must be >= 1, got 0"),
+        (lambda r: r["data"]["clipart"].update(max_megapixels=0.0), "data.clipart.max_megapixels: must be positive"),
+        (lambda r: r.update(method="usae"), "topk: method usae trains and is evaluated with each stream's own top-k"),
+        (lambda r: r.update(method="usae_paper", topk="global"), "so topk must be local, got global"),
     ],
 )
 def test_bad_values_name_the_parameter(raw, edit, message):
@@ -59,3 +75,16 @@ def test_bad_values_name_the_parameter(raw, edit, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ParamsError, match="parameters file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("method", ["usae", "usae_paper"])
+def test_usae_is_defined_with_per_stream_topk(raw, method):
+    """A USAE run is trained and evaluated with each stream's own top-k: topk must say so."""
+    raw.update(method=method, topk="local")
+    assert params_from_dict(raw).method == method
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_device_names(raw, device):
+    raw["train"]["device"] = device
+    assert params_from_dict(raw).train.device == device

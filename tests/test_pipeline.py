@@ -98,10 +98,11 @@ def test_repro_reaches_the_evaluation(repo):
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert metrics["n_eval"] > 0
     assert set(metrics["sparsity"]["l0_joint"]) == set(streams)
-    assert all(0 < v <= params["k"] for v in metrics["sparsity"]["l0_local"].values())
-    assert 0.0 <= metrics["jaccard"]["depth_0"]["all"] <= 1.0
-    assert sum(metrics["patterns"]["counts"].values()) == params["L"]
-    assert len(metrics["reconstruction"]["nmse"]) == len(streams) ** 2
+    assert all(0 < v <= params["k"] for v in metrics["sparsity"]["l0_per_stream"].values())
+    for kind in ("joint", "per_stream"):
+        assert 0.0 <= metrics["jaccard"][kind]["depth_0"]["all"] <= 1.0
+        assert sum(metrics["patterns"][kind]["counts"].values()) == params["L"]
+        assert len(metrics["reconstruction"][kind]["nmse"]) == len(streams) ** 2
     concepts = (repo / "reports/concepts/concepts.csv").read_text().splitlines()
     assert len(concepts) == params["L"] + 1
 
@@ -121,6 +122,21 @@ def test_pull_from_a_remote_restores_outputs_without_recomputing(repo, tmp_path)
     assert "Data and pipelines are up to date" in run(["dvc", "repro"], clone).stdout
 
 
+def test_misspelt_parameter_fails_the_repro(repo):
+    """A key no stage reads (`lamda` beside `lambda`) stops `dvc repro` with one clear line."""
+    path = repo / "params.yaml"
+    original = path.read_text()
+    path.write_text(original.replace("\nlambda:", "\nlamda: 0.0\nlambda:", 1))
+    try:
+        env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+        proc = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    finally:
+        path.write_text(original)
+    assert proc.returncode != 0
+    assert "error: lamda: unknown parameter (did you mean lambda?)" in proc.stdout + proc.stderr
+    assert ran_stages(proc.stdout) == {"check"}, proc.stdout
+
+
 def ran_stages(output: str) -> set[str]:
     """Names of the stages a `dvc repro` / `dvc exp run` output says it ran."""
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
@@ -129,6 +145,6 @@ def ran_stages(output: str) -> set[str]:
 def test_seed_experiment_reruns_only_training_and_after(repo):
     """`dvc exp run -S seed=1` reuses the prepared data and the features (last: it changes params)."""
     out = run(["dvc", "exp", "run", "-n", "seed1", "-S", "seed=1"], repo).stdout
-    assert ran_stages(out) == {"train", "encode", "concepts", "evaluate"}, out
+    assert ran_stages(out) == {"check", "train", "encode", "concepts", "evaluate"}, out
     assert "seed1" in run(["dvc", "exp", "list", "--name-only"], repo).stdout.split()
     assert read_yaml(repo / "params.yaml")["seed"] == 1

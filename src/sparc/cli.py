@@ -15,11 +15,16 @@ from sparc.params import Params, load_params
 
 
 def cmd_check(params: Params, args: argparse.Namespace) -> None:
-    """Validate params.yaml and print the configured streams."""
+    """Validate params.yaml (values, then devices, data files and training memory on this
+    machine: sparc.preflight) and print the configured streams."""
+    from sparc.preflight import preflight
+
     print(f"params OK: dataset={params.data.dataset} k={params.k} L={params.L} "
           f"lambda={params.lam} topk={params.topk} method={params.method}")
     for name, s in params.streams.items():
         print(f"  stream {name}: {s.model} ({s.input})")
+    for line in preflight(params):
+        print(f"  {line}")
 
 
 def cmd_prepare(params: Params, args: argparse.Namespace) -> None:
@@ -78,6 +83,72 @@ def cmd_paper(params: Params, args: argparse.Namespace) -> None:
         subprocess.run(cmd, check=True)
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+
+
+def _run_grid(configs: dict, args: argparse.Namespace) -> None:
+    import shlex
+
+    from sparc.report.ablation import experiment_commands, grid_overrides, run_experiments
+
+    cmds = experiment_commands(grid_overrides(configs, _seeds(args.seeds), args.prefix), queue=args.queue)
+    if args.dry or args.queue:
+        for cmd in cmds:
+            print(shlex.join(cmd))
+    if args.dry:
+        return
+    if args.queue:
+        import subprocess
+
+        for cmd in cmds:
+            subprocess.run(cmd, check=True)
+        print(f"queued {len(cmds)} experiments: start them with `dvc queue start -j N`")
+        return
+    failed = run_experiments(cmds)
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(cmds)} experiments failed: {', '.join(failed)}")
+    print(f"{len(cmds)} experiments done; `python -m sparc table --prefix {args.prefix}` tabulates them")
+
+
+def cmd_ablation(params: Params, args: argparse.Namespace) -> None:
+    """The ablation grid (sparc.report.ablation.ABLATION) over --seeds, as DVC experiments."""
+    from sparc.report.ablation import ABLATION
+
+    _run_grid(ABLATION, args)
+
+
+def cmd_sweep(params: Params, args: argparse.Namespace) -> None:
+    """A sweep over one parameter (``k=8,16,32``) over --seeds, as DVC experiments."""
+    from sparc.report.ablation import parse_sweep
+
+    _run_grid(parse_sweep(args.spec), args)
+
+
+def cmd_table(params: Params, args: argparse.Namespace) -> None:
+    """Mean +- std table and claim checks of a grid, from `dvc exp show --json`."""
+    from pathlib import Path
+
+    from sparc.report.ablation import (
+        ablation_table,
+        claims,
+        dvc_experiments,
+        group_records,
+        replace_block,
+    )
+
+    groups = group_records(dvc_experiments(), args.prefix)
+    block = ablation_table(groups) + "\n" + claims(groups)
+    print(block)
+    if args.readme:
+        path = Path(args.readme)
+        path.write_text(replace_block(path.read_text(), block))
+        print(f"updated {path}")
+
+
 COMMANDS = {
     "check": (cmd_check, "validate params.yaml"),
     "prepare": (cmd_prepare, "build the dataset named by data.dataset"),
@@ -87,6 +158,9 @@ COMMANDS = {
     "concepts": (cmd_concepts, "name every latent per stream from its top activating samples"),
     "paper": (cmd_paper, "run the paper setting (DINOv2 + OpenCLIP, L=8192, k=64) as a DVC experiment"),
     "evaluate": (cmd_evaluate, "Jaccard, patterns, reconstruction, probes, retrieval, universality"),
+    "ablation": (cmd_ablation, "run the ablation grid (Global/Local x lambda 0/1, USAE) over seeds as DVC experiments"),
+    "sweep": (cmd_sweep, "run a sweep over one parameter (e.g. k=8,16,32) over seeds as DVC experiments"),
+    "table": (cmd_table, "mean +- std table of a grid's experiments (dvc exp show --json)"),
 }
 
 
@@ -102,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--csv", required=True, help="image-caption CSV in the folder format")
             p.add_argument("--hierarchy", default="", help="optional label hierarchy JSON")
             p.add_argument("--dry", action="store_true", help="print the dvc command, do not run it")
+        if name in ("ablation", "sweep"):
+            if name == "sweep":
+                p.add_argument("spec", help="parameter and values, e.g. k=8,16,32 or L=256,512,1024")
+            p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
+            p.add_argument("--prefix", default=name, help=f"experiment name prefix (default {name})")
+            p.add_argument("--queue", action="store_true", help="only queue the runs (then `dvc queue start -j N`)")
+            p.add_argument("--dry", action="store_true", help="print the dvc commands, do not run them")
+        if name == "table":
+            p.add_argument("--prefix", default="ablation", help="experiment name prefix of the grid (default ablation)")
+            p.add_argument("--readme", default="", help="also rewrite the block between the ablation markers of this file")
     return parser
 
 

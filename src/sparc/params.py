@@ -9,6 +9,7 @@ unknown or out of range.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -114,7 +115,7 @@ class Params:
     L: int = 512
     lam: float = 1.0
     topk: Literal["global", "local"] = "global"
-    method: Literal["sparc", "usae"] = "sparc"
+    method: Literal["sparc", "usae", "usae_paper"] = "sparc"
     data: DataParams = dataclasses.field(default_factory=DataParams)
     streams: dict[str, StreamParams] = dataclasses.field(default_factory=dict)
     extract: ExtractParams = dataclasses.field(default_factory=ExtractParams)
@@ -184,10 +185,12 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         raise ParamsError(f"{where or 'params'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {_yaml_key(f.name): f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ParamsError(f"{prefix}{unknown[0]}: unknown parameter")
+        close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1)
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(fields)})"
+        raise ParamsError(f"{prefix}{unknown[0]}: unknown parameter{hint}")
     kwargs = {}
     for key, field in fields.items():
         name = f"{where}.{key}" if where else key
@@ -198,20 +201,47 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
-def validate(params: Params) -> Params:
-    """Check value ranges and names; returns ``params`` or raises ParamsError naming the parameter."""
-    from sparc.data import DATASETS
-    from sparc.features.registry import check_spec
+USAE_METHODS = ("usae", "usae_paper")
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
 
-    if params.k <= 0:
-        raise ParamsError(f"k: must be a positive integer, got {params.k}")
-    if params.L <= 0:
-        raise ParamsError(f"L: must be a positive integer, got {params.L}")
-    if params.k > params.L:
-        raise ParamsError(f"k: must be at most L ({params.L}), got {params.k}")
-    if params.lam < 0:
-        raise ParamsError(f"lambda: must be non-negative, got {params.lam}")
-    data = params.data
+
+def check_device_name(device: str, param: str) -> None:
+    """Reject a device string torch cannot parse (``tpu``, ``gpu``...); availability is checked
+    by :func:`sparc.features.base.resolve_device` when the stage runs."""
+    import re
+
+    if device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", device):
+        return
+    raise ParamsError(f"{param}: unknown device {device!r} (use {DEVICE_HELP})")
+
+
+def _positive(values: dict[str, float], group: str, minimum: float = 1) -> None:
+    """ParamsError for the first ``group.name`` whose value is below ``minimum``."""
+    for name, value in values.items():
+        if not value >= minimum:
+            raise ParamsError(f"{group}.{name}: must be >= {minimum}, got {value}")
+
+
+def check_top_level(k: int, L: int, lam: float, topk: str, method: str) -> None:
+    """The ablation knobs: ``1 <= k <= L``, ``lambda >= 0``, and USAE only with ``topk: local``."""
+    if k <= 0:
+        raise ParamsError(f"k: must be a positive integer, got {k}")
+    if L <= 0:
+        raise ParamsError(f"L: must be a positive integer, got {L}")
+    if k > L:
+        raise ParamsError(f"k: must be at most L ({L}), got {k}")
+    if lam < 0:
+        raise ParamsError(f"lambda: must be non-negative, got {lam}")
+    if method in USAE_METHODS and topk != "local":
+        raise ParamsError(
+            f"topk: method {method} trains and is evaluated with each stream's own top-k, "
+            f"so topk must be local, got {topk} (dvc exp run -S method={method} -S topk=local)"
+        )
+
+
+def check_data(data: DataParams) -> None:
+    from sparc.data import DATASETS
+
     if data.dataset not in DATASETS:
         raise ParamsError(
             f"data.dataset: unknown dataset {data.dataset!r} (known: {', '.join(sorted(DATASETS))})"
@@ -224,21 +254,90 @@ def validate(params: Params) -> Params:
             raise ParamsError(f"data.{key}: must be in [0, 1), got {value}")
     if data.val_fraction + data.test_fraction >= 1.0:
         raise ParamsError("data.test_fraction: val_fraction + test_fraction must be below 1")
-    if not params.streams:
+    if data.dataset == "folder" and not data.folder.csv.strip():
+        raise ParamsError(
+            "data.folder.csv: empty; set it to your CSV with columns id,image,caption,labels "
+            "(README, Bring your own data)"
+        )
+    check_emoji_options(data.emoji)
+    check_clipart_options(data.clipart)
+
+
+def check_emoji_options(options: EmojiOptions) -> None:
+    """``data.emoji``: the rendered side must be positive."""
+    _positive({"size": options.size}, "data.emoji")
+
+
+def check_clipart_options(options: ClipartOptions) -> None:
+    """``data.clipart``: positive megapixel cap, non-negative title limits (0 = no repeat limit)."""
+    if not options.max_megapixels > 0:
+        raise ParamsError(f"data.clipart.max_megapixels: must be positive, got {options.max_megapixels}")
+    _positive(
+        {"min_title_chars": options.min_title_chars, "max_title_repeats": options.max_title_repeats},
+        "data.clipart", minimum=0,
+    )
+
+
+def check_streams(streams: dict[str, StreamParams]) -> None:
+    from sparc.features.registry import check_spec
+
+    if not streams:
         raise ParamsError("streams: at least one stream is needed")
-    for name, stream in params.streams.items():
+    for name, stream in streams.items():
         if not name.replace("_", "").replace("-", "").isalnum():
             raise ParamsError(f"streams.{name}: stream names may use letters, digits, '-' and '_'")
         try:
             check_spec(stream.model, stream.input)
         except ValueError as err:
             raise ParamsError(f"streams.{name}.model: {err}") from None
-    if params.extract.batch_size <= 0:
-        raise ParamsError(f"extract.batch_size: must be positive, got {params.extract.batch_size}")
-    if params.extract.num_workers < 0:
-        raise ParamsError(f"extract.num_workers: must be >= 0, got {params.extract.num_workers}")
-    if params.extract.cpu_threads < 0:
-        raise ParamsError(f"extract.cpu_threads: must be >= 0, got {params.extract.cpu_threads}")
+
+
+def check_extract(e: ExtractParams) -> None:
+    _positive({"batch_size": e.batch_size}, "extract")
+    _positive({"num_workers": e.num_workers, "cpu_threads": e.cpu_threads}, "extract", minimum=0)
+    check_device_name(e.device, "extract.device")
+
+
+def check_train(t: TrainParams) -> None:
+    _positive(
+        {name: getattr(t, name) for name in (
+            "batch_size", "epochs", "k_aux", "dead_steps", "revive_every", "checkpoint_every", "log_every",
+        )},
+        "train",
+    )
+    for name in ("lr", "adam_eps"):
+        if not getattr(t, name) > 0:
+            raise ParamsError(f"train.{name}: must be positive, got {getattr(t, name)}")
+    _positive({"aux_coef": t.aux_coef, "cpu_threads": t.cpu_threads, "ram_budget_mb": t.ram_budget_mb}, "train", 0)
+    check_device_name(t.device, "train.device")
+
+
+def check_concepts(c: ConceptsParams) -> None:
+    _positive({"top_n": c.top_n}, "concepts")
+    if not 0.0 <= c.purity_threshold <= 1.0:
+        raise ParamsError(f"concepts.purity_threshold: must be in [0, 1], got {c.purity_threshold}")
+
+
+def check_evaluate(e: EvaluateParams) -> None:
+    _positive(
+        {"batch_size": e.batch_size, "probe_min_positives": e.probe_min_positives,
+         "probe_candidates": e.probe_candidates},
+        "evaluate",
+    )
+    check_device_name(e.device, "evaluate.device")
+
+
+def validate(params: Params) -> Params:
+    """Check every value range and name in ``params`` (the one place stages and ``sparc check``
+    validate parameters; nothing here touches files or devices). Returns ``params`` or raises
+    ParamsError naming the parameter."""
+    check_top_level(params.k, params.L, params.lam, params.topk, params.method)
+    check_data(params.data)
+    check_streams(params.streams)
+    check_extract(params.extract)
+    check_train(params.train)
+    check_concepts(params.concepts)
+    check_evaluate(params.evaluate)
     return params
 
 

@@ -7,35 +7,69 @@ default run in ``dvc exp show``.
 
 from __future__ import annotations
 
+import re
+
 PAPER_MODELS = {
     "dino": ("dinov2:facebook/dinov2-with-registers-large", "image"),
     "clip_img": ("openclip:ViT-L-14@datacomp_xl_s13b_b90k", "image"),
     "clip_txt": ("openclip:ViT-L-14@datacomp_xl_s13b_b90k", "caption"),
 }
 
+# The paper setting (method.md sections 1, 2 and 4), every value the pipeline reads from
+# params.yaml, as dotted params.yaml keys. The probes use classes with more than 50 positives.
+PAPER_SETTING: dict[str, object] = {
+    "L": 8192,
+    "k": 64,
+    "lambda": 1.0,
+    "seed": 42,
+    "topk": "global",
+    "method": "sparc",
+    "train.batch_size": 256,
+    "train.epochs": 50,
+    "train.lr": 1.0e-4,
+    "train.adam_eps": 1.0e-8,
+    "train.k_aux": 64,
+    "train.aux_coef": 0.03125,
+    "train.dead_steps": 1000,
+    "train.revive_every": 100,
+    "concepts.top_n": 50,
+    "concepts.purity_threshold": 0.3,
+    "concepts.split": "test",
+    "evaluate.probe_min_positives": 51,
+    "evaluate.probe_candidates": 20,
+    "data.max_samples": 0,
+}
+
+
+def hydra_quote(value: str) -> str:
+    """``value`` as a single-quoted Hydra override string that DVC's ``-S`` reads back unchanged
+    (quotes and the backslashes before them or at the end are escaped)."""
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+def override_literal(value: object) -> str:
+    """An override value: floats with a dot and a signed exponent (as params.yaml writes them)."""
+    if not isinstance(value, float):
+        return str(value)
+    mantissa, _, exponent = repr(value).partition("e")
+    if "." not in mantissa:
+        mantissa += ".0"
+    return f"{mantissa}e{int(exponent):+d}" if exponent else mantissa
+
 
 def paper_overrides(csv: str, hierarchy: str = "") -> list[str]:
-    """The paper setting (DINOv2 ViT-L/14-reg + OpenCLIP ViT-L-14 DataComp-XL image and text
-    towers, L=8192, k=64, lambda=1, batch 256, Adam 1e-4, 50 epochs, seed 42) on a folder-format
-    dataset ``csv`` (see sparc.data.folder), as DVC ``-S`` overrides."""
+    """The paper setting (:data:`PAPER_SETTING`, DINOv2 ViT-L/14-reg + OpenCLIP ViT-L-14
+    DataComp-XL image and text towers) on a folder-format dataset ``csv`` (see
+    sparc.data.folder), as DVC ``-S`` overrides."""
     streams = ",".join(f"{name}:{{model:'{spec}',input:{inp}}}" for name, (spec, inp) in PAPER_MODELS.items())
     return [
         "~streams",
         f"+streams={{{streams}}}",
-        "L=8192",
-        "k=64",
-        "lambda=1.0",
-        "seed=42",
-        "topk=global",
-        "method=sparc",
-        "train.batch_size=256",
-        "train.epochs=50",
-        "train.lr=1.0e-4",
-        "train.adam_eps=1.0e-8",
+        *(f"{key}={override_literal(value)}" for key, value in PAPER_SETTING.items()),
         "data.dataset=folder",
-        "data.max_samples=0",
-        f"data.folder.csv='{csv}'",
-        f"data.folder.hierarchy='{hierarchy}'",
+        f"data.folder.csv={hydra_quote(csv)}",
+        f"data.folder.hierarchy={hydra_quote(hierarchy)}",
     ]
 
 

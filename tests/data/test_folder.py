@@ -152,3 +152,108 @@ def test_bom_and_prepare_end_to_end(folder: Path, tmp_path: Path) -> None:
     assert data.labels[0] == ("animal/cat", "indoor") and data.labels[2] == ()
     assert data.images[0] == (folder / "images/cat.png").resolve()
     assert data.meta["options"]["csv"] == str(csv_path)
+
+
+
+def write_raw(folder: Path, *lines: bytes, header: bytes = b"id,image,caption,labels") -> Path:
+    """A CSV written byte for byte, one physical line each."""
+    csv_path = folder / "raw.csv"
+    csv_path.write_bytes(b"".join(line + b"\n" for line in (header, *lines)))
+    return csv_path
+
+
+def test_non_utf8_bytes_skip_only_their_row(folder: Path, tmp_path: Path, capsys) -> None:
+    csv_path = write_raw(
+        folder,
+        "cat1,images/cat.png,Café crème,,".encode(),
+        b"latin,images/cat.png,caf\xe9,,",
+        b"bad\xffid,images/cat.png,c,,",
+        b"dog1,images/dog.jpg,A dog,,caf\xe9",  # a byte in an unused column is not read
+        header=b"\xef\xbb\xbfid,image,caption,labels,notes",  # with a byte-order mark
+    )
+    build = build_folder(FolderOptions(csv=str(csv_path)), tmp_path)
+    assert [(s.id, s.caption) for s in build.samples] == [("cat1", "Café crème"), ("dog1", "A dog")]
+    assert build.skipped == [
+        ("latin", "line 3: invalid UTF-8 byte 0xe9 in column caption: save the CSV as UTF-8"),
+        ("bad\ufffdid", "line 4: invalid UTF-8 byte 0xff in column id: save the CSV as UTF-8"),
+    ]
+    err = capsys.readouterr().err
+    assert f"folder: {csv_path}: 4 rows, 2 kept, 2 skipped" in err
+    assert "'latin': line 3: invalid UTF-8 byte 0xe9 in column caption" in err
+    with pytest.raises(ValueError) as info:
+        build_folder(FolderOptions(csv=str(csv_path), strict=True), tmp_path)
+    assert str(info.value) == (
+        f"data.folder.csv: {csv_path} line 3, id 'latin': invalid UTF-8 byte 0xe9 in column caption: "
+        "save the CSV as UTF-8 (data.folder.strict is true)"
+    )
+    meta = load_prepared(prepare_dataset(DataParams(dataset="folder", folder=FolderOptions(csv=str(csv_path))), tmp_path / "prep")).meta
+    assert [(x["id"], x["reason"][:6]) for x in meta["skipped"]] == [("latin", "line 3"), ("bad\ufffdid", "line 4")]
+    csv_path = write_raw(folder, b"cat1,images/cat.png,c,", header=b"id,image,caption,labels,l\xe9gende")
+    with pytest.raises(ValueError, match=r"raw.csv line 1 \(header\): invalid UTF-8 byte 0xe9: save the CSV as UTF-8$"):
+        build_folder(FolderOptions(csv=str(csv_path)), tmp_path)
+
+
+def test_rows_with_too_few_or_unnamed_extra_fields(folder: Path, tmp_path: Path) -> None:
+    csv_path = write_raw(
+        folder,
+        b"cat1,images/cat.png,A cat,animal,note",
+        b"cat_3,images/cat.png",
+        b"dog1,images/dog.jpg,A dog, grey,animal,note",
+        b"dog2,images/dog.jpg,A dog,animal,",
+        header=b"id,image,caption,labels,notes",
+    )
+    build = build_folder(FolderOptions(csv=str(csv_path)), tmp_path)
+    assert [s.id for s in build.samples] == ["cat1", "dog2"]
+    assert build.skipped == [
+        ("cat_3", "line 3: 2 fields, expected 5 (id,image,caption,labels,notes): give every column a value, empty ones too"),
+        ("dog1", "line 4: 6 fields, expected 5 (id,image,caption,labels,notes): quote a field that holds commas, or name the extra column in the header"),
+    ]
+    with pytest.raises(ValueError) as info:
+        build_folder(FolderOptions(csv=str(csv_path), strict=True), tmp_path)
+    assert str(info.value) == (
+        f"data.folder.csv: {csv_path} line 3, id 'cat_3': 2 fields, expected 5 (id,image,caption,labels,notes): "
+        "give every column a value, empty ones too (data.folder.strict is true)"
+    )
+
+
+UNTERMINATED = [
+    # the quote runs to the end of the file: two rows read as one sample before
+    ((b'cat1,images/cat.png,"A cat,animal', b"dog1,images/dog.jpg,A dog,animal"),
+     "line 2: bad quoting (a quoted field opened in this row runs to the end of the file)"),
+    # it ends at the opening quote of a later caption, which text follows
+    ((b'cat1,images/cat.png,"A cat,animal', b"dog1,images/dog.jpg,A dog,animal", b'dog2,images/dog.jpg,"A dog, again",'),
+     "line 2: bad quoting (',' expected after '\"' on line 4)"),
+    # it ends cleanly at a stray quote two rows on: the row between reads as a row of its own
+    ((b'cat1,images/cat.png,"A cat,animal', b"dog1,images/dog.jpg,A dog,animal", b'dog2,images/dog.jpg,A dog 5",'),
+     "line 2: bad quoting (a quoted field opened in this row takes in line 3, which reads as a row)"),
+    # an unescaped quote inside a quoted caption
+    ((b'cat1,images/cat.png,"A "grey" cat",animal', b"dog1,images/dog.jpg,A dog,animal"),
+     "line 2: bad quoting (',' expected after '\"' on line 2)"),
+]
+
+
+@pytest.mark.parametrize(("lines", "reason"), UNTERMINATED, ids=["to-eof", "to-next-quote", "swallows-a-row", "inner-quote"])
+def test_bad_quoting_is_reported_and_later_rows_kept(folder: Path, tmp_path: Path, lines: tuple[bytes, ...], reason: str) -> None:
+    csv_path = write_raw(folder, *lines)
+    build = build_folder(FolderOptions(csv=str(csv_path)), tmp_path)
+    assert [s.id for s in build.samples] == ["dog1", "dog2"][: len(lines) - 1]
+    fix = ': close the quote, and write a quote inside a quoted field as ""'
+    assert build.skipped == [("cat1", reason + fix)]
+    with pytest.raises(ValueError) as info:
+        build_folder(FolderOptions(csv=str(csv_path), strict=True), tmp_path)
+    line, problem = reason.split(": ", 1)
+    assert str(info.value) == f"data.folder.csv: {csv_path} {line}, id 'cat1': {problem}{fix} (data.folder.strict is true)"
+
+
+def test_closed_quotes_may_span_lines(folder: Path, tmp_path: Path) -> None:
+    csv_path = write_raw(
+        folder,
+        b'cat1,images/cat.png,"Three lines:',
+        b"a grey cat, asleep, on a sofa",  # four fields, but not a row: no image file 'asleep'
+        b'and a ""quote"",",animal',
+        b"dog1,images/dog.jpg,A dog,animal",
+    )
+    build = build_folder(FolderOptions(csv=str(csv_path), strict=True), tmp_path)
+    assert [(s.id, s.caption) for s in build.samples] == [
+        ("cat1", 'Three lines:\na grey cat, asleep, on a sofa\nand a "quote",'), ("dog1", "A dog")
+    ]

@@ -25,7 +25,7 @@ from sparc.features.store import write_stream
 from sparc.model.codes import SparseCodes
 from sparc.model.io import load_sae, save_sae
 from sparc.model.sae import MultiStreamSAE, SAEConfig
-from sparc.params import Params, params_from_dict
+from sparc.params import Params, ParamsError, params_from_dict
 
 CLIP = "openclip:ViT-B-32@laion2b_s34b_b79k"
 STREAMS = {
@@ -107,12 +107,12 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def test_encode_writes_joint_and_local_codes(setup: Setup, outputs: dict[str, Path]) -> None:
+def test_encode_writes_joint_and_per_stream_codes(setup: Setup, outputs: dict[str, Path]) -> None:
     meta = json.loads((outputs["codes"] / "meta.json").read_text())
     assert meta["L"] == L and meta["k"] == K and meta["streams"] == list(STREAMS)
     assert meta["joint_mode"] == "global" and meta["n"] == 240
     joint = SparseCodes.load(outputs["codes"] / "joint")
-    local = SparseCodes.load(outputs["codes"] / "local")
+    local = SparseCodes.load(outputs["codes"] / "per_stream")
     # joint inference shares one index set; per-stream inference does not
     for s in STREAMS:
         np.testing.assert_array_equal(joint.indices[s], joint.indices["clip_img"])
@@ -130,7 +130,11 @@ def test_concepts_outputs(outputs: dict[str, Path]) -> None:
     assert {"clip_img_purity", "dino_name", "agreed_name"} <= set(rows[0])
     summary = json.loads((outputs["concepts"] / "summary.json").read_text())
     assert summary["split"] == "test" and summary["top_n"] == 10
-    assert set(summary["named_fraction"]) == set(STREAMS)
+    for kind in ("joint", "per_stream"):
+        assert set(summary[kind]["named_fraction"]) == set(STREAMS)
+        assert 0 <= summary[kind]["agreeing"] <= L
+    per_stream = read_csv(outputs["concepts"] / "concepts_per_stream.csv")
+    assert [int(r["latent"]) for r in per_stream] == list(range(L))
     for r in rows:
         for s in STREAMS:
             p = float(r[f"{s}_purity"])
@@ -144,25 +148,85 @@ def test_metrics_schema_and_ranges(outputs: dict[str, Path]) -> None:
         "n_eval", "sparsity", "concepts", "jaccard", "patterns", "reconstruction", "probes",
         "retrieval", "universality",
     }
-    assert set(metrics["jaccard"]) == {"depth_0", "depth_1", "depth_2", "n_live"}
-    for d in range(3):
-        j = metrics["jaccard"][f"depth_{d}"]
-        assert 0.0 <= j["all"] <= j["live"] <= 1.0
-    pat = metrics["patterns"]
-    assert pat["alive_all"] + pat["dead_all"] + pat["mixed"] == pytest.approx(1.0)
-    assert sum(pat["combinations"].values()) == L
-    rec = metrics["reconstruction"]
-    assert len(rec["nmse"]) == 9 and rec["self_nmse_mean"] > 0
+    for section in ("concepts", "jaccard", "patterns", "reconstruction", "universality"):
+        assert set(metrics[section]) == {"joint", "per_stream"}, section
+    assert set(metrics["sparsity"]) == {"l0_joint", "l0_per_stream"}
+    for kind in ("joint", "per_stream"):
+        assert set(metrics["jaccard"][kind]) == {"depth_0", "depth_1", "depth_2", "n_live"}
+        for d in range(3):
+            j = metrics["jaccard"][kind][f"depth_{d}"]
+            assert 0.0 <= j["all"] <= j["live"] <= 1.0
+        pat = metrics["patterns"][kind]
+        assert pat["alive_all"] + pat["dead_all"] + pat["mixed"] == pytest.approx(1.0)
+        assert sum(pat["combinations"].values()) == L
+        rec = metrics["reconstruction"][kind]
+        assert len(rec["nmse"]) == 9 and rec["self_nmse_mean"] > 0
+        uni = metrics["universality"][kind]
+        assert 0.0 <= uni["firing_entropy_mean"] <= 1.0 and 0.0 <= uni["cofire_mean"] <= 1.0
+        for s in STREAMS:
+            assert metrics["sparsity"][f"l0_{kind}"][s] <= K
     ret = metrics["retrieval"]
     assert ret["n"] == metrics["n_eval"]
     assert len([k for k in ret if "->" in k]) == 6
     assert set(ret["raw"]) == {"clip_img->clip_txt", "clip_txt->clip_img"}
     assert ret["chance"]["R@1"] == pytest.approx(1 / ret["n"])
-    assert metrics["probes"]["n_classes"] > 0
+    assert metrics["probes"]["n_classes"] > 0 and metrics["probes"]["reason"] is None
+
+
+def test_joint_codes_share_indices_per_stream_codes_do_not(outputs: dict[str, Path]) -> None:
+    """Global TopK: every stream fires on the same index set, so a latent is never 'mixed' by
+    construction of the joint codes; the per-stream codes measure alignment without that."""
+    metrics = json.loads(outputs["metrics"].read_text())
+    assert metrics["patterns"]["joint"]["mixed"] <= metrics["patterns"]["per_stream"]["mixed"]
+    assert metrics["jaccard"]["joint"]["depth_2"]["live"] != metrics["jaccard"]["per_stream"]["depth_2"]["live"]
+
+
+def test_per_stream_cross_reconstruction_is_leak_free(setup: Setup, outputs: dict[str, Path]) -> None:
+    """Per-stream cross NMSE s->t decodes the code stream s picks on its own: the target's
+    features play no part in choosing it (unlike the Global TopK joint code)."""
+    metrics = json.loads(outputs["metrics"].read_text())
+    splits = [r["split"] for r in read_csv(setup.prepared / "samples.csv")]
+    test = np.flatnonzero(np.array(splits) == "test")
+    model = load_sae(setup.sae)
+    x = {s: torch.from_numpy(np.load(setup.features / s / "features.npy")[test].astype(np.float32)) for s in STREAMS}
+    with torch.no_grad():
+        for s in STREAMS:
+            alone = model.encode({s: x[s]}, mode="global")[s]  # one stream: its own top-k
+            for t in STREAMS:
+                xt = x[t] / x[t].norm(dim=1, keepdim=True)
+                err = ((model.decode(alone, t) - xt) ** 2).sum(1) / (xt**2).sum(1)
+                got = metrics["reconstruction"]["per_stream"]["nmse"][f"{s}->{t}"]
+                assert got == pytest.approx(float(err.mean()), rel=1e-4), (s, t)
+    joint = metrics["reconstruction"]["joint"]["cross_nmse_mean"]
+    assert joint != metrics["reconstruction"]["per_stream"]["cross_nmse_mean"]
+
+
+def test_usae_run_is_evaluated_with_its_own_per_stream_rule(setup: Setup, tmp_path: Path) -> None:
+    """A USAE model (Local TopK) gets joint codes equal to its per-stream codes, so every joint
+    metric is computed on the index sets USAE trained with."""
+    sae = save_sae(MultiStreamSAE(SAEConfig(dims=DIMS, L=L, k=K, topk="local"), seed=4), tmp_path / "usae")
+    params = make_params(method="usae", topk="local")
+    codes = setup.encode(tmp_path / "codes", params=params, sae=sae)
+    assert json.loads((codes / "meta.json").read_text())["joint_mode"] == "local"
+    joint, per_stream = SparseCodes.load(codes / "joint"), SparseCodes.load(codes / "per_stream")
     for s in STREAMS:
-        assert metrics["sparsity"]["l0_local"][s] <= K
-    uni = metrics["universality"]["joint"]
-    assert 0.0 <= uni["firing_entropy_mean"] <= 1.0 and 0.0 <= uni["cofire_mean"] <= 1.0
+        np.testing.assert_array_equal(joint.indices[s], per_stream.indices[s])
+        np.testing.assert_array_equal(joint.values[s], per_stream.values[s])
+    with pytest.raises(ParamsError, match="topk must be local"):
+        make_params(method="usae")  # the rule that used to give USAE Global TopK codes
+
+
+def test_probes_without_classes_say_why(setup: Setup, outputs: dict[str, Path], tmp_path: Path, capsys) -> None:
+    params = make_params(evaluate={"batch_size": 64, "probe_min_positives": 10_000, "probe_candidates": 5})
+    run_evaluate(
+        params, codes_dir=outputs["codes"], prepared_dir=setup.prepared, features_root=setup.features,
+        sae_dir=setup.sae, concepts_dir=outputs["concepts"], metrics_path=tmp_path / "m.json", device="cpu",
+    )
+    probes = json.loads((tmp_path / "m.json").read_text())["probes"]
+    assert probes["n_classes"] == 0 and probes["mean_test_logloss"]["dino"] is None
+    assert "no class has more than 10000 positives" in probes["reason"]
+    assert "lower evaluate.probe_min_positives" in probes["reason"]
+    assert "warning: probes skipped: no class has more than 10000" in capsys.readouterr().err
 
 
 def test_csv_outputs(outputs: dict[str, Path]) -> None:
@@ -170,6 +234,7 @@ def test_csv_outputs(outputs: dict[str, Path]) -> None:
     latents = read_csv(out / "latents.csv")
     assert len(latents) == L
     assert {"name_dino", "purity_dino", "freq_dino", "jaccard_d2", "pattern", "alive_in"} <= set(latents[0])
+    assert {"per_stream_jaccard_d2", "per_stream_pattern", "per_stream_alive_in"} <= set(latents[0])
     retrieval = read_csv(out / "retrieval.csv")
     raw = [r for r in retrieval if r["representation"] == "raw"]
     assert len(raw) == 6
@@ -178,7 +243,8 @@ def test_csv_outputs(outputs: dict[str, Path]) -> None:
     }
     assert all(r["R@1"] == "" for r in raw if r["applicable"] == "False")
     recon = read_csv(out / "reconstruction.csv")
-    assert len(recon) == 9 and sum(r["kind"] == "self" for r in recon) == 3
+    assert len(recon) == 18 and sum(r["kind"] == "self" for r in recon) == 6
+    assert {r["codes"] for r in recon} == {"joint", "per_stream"}
     probes = read_csv(out / "probes.csv")
     assert probes and {r["stream"] for r in probes} == set(STREAMS)
 
@@ -193,8 +259,9 @@ def test_reconstruction_agrees_with_training_loss(setup: Setup, outputs: dict[st
     with torch.no_grad():
         terms = model.loss(x, lam=1.0).terms
     for s in STREAMS:
-        assert metrics["reconstruction"]["nmse"][f"{s}->{s}"] == pytest.approx(float(terms[f"self_nmse/{s}"]), rel=1e-4)
-    assert metrics["reconstruction"]["cross_nmse_mean"] == pytest.approx(float(terms["cross_nmse"]), rel=1e-4)
+        got = metrics["reconstruction"]["joint"]["nmse"][f"{s}->{s}"]
+        assert got == pytest.approx(float(terms[f"self_nmse/{s}"]), rel=1e-4)
+    assert metrics["reconstruction"]["joint"]["cross_nmse_mean"] == pytest.approx(float(terms["cross_nmse"]), rel=1e-4)
 
 
 def test_evaluate_is_deterministic(setup: Setup, outputs: dict[str, Path], tmp_path: Path) -> None:

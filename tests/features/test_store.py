@@ -97,6 +97,41 @@ def test_open_stream_names_missing_file(tmp_path):
         open_stream(tmp_path / "s")
 
 
+def truncate(path):
+    with path.open("r+b") as fh:
+        fh.truncate(path.stat().st_size - 4)
+
+
+# (what breaks the stream directory, the problem named in the error; {s} is the directory)
+BROKEN = {
+    "truncated": (lambda s: truncate(s / "features.npy"), "{s}/features.npy is 154 bytes, but its header ((5, 3) array) needs 158"),
+    "not-npy": (lambda s: (s / "features.npy").write_bytes(b"x" * 200), "{s}/features.npy is not a NumPy .npy file (the magic string is not correct"),
+    "empty-npy": (lambda s: (s / "features.npy").write_bytes(b""), "{s}/features.npy is not a NumPy .npy file (EOF: reading magic string"),
+    "1d": (lambda s: np.save(s / "features.npy", np.zeros(5, np.float16)), "{s}/features.npy holds a (5,) array, expected rows x dim"),
+    "no-ids": (lambda s: (s / "ids.txt").unlink(), "{s}/ids.txt is missing"),
+    "no-meta": (lambda s: (s / "meta.json").unlink(), "{s}/meta.json is missing"),
+    "no-npy": (lambda s: (s / "features.npy").unlink(), "{s}/features.npy is missing"),
+    "few-ids": (lambda s: (s / "ids.txt").write_text("a\nb\n"), "{s}/features.npy has 5 rows but {s}/ids.txt has 2 ids"),
+    "ids-not-utf8": (lambda s: (s / "ids.txt").write_bytes(b"a\n\xe9\nc\nd\ne\n"), "{s}/ids.txt is not UTF-8 ('utf-8' codec can't decode byte 0xe9"),
+    "bad-meta": (lambda s: (s / "meta.json").write_text("{oops"), "{s}/meta.json is not valid JSON (Expecting property name"),
+    "meta-list": (lambda s: (s / "meta.json").write_text("[]"), "{s}/meta.json holds a JSON list, expected an object"),
+    "meta-n": (lambda s: (s / "meta.json").write_text('{"n": 4, "dim": 3}'), "{s}/meta.json says n=4, dim=3 but {s}/features.npy is (5, 3)"),
+}
+
+
+@pytest.mark.parametrize("how", list(BROKEN))
+def test_open_stream_broken_directory_one_line_with_the_fix(tmp_path, how):
+    s = write_stream(tmp_path / "s", IDS, features(), {})
+    breaker, problem = BROKEN[how]
+    breaker(s)
+    with pytest.raises(FeatureStoreError) as info:
+        load_streams(tmp_path, ["s"])
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"stream s: {problem.format(s=s)}")
+    assert message.endswith(f"; restore it with `dvc checkout {s}`, or extract it again with `dvc repro extract@s`")
+
+
 def write_two(tmp_path, ids_b, x_b=None, fp_b="f"):
     write_stream(tmp_path / "a", IDS, features(), {"dataset_fingerprint": "f"})
     x_b = features(len(ids_b), 2, seed=3) if x_b is None else x_b

@@ -55,7 +55,7 @@ from PIL import Image
 
 from sparc.data.base import DatasetBuild, Sample, require_package_path
 from sparc.data.hierarchy import Hierarchy
-from sparc.params import ClipartOptions
+from sparc.params import ClipartOptions, check_clipart_options
 
 PNG_ROOT = Path("/usr/share/openclipart/png")
 SVG_ROOT = Path("/usr/share/openclipart/svg")
@@ -166,14 +166,7 @@ def build_clipart(
     Samples are in sorted path order. Raises FileNotFoundError naming the Debian package when a
     root is missing, ValueError for out-of-range options.
     """
-    if options.max_megapixels <= 0:
-        raise ValueError(f"data.clipart.max_megapixels: must be positive, got {options.max_megapixels}")
-    if options.min_title_chars < 0:
-        raise ValueError(f"data.clipart.min_title_chars: must be >= 0, got {options.min_title_chars}")
-    if options.max_title_repeats < 0:
-        raise ValueError(
-            f"data.clipart.max_title_repeats: must be >= 0 (0 = no limit), got {options.max_title_repeats}"
-        )
+    check_clipart_options(options)
     png_root = require_package_path(Path(png_root), "clipart", "openclipart-png", directory=True).resolve()
     svg_root = require_package_path(Path(svg_root), "clipart", "openclipart-svg", directory=True).resolve()
 

@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont, features
 
 from sparc.data.base import DatasetBuild, Sample, require_package_path
 from sparc.data.hierarchy import Hierarchy
-from sparc.params import EmojiOptions
+from sparc.params import EmojiOptions, check_emoji_options
 
 FONT_PATH = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_TEST_PATH = Path("/usr/share/unicode/emoji/emoji-test.txt")
@@ -169,8 +169,7 @@ def build_emoji(
     holds only the groups and subgroups those emoji use. Raises FileNotFoundError naming the Debian
     package when the font or emoji-test.txt is missing, ValueError for a non-positive ``size``.
     """
-    if options.size <= 0:
-        raise ValueError(f"data.emoji.size: must be a positive number of pixels, got {options.size}")
+    check_emoji_options(options)
     entries = parse_emoji_test(emoji_test_path)
     font = load_font(font_path)
     selected = [e for e in entries if options.skin_tones or not e.has_skin_tone]

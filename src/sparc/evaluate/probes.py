@@ -74,6 +74,19 @@ def probe_classes(labels: sp.csr_matrix, space: LabelSpace, min_positives: int) 
     return out
 
 
+def no_probe_reason(labels: sp.csr_matrix, space: LabelSpace, min_positives: int) -> str:
+    """Why :func:`probe_classes` found no class: the sizes it needed and the largest class seen."""
+    members = class_members(labels, space)
+    N = labels.shape[0]
+    sizes = np.diff(members.indptr)[1:]
+    usable = np.minimum(sizes, N - sizes)
+    largest = int(usable.max()) if usable.size else 0
+    return (
+        f"no class has more than {min_positives} positives and as many negatives among the {N} "
+        f"evaluated samples (the best has {largest}); lower evaluate.probe_min_positives or use more data"
+    )
+
+
 def _best_probe(x: np.ndarray, y: np.ndarray, parts: tuple[np.ndarray, np.ndarray, np.ndarray]):
     """Fit every column of ``x`` ``[n, c]`` on train, pick by val log-loss; (column, val, test, acc)."""
     tr, va, te = parts
@@ -149,9 +162,9 @@ def probe_rows(results: list[ProbeResult]) -> list[dict]:
     return [asdict(r) for r in results]
 
 
-def probe_summary(results: list[ProbeResult], streams: list[str]) -> dict:
+def probe_summary(results: list[ProbeResult], streams: list[str], reason: str | None = None) -> dict:
     """``mean_test_logloss`` and ``mean_test_accuracy`` per stream (over classes), ``n_classes``,
-    ``chance`` = ln 2."""
+    ``chance`` = ln 2, and ``reason``: why the means are null (``None`` when probes ran)."""
     out: dict = {"mean_test_logloss": {}, "mean_test_accuracy": {}}
     for s in streams:
         mine = [r for r in results if r.stream == s]
@@ -159,4 +172,5 @@ def probe_summary(results: list[ProbeResult], streams: list[str]) -> dict:
         out["mean_test_accuracy"][s] = float(np.mean([r.test_accuracy for r in mine])) if mine else None
     out["n_classes"] = len({r.label for r in results})
     out["chance"] = CHANCE
+    out["reason"] = reason if not results else None
     return out

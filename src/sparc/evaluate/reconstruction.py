@@ -2,7 +2,9 @@
 
 x^t is the L2-normalised input of stream t (what the SAE reconstructs; the model's own
 ``normalise_rows``); xhat^(s->t) = ``model.decode(code^s, t)`` = W_dec^t z^s + b_pre^t, with z^s
-the joint code (the model's own TopK rule) of stream s. The diagonal is self reconstruction, the
+the code of stream s given by the caller: the joint code (the model's own TopK rule; under
+Global TopK its index set was chosen with the target's logits too) or the per-stream code
+(stream s encoded alone: leak-free cross reconstruction). The diagonal is self reconstruction, the
 rest cross reconstruction. Both NMSE (uncentred, as the training loss) and FVU (centred on the
 evaluated split's mean) are reported.
 """
@@ -28,7 +30,7 @@ def reconstruction_matrix(
     """``{(source, target): {"nmse", "fvu"}}`` over ``rows`` of the feature arrays.
 
     ``features[s]`` ``[N_all, d_s]`` (memmap is fine), ``rows`` ``[n]`` the evaluated rows,
-    ``codes`` the joint codes of exactly those rows (``len(codes) == n``), ``model`` the SAE.
+    ``codes`` the (joint or per-stream) codes of exactly those rows (``len(codes) == n``), ``model`` the SAE.
     """
     rows = np.asarray(rows, dtype=np.int64)
     if len(codes) != rows.size:

@@ -1,14 +1,23 @@
 """The `encode`, `concepts` and `evaluate` stages.
 
+Two kinds of sparse codes are evaluated side by side:
+
+* ``joint``: every stream encoded together with the model's own inference rule (Global TopK for
+  ``topk: global``, each stream its own top-k for ``topk: local`` and for USAE, which params.py
+  requires to be ``topk: local``). The paper's protocol for concepts, Jaccard, patterns and
+  probes. Under Global TopK all streams share one index set per sample, so joint alignment
+  metrics are close to perfect by construction, and the joint code of a source stream was chosen
+  with the target stream's logits too (its cross reconstruction knows the target).
+* ``per_stream``: each stream encoded alone (its own top-k), as a user with one modality would;
+  the like-for-like way to compare TopK rules, and the leak-free cross reconstruction. Retrieval
+  always uses these (the shared indices would leak the answer).
+
 encode (``run_encode``) writes ``data/codes/``::
 
-    joint/codes.npz, joint/codes.json   SparseCodes of every prepared row, joint inference: the
-                                        model's own rule (Global TopK for topk=global; each
-                                        stream its own top-k for topk=local)
-    local/codes.npz, local/codes.json   per-stream inference (each stream its own top-k)
-    meta.json                           model_sha256 (of model.safetensors), dataset,
-                                        dataset_fingerprint, ids_sha256, n, L, k, streams,
-                                        joint_mode
+    joint/codes.npz, joint/codes.json            SparseCodes of every prepared row, joint
+    per_stream/codes.npz, per_stream/codes.json  ... per-stream inference
+    meta.json     model_sha256 (of model.safetensors), dataset, dataset_fingerprint, ids_sha256,
+                  n, L, k, streams, joint_mode (the rule of the joint codes)
 
 encode refuses a model whose streams, L, k or topk differ from params.yaml, and features that do
 not match the prepared ids. concepts and evaluate refuse codes whose dataset fingerprint, id order,
@@ -17,47 +26,46 @@ another model (model_sha256 against data/sae) and concepts computed from other c
 
 concepts (``run_concepts``) writes ``reports/concepts/``::
 
-    concepts.csv   one row per latent: latent, per stream <s>_n_active (firings on the split),
-                   <s>_label (dominant label id of the top-n samples), <s>_name (its display
-                   name when purity >= purity_threshold, else empty), <s>_purity; agreed_name
-                   (the name when every stream names the latent with the same label)
-    summary.json   split, n_samples, top_n, purity_threshold, L, named_fraction{s},
-                   mean_purity{s} (over latents firing in s), agreeing, agreeing_fraction, codes
-                   (the identity of the codes used: model_sha256, dataset_fingerprint,
-                   ids_sha256)
+    concepts.csv   (joint codes) one row per latent: latent, per stream <s>_n_active (firings on
+                   the split), <s>_label (dominant label id of the top-n samples), <s>_name (its
+                   display name when purity >= purity_threshold, else empty), <s>_purity;
+                   agreed_name (the name when every stream names the latent with the same label)
+    concepts_per_stream.csv   the same from the per-stream codes
+    summary.json   split, n_samples, top_n, purity_threshold, L; for each kind (joint,
+                   per_stream): named_fraction{s}, mean_purity{s} (over latents firing in s),
+                   agreeing, agreeing_fraction; codes (the identity of the codes used:
+                   model_sha256, dataset_fingerprint, ids_sha256)
 
 The split is ``concepts.split`` (default test, the paper's setting: names describe the same
 samples the other metrics are computed on).
 
-evaluate (``run_evaluate``) computes everything on the test split and writes ``reports/``:
-
-``metrics.json`` (DVC metrics)::
+evaluate (``run_evaluate``) computes everything on the test split and writes ``reports/``.
+``metrics.json`` (DVC metrics), ``<kind>`` being ``joint`` or ``per_stream``::
 
     n_eval                       number of test samples
-    sparsity.l0_joint.<s>        mean non-zeros per sample in the joint codes (the real L0)
-    sparsity.l0_local.<s>        the same for per-stream codes
-    concepts.named_fraction.<s>, concepts.mean_purity.<s>, concepts.agreeing,
-    concepts.agreeing_fraction   copied from reports/concepts/summary.json
-    jaccard.depth_<d>.all        hierarchical generalised Jaccard at depth d (0 = root), mean
+    sparsity.l0_<kind>.<s>       mean non-zeros per sample (the real L0)
+    concepts.<kind>.{named_fraction.<s>, mean_purity.<s>, agreeing, agreeing_fraction}
+    jaccard.<kind>.depth_<d>.all hierarchical generalised Jaccard at depth d (0 = root), mean
                                  over all L latents
-    jaccard.depth_<d>.live       the same over live latents (firing in >= 1 stream on test)
-    jaccard.n_live               number of live latents
-    patterns.alive_all, .dead_all, .mixed     fractions of L (joint codes, test)
-    patterns.counts.{alive_all,dead_all,mixed}
-    patterns.combinations.<s1+s2..|none>      latents alive in exactly that set of streams
-    patterns.dead_fraction.<s>
-    reconstruction.self_nmse_mean, .cross_nmse_mean, .self_fvu_mean, .cross_fvu_mean
-    reconstruction.nmse.<s>-><t>, reconstruction.fvu.<s>-><t>   the M x M matrices
+    jaccard.<kind>.depth_<d>.live  the same over live latents (firing in >= 1 stream on test)
+    jaccard.<kind>.n_live        number of live latents
+    patterns.<kind>.{alive_all,dead_all,mixed}      fractions of L
+    patterns.<kind>.counts.{alive_all,dead_all,mixed}
+    patterns.<kind>.combinations.<s1+s2..|none>     latents alive in exactly that set of streams
+    patterns.<kind>.dead_fraction.<s>
+    reconstruction.<kind>.{self_nmse_mean, cross_nmse_mean, self_fvu_mean, cross_fvu_mean}
+    reconstruction.<kind>.nmse.<s>-><t>, .fvu.<s>-><t>   the M x M matrices; source s's code
+                                 decoded by t's decoder (per_stream cross = leak-free)
     probes.mean_test_logloss.<s>, probes.mean_test_accuracy.<s>, probes.n_classes,
-    probes.chance (= ln 2)
+    probes.chance (= ln 2), probes.reason (why there are no probes; null when they ran)
+                                 1-D probes on the joint codes (the paper's protocol)
     retrieval.n                  gallery size (all test samples)
     retrieval.chance.{R@1,R@5,R@10,median_rank,MRR}
     retrieval.<s>-><t>.{R@1,R@5,R@10,median_rank,MRR}       per-stream codes, query s, gallery t
     retrieval.raw.<s>-><t>.{...}  raw features, only for pairs sharing a space (same OpenCLIP
                                   model, image vs caption); other pairs are absent here and have
                                   a row with applicable=False (empty metrics) in retrieval.csv
-    universality.joint.{firing_entropy_mean,cofire_mean,n_firing}   USAE metrics on joint codes
-    universality.local.{...}                                       ... and on per-stream codes
+    universality.<kind>.{firing_entropy_mean,cofire_mean,n_firing}   USAE metrics
 
 Undefined values (a mean over nothing) are ``null``. Retrieval and reconstruction run on
 ``evaluate.device``; retrieval ranks count ties as a uniformly random order.
@@ -65,12 +73,13 @@ Undefined values (a mean over nothing) are ``null``. Retrieval and reconstructio
 ``latents.csv``: latent, agreed_name, per stream name_<s>, purity_<s> (from concepts), freq_<s>
 (firing fraction on test, joint codes), jaccard_d<d> per depth, pattern (alive_all | dead_all |
 mixed), alive_in (streams the latent fires in, '+'-joined, 'none'), firing_entropy, cofire
-(joint codes; empty for latents that never fire).
+(joint codes; empty for latents that never fire), per_stream_jaccard_d<d>, per_stream_pattern,
+per_stream_alive_in (per-stream codes).
 ``retrieval.csv``: query, gallery, representation (codes | raw | chance), applicable, n, R@1,
 R@5, R@10, median_rank, MRR.
 ``probes.csv``: label, name, depth, n_positives, n_balanced, stream, latent, val_logloss,
 test_logloss, test_accuracy.
-``reconstruction.csv``: source, target, kind (self | cross), nmse, fvu.
+``reconstruction.csv``: codes (joint | per_stream), source, target, kind (self | cross), nmse, fvu.
 
 Protocol details are in the docstrings of sparc.evaluate.{metrics,concepts,jaccard,probes,
 retrieval,reconstruction}.
@@ -85,6 +94,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -106,16 +116,24 @@ from sparc.evaluate.metrics import (
     firing_entropy,
     retrieval_metrics,
 )
-from sparc.evaluate.probes import ProbeResult, probe_rows, probe_summary, run_probes
+from sparc.evaluate.probes import (
+    ProbeResult,
+    no_probe_reason,
+    probe_rows,
+    probe_summary,
+    run_probes,
+)
 from sparc.evaluate.reconstruction import reconstruction_matrix, reconstruction_summary
 from sparc.evaluate.retrieval import pair_rank_counts, shares_space
 from sparc.model.codes import SparseCodes
-from sparc.params import Params, ParamsError
+from sparc.params import Params, ParamsError, check_concepts, check_evaluate
 
 EVAL_SPLIT = "test"
 MODEL_FILE = "model.safetensors"
 CODES_META = "meta.json"
-CONCEPTS_CSV = "concepts.csv"
+# The two kinds of codes (module docstring): the model's own inference rule, and each stream alone.
+CODE_KINDS = ("joint", "per_stream")
+CONCEPTS_CSV = {"joint": "concepts.csv", "per_stream": "concepts_per_stream.csv"}
 CONCEPTS_SUMMARY = "summary.json"
 RETRIEVAL_KS = (1, 5, 10)
 RETRIEVAL_FIELDS = [
@@ -128,24 +146,6 @@ class EvaluateInputError(ValueError):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _check_concepts_params(params: Params) -> None:
-    c = params.concepts
-    if c.top_n <= 0:
-        raise ParamsError(f"concepts.top_n: must be positive, got {c.top_n}")
-    if not 0.0 <= c.purity_threshold <= 1.0:
-        raise ParamsError(f"concepts.purity_threshold: must be in [0, 1], got {c.purity_threshold}")
-
-
-def _check_evaluate_params(params: Params) -> None:
-    e = params.evaluate
-    if e.batch_size <= 0:
-        raise ParamsError(f"evaluate.batch_size: must be positive, got {e.batch_size}")
-    if e.probe_min_positives < 1:
-        raise ParamsError(f"evaluate.probe_min_positives: must be >= 1, got {e.probe_min_positives}")
-    if e.probe_candidates < 1:
-        raise ParamsError(f"evaluate.probe_candidates: must be >= 1, got {e.probe_candidates}")
 
 
 def ids_sha256(ids: list[str]) -> str:
@@ -358,8 +358,7 @@ def run_encode(
     docstring). Writes ``out_dir`` (default ``data/codes``) atomically and returns it."""
     from sparc.model.io import encode_dataset
 
-    if params.evaluate.batch_size <= 0:
-        raise ParamsError(f"evaluate.batch_size: must be positive, got {params.evaluate.batch_size}")
+    check_evaluate(params.evaluate)
     dataset = params.data.dataset
     sae_dir = Path(sae_dir or paths.sae_dir())
     features_root = Path(features_root or paths.features_root(dataset))
@@ -376,7 +375,7 @@ def run_encode(
     features = {s: fs.features for s, fs in streams.items()}
     joint_mode = model.cfg.topk
     tmp = _fresh_tmp(out_dir)
-    for kind, mode in (("joint", joint_mode), ("local", "local")):
+    for kind, mode in (("joint", joint_mode), ("per_stream", "local")):
         codes = encode_dataset(
             model, features, prepared.ids, mode=mode, batch_size=params.evaluate.batch_size,
             device=dev, progress=progress,
@@ -411,57 +410,64 @@ def run_concepts(
 ) -> Path:
     """The `concepts` stage: name every latent per stream (sparc.evaluate.concepts) on
     ``concepts.split``; writes ``concepts.csv`` and ``summary.json`` to ``out_dir``."""
-    _check_concepts_params(params)
+    check_concepts(params.concepts)
     prepared = load_prepared(prepared_dir or paths.prepared_dir(params.data.dataset))
     codes_dir = Path(codes_dir or paths.codes_dir())
     out_dir = Path(out_dir or paths.concepts_dir())
-    codes, meta = load_codes(codes_dir, "joint", prepared, params)
     split = params.concepts.split
     rows = split_rows(prepared, split)
     space = LabelSpace(prepared.hierarchy)
     labels = space.matrix([prepared.labels[i] for i in rows])
-    table = assign_concepts(
-        codes_to_csr(codes, rows), labels, space, params.concepts.top_n, params.concepts.purity_threshold
-    )
-    summary = {
+    summary: dict = {
         "split": split,
         "n_samples": int(rows.size),
         "top_n": params.concepts.top_n,
         "purity_threshold": params.concepts.purity_threshold,
-        "L": codes.L,
-        **concept_summary(table),
-        "codes": {k: meta.get(k) for k in ("model_sha256", "dataset_fingerprint", "ids_sha256")},
+        "L": params.L,
     }
+    tables = {}
+    for kind in CODE_KINDS:
+        codes, meta = load_codes(codes_dir, kind, prepared, params)
+        tables[kind] = assign_concepts(
+            codes_to_csr(codes, rows), labels, space, params.concepts.top_n, params.concepts.purity_threshold
+        )
+        summary[kind] = concept_summary(tables[kind])
+    summary["codes"] = {k: meta.get(k) for k in ("model_sha256", "dataset_fingerprint", "ids_sha256")}
     tmp = _fresh_tmp(out_dir)
-    _write_csv(tmp / CONCEPTS_CSV, concept_rows(table))
+    for kind, table in tables.items():
+        _write_csv(tmp / CONCEPTS_CSV[kind], concept_rows(table))
     _write_json(tmp / CONCEPTS_SUMMARY, summary)
     _replace_dir(tmp, out_dir)
     return out_dir
 
 
-def load_concepts(concepts_dir: str | Path, codes_meta: dict, L: int) -> tuple[list[dict], dict]:
-    """Read the concepts stage's CSV and summary; EvaluateInputError when they were computed from
-    other codes or for another L."""
+def load_concepts(concepts_dir: str | Path, codes_meta: dict, L: int) -> tuple[dict[str, list[dict]], dict]:
+    """Read the concepts stage's CSVs (kind -> rows) and summary; EvaluateInputError when they
+    were computed from other codes or for another L."""
     concepts_dir = Path(concepts_dir)
-    for name in (CONCEPTS_CSV, CONCEPTS_SUMMARY):
+    for name in (*CONCEPTS_CSV.values(), CONCEPTS_SUMMARY):
         if not (concepts_dir / name).is_file():
             raise FileNotFoundError(f"concepts incomplete: {concepts_dir / name} is missing (run `dvc repro concepts`)")
+    tables: dict[str, list[dict]] = {}
     try:
         summary = json.loads((concepts_dir / CONCEPTS_SUMMARY).read_text())
         used = summary["codes"]
-        with (concepts_dir / CONCEPTS_CSV).open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        latents = [int(r["latent"]) for r in rows]
+        latents = {}
+        for kind, name in CONCEPTS_CSV.items():
+            with (concepts_dir / name).open(newline="") as fh:
+                tables[kind] = list(csv.DictReader(fh))
+            latents[name] = [int(r["latent"]) for r in tables[kind]]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
         raise EvaluateInputError(f"{concepts_dir}: unreadable concepts ({err!r}); run `dvc repro concepts`") from None
+    for name, ids in latents.items():
+        if ids != list(range(L)):
+            raise EvaluateInputError(f"{concepts_dir / name}: expected one row per latent 0..{L - 1}")
     for key in ("model_sha256", "dataset_fingerprint", "ids_sha256"):
         if used.get(key) != codes_meta.get(key):
             raise EvaluateInputError(
                 f"{concepts_dir}: concepts were computed from other codes ({key} differs); run `dvc repro concepts`"
             )
-    if latents != list(range(L)):
-        raise EvaluateInputError(f"{concepts_dir / CONCEPTS_CSV}: expected one row per latent 0..{L - 1}")
-    return rows, summary
+    return tables, summary
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -517,17 +523,47 @@ def _retrieval(
     return summary, table
 
 
-def _latent_rows(
-    concepts: list[dict],
-    names: list[str],
-    freq: dict[str, np.ndarray],
-    N: int,
-    jac: dict[int, np.ndarray],
-    alive: dict[str, np.ndarray],
-    fe: np.ndarray,
-    cof: np.ndarray,
-) -> list[dict]:
+@dataclasses.dataclass
+class Alignment:
+    """Alignment metrics of one kind of codes on the evaluated rows: ``freq[s]`` ``[L]`` firing
+    counts, ``jaccard[d]`` ``[L]`` per-latent hierarchical Jaccard at depth d, ``fe``/``cofire``
+    ``[L]`` USAE universality per latent, and ``summary`` (the metrics.json entries)."""
+
+    freq: dict[str, np.ndarray]
+    jaccard: dict[int, np.ndarray]
+    fe: np.ndarray
+    cofire: np.ndarray
+    summary: dict
+
+    @property
+    def alive(self) -> dict[str, np.ndarray]:
+        return {s: f > 0 for s, f in self.freq.items()}
+
+
+def alignment(codes: dict[str, sp.csr_matrix], labels: sp.csr_matrix, space: LabelSpace) -> Alignment:
+    """Jaccard by depth, activation patterns and universality of ``codes`` (stream -> ``[N, L]``)."""
+    freq = {s: firing_counts(m) for s, m in codes.items()}
+    alive = {s: f > 0 for s, f in freq.items()}
+    live = np.logical_or.reduce(list(alive.values()))
+    jac = hierarchical_jaccard(codes, labels, space)
+    uni, fe, cof = _universality(codes)
+    summary = {
+        "jaccard": {**jaccard_summary(jac, live), "n_live": int(live.sum())},
+        "patterns": activation_patterns(alive),
+        "universality": uni,
+    }
+    return Alignment(freq, jac, fe, cof, summary)
+
+
+def _pattern(alive: dict[str, np.ndarray], i: int) -> tuple[str, str]:
+    names = [s for s, a in alive.items() if a[i]]
+    kind = "alive_all" if len(names) == len(alive) else "dead_all" if not names else "mixed"
+    return kind, "+".join(names) or "none"
+
+
+def _latent_rows(concepts: list[dict], names: list[str], N: int, kinds: dict[str, Alignment]) -> list[dict]:
     """Rows of latents.csv (module docstring), one per latent."""
+    joint, per_stream = kinds["joint"], kinds["per_stream"]
     rows = []
     for i, concept in enumerate(concepts):
         row: dict = {"latent": i, "agreed_name": concept["agreed_name"]}
@@ -535,14 +571,15 @@ def _latent_rows(
             row[f"name_{s}"] = concept[f"{s}_name"]
             row[f"purity_{s}"] = concept[f"{s}_purity"]
         for s in names:
-            row[f"freq_{s}"] = _fmt(freq[s][i] / N)
-        for d, v in jac.items():
+            row[f"freq_{s}"] = _fmt(joint.freq[s][i] / N)
+        for d, v in joint.jaccard.items():
             row[f"jaccard_d{d}"] = _fmt(v[i])
-        n_alive = sum(bool(alive[s][i]) for s in names)
-        row["pattern"] = "alive_all" if n_alive == len(names) else "dead_all" if n_alive == 0 else "mixed"
-        row["alive_in"] = "+".join(s for s in names if alive[s][i]) or "none"
-        row["firing_entropy"] = _fmt(fe[i])
-        row["cofire"] = _fmt(cof[i])
+        row["pattern"], row["alive_in"] = _pattern(joint.alive, i)
+        row["firing_entropy"] = _fmt(joint.fe[i])
+        row["cofire"] = _fmt(joint.cofire[i])
+        for d, v in per_stream.jaccard.items():
+            row[f"per_stream_jaccard_d{d}"] = _fmt(v[i])
+        row["per_stream_pattern"], row["per_stream_alive_in"] = _pattern(per_stream.alive, i)
         rows.append(row)
     return rows
 
@@ -559,9 +596,9 @@ def run_evaluate(
     device: str | None = None,
 ) -> Path:
     """The `evaluate` stage: every protocol of method.md section 4 except localisation, on the
-    test split. Writes ``metrics_path`` (default reports/metrics.json) and the CSVs next to it
-    (module docstring); returns ``metrics_path``."""
-    _check_evaluate_params(params)
+    test split, on both kinds of codes. Writes ``metrics_path`` (default reports/metrics.json)
+    and the CSVs next to it (module docstring); returns ``metrics_path``."""
+    check_evaluate(params.evaluate)
     dataset = params.data.dataset
     prepared = load_prepared(prepared_dir or paths.prepared_dir(dataset))
     codes_dir = Path(codes_dir or paths.codes_dir())
@@ -572,60 +609,63 @@ def run_evaluate(
     dev = _device(params, device)
 
     model_hash = model_sha256(sae_dir)
-    joint, meta = load_codes(codes_dir, "joint", prepared, params, model_hash)
-    local, _ = load_codes(codes_dir, "local", prepared, params, model_hash)
-    concept_table, concept_sum = load_concepts(concepts_dir, meta, params.L)
+    codes = {}
+    for kind in CODE_KINDS:
+        codes[kind], meta = load_codes(codes_dir, kind, prepared, params, model_hash)
+    concept_tables, concept_sum = load_concepts(concepts_dir, meta, params.L)
     streams = _load_features(params, features_root, prepared)
     model = _load_model(params, sae_dir, dev)
 
     rows = split_rows(prepared, EVAL_SPLIT)
     N = rows.size
     names = params.stream_names
-    joint_t = codes_to_csr(joint, rows)
-    local_t = codes_to_csr(local, rows)
+    csr = {kind: codes_to_csr(c, rows) for kind, c in codes.items()}
     space = LabelSpace(prepared.hierarchy)
     labels = space.matrix([prepared.labels[i] for i in rows])
+    features = {s: fs.features for s, fs in streams.items()}
 
-    freq = {s: firing_counts(m) for s, m in joint_t.items()}
-    alive = {s: f > 0 for s, f in freq.items()}
-    live = np.logical_or.reduce([alive[s] for s in names])
-    jac = hierarchical_jaccard(joint_t, labels, space)
-    patterns = activation_patterns(alive)
+    kinds = {kind: alignment(csr[kind], labels, space) for kind in CODE_KINDS}
+    recon = {
+        kind: reconstruction_matrix(
+            model, features, rows, codes[kind].subset(rows), batch_size=params.evaluate.batch_size, device=dev
+        )
+        for kind in CODE_KINDS
+    }
     probes = run_probes(
-        joint_t, labels, space,
+        csr["joint"], labels, space,
         min_positives=params.evaluate.probe_min_positives,
         n_candidates=params.evaluate.probe_candidates,
         seed=params.evaluate.probe_seed,
     )
-    retrieval, retrieval_rows = _retrieval(local_t, streams, rows, dev)
-    uni_joint, fe, cof = _universality(joint_t)
-    uni_local, _, _ = _universality(local_t)
-    recon = reconstruction_matrix(
-        model, {s: fs.features for s, fs in streams.items()}, rows, joint.subset(rows),
-        batch_size=params.evaluate.batch_size, device=dev,
-    )
+    reason = None
+    if not probes:
+        reason = no_probe_reason(labels, space, params.evaluate.probe_min_positives)
+        print(f"warning: probes skipped: {reason}", file=sys.stderr)
+    retrieval, retrieval_rows = _retrieval(csr["per_stream"], streams, rows, dev)
 
     metrics = {
         "n_eval": int(N),
-        "sparsity": {
-            "l0_joint": {s: joint_t[s].nnz / N for s in names},
-            "l0_local": {s: local_t[s].nnz / N for s in names},
-        },
+        "sparsity": {f"l0_{kind}": {s: csr[kind][s].nnz / N for s in names} for kind in CODE_KINDS},
         "concepts": {
-            k: concept_sum[k] for k in ("named_fraction", "mean_purity", "agreeing", "agreeing_fraction")
+            kind: {k: concept_sum[kind][k] for k in ("named_fraction", "mean_purity", "agreeing", "agreeing_fraction")}
+            for kind in CODE_KINDS
         },
-        "jaccard": {**jaccard_summary(jac, live), "n_live": int(live.sum())},
-        "patterns": patterns,
-        "reconstruction": reconstruction_summary(recon),
-        "probes": probe_summary(probes, names),
+        **{
+            section: {kind: kinds[kind].summary[section] for kind in CODE_KINDS}
+            for section in ("jaccard", "patterns")
+        },
+        "reconstruction": {kind: reconstruction_summary(recon[kind]) for kind in CODE_KINDS},
+        "probes": probe_summary(probes, names, reason),
         "retrieval": retrieval,
-        "universality": {"joint": uni_joint, "local": uni_local},
+        "universality": {kind: kinds[kind].summary["universality"] for kind in CODE_KINDS},
     }
 
-    latent_rows = _latent_rows(concept_table, names, freq, N, jac, alive, fe, cof)
+    latent_rows = _latent_rows(concept_tables["joint"], names, N, kinds)
     recon_rows = [
-        {"source": s, "target": t, "kind": "self" if s == t else "cross", "nmse": _fmt(v["nmse"]), "fvu": _fmt(v["fvu"])}
-        for (s, t), v in recon.items()
+        {"codes": kind, "source": s, "target": t, "kind": "self" if s == t else "cross",
+         "nmse": _fmt(v["nmse"]), "fvu": _fmt(v["fvu"])}
+        for kind in CODE_KINDS
+        for (s, t), v in recon[kind].items()
     ]
     probe_csv = [{k: _fmt(v) for k, v in r.items()} for r in probe_rows(probes)]
     retrieval_csv = [{k: _fmt(r.get(k)) for k in RETRIEVAL_FIELDS} for r in retrieval_rows]
@@ -636,7 +676,7 @@ def run_evaluate(
         "latents.csv": (latent_rows, list(latent_rows[0])),
         "retrieval.csv": (retrieval_csv, RETRIEVAL_FIELDS),
         "probes.csv": (probe_csv, [f.name for f in dataclasses.fields(ProbeResult)]),
-        "reconstruction.csv": (recon_rows, ["source", "target", "kind", "nmse", "fvu"]),
+        "reconstruction.csv": (recon_rows, ["codes", "source", "target", "kind", "nmse", "fvu"]),
     }
     for name, (rows_, fields) in tables.items():
         tmp = out / f".{name}.tmp"

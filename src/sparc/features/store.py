@@ -8,12 +8,17 @@ Layout of ``data/features/<dataset>/<stream>/``::
 
 A stream is written to ``<stream>.tmp`` and renamed when complete (a previous ``<stream>`` is moved
 to ``<stream>.old`` for the swap, then deleted), so an interrupted extraction never leaves a
-directory that looks finished, and a failed one leaves no ``.tmp`` behind.
+directory that looks finished, and a failed one leaves no ``.tmp`` behind. A directory damaged
+afterwards (a file missing, cut short by a crash or a partial copy, unreadable, or the files
+disagreeing on N or d) is refused by :func:`open_stream` with one line naming the stream and the
+file and saying how to restore it (``dvc checkout`` of the directory, or
+``dvc repro extract@<stream>``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,20 +148,62 @@ class FeatureStream:
         return len(self.ids)
 
 
+def _npy_header(path: Path) -> tuple[tuple[int, ...], int]:
+    """(shape, expected file size in bytes) from a .npy file's header; ValueError if it has none."""
+    with path.open("rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+        return shape, fh.tell() + math.prod(shape) * dtype.itemsize
+
+
 def open_stream(path: str | Path, name: str | None = None) -> FeatureStream:
-    """Open one stream directory memory-mapped; FeatureStoreError naming what is missing."""
+    """Open one stream directory memory-mapped.
+
+    A missing, truncated or unreadable file, or files that disagree with each other, raise a
+    one-line FeatureStoreError naming the stream, the file and how to restore the directory.
+    """
     path = Path(path)
     name = name or path.name
-    for fname in ("features.npy", "ids.txt", "meta.json"):
-        if not (path / fname).is_file():
-            raise FeatureStoreError(f"stream {name}: {path / fname} is missing (run `dvc repro extract`)")
-    features = np.load(path / "features.npy", mmap_mode="r")
-    ids = (path / "ids.txt").read_text(encoding="utf-8").split("\n")
+    npy, ids_txt, meta_json = path / "features.npy", path / "ids.txt", path / "meta.json"
+
+    def broken(problem: str) -> FeatureStoreError:
+        return FeatureStoreError(
+            f"stream {name}: {problem}; restore it with `dvc checkout {path}`, "
+            f"or extract it again with `dvc repro extract@{name}`"
+        )
+
+    for file in (npy, ids_txt, meta_json):
+        if not file.is_file():
+            raise broken(f"{file} is missing")
+    try:
+        shape, expected = _npy_header(npy)
+    except ValueError as err:
+        raise broken(f"{npy} is not a NumPy .npy file ({err})") from None
+    size = npy.stat().st_size
+    if size != expected:
+        raise broken(f"{npy} is {size} bytes, but its header ({shape} array) needs {expected}")
+    if len(shape) != 2:
+        raise broken(f"{npy} holds a {shape} array, expected rows x dim")
+    try:
+        ids = ids_txt.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        raise broken(f"{ids_txt} is not UTF-8 ({err})") from None
     if ids and ids[-1] == "":
         ids.pop()
-    if features.ndim != 2 or features.shape[0] != len(ids):
-        raise FeatureStoreError(f"stream {name}: features {features.shape} do not match {len(ids)} ids")
-    return FeatureStream(name, path, ids, features, json.loads((path / "meta.json").read_text()))
+    if shape[0] != len(ids):
+        raise broken(f"{npy} has {shape[0]} rows but {ids_txt} has {len(ids)} ids")
+    try:
+        meta = json.loads(meta_json.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise broken(f"{meta_json} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise broken(f"{meta_json} holds a JSON {type(meta).__name__}, expected an object")
+    if (meta.get("n", shape[0]), meta.get("dim", shape[1])) != shape:
+        raise broken(f"{meta_json} says n={meta.get('n')}, dim={meta.get('dim')} but {npy} is {shape}")
+    return FeatureStream(name, path, ids, np.load(npy, mmap_mode="r"), meta)
 
 
 def first_nonfinite_row(features: np.ndarray) -> int | None:

@@ -1,0 +1,1 @@
+"""Reports over runs: the multi-seed ablation grid and its tables (sparc.report.ablation)."""

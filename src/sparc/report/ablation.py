@@ -1,0 +1,336 @@
+"""Multi-seed ablations as DVC experiments, and their mean +- std tables.
+
+:func:`grid_overrides` lists the runs of a grid (one DVC experiment per configuration and seed,
+named ``<prefix>-<config>-s<seed>``); ``python -m sparc ablation`` runs the paper's ablation
+(:data:`ABLATION`: Global/Local TopK x lambda in {0, 1}, plus the two USAE variants) and
+``python -m sparc sweep k=8,16,32`` any other grid, each with ``dvc exp run --temp`` (the
+workspace is left alone) or ``--queue`` (then ``dvc queue start -j N``).
+
+:func:`experiment_records` reads ``dvc exp show --json``; :func:`ablation_table` groups the
+records by configuration (every parameter but the seed), and reports mean +- sample std over the
+seeds of the metrics in :data:`TABLE_ROWS`; :func:`claims` checks the paper's claims on those
+means. ``python -m sparc table --readme README.md`` rewrites the README block between
+``<!-- ablation:begin -->`` and ``<!-- ablation:end -->`` with both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparc.presets import override_literal
+
+# The ablation of the paper (method.md section 5) plus USAE: name -> params.yaml overrides.
+ABLATION: dict[str, dict[str, object]] = {
+    "sparc": {"topk": "global", "lambda": 1.0, "method": "sparc"},
+    "global-lam0": {"topk": "global", "lambda": 0.0, "method": "sparc"},
+    "local-lam1": {"topk": "local", "lambda": 1.0, "method": "sparc"},
+    "local-lam0": {"topk": "local", "lambda": 0.0, "method": "sparc"},
+    "usae": {"topk": "local", "lambda": 1.0, "method": "usae"},
+    "usae-paper": {"topk": "local", "lambda": 1.0, "method": "usae_paper"},
+}
+COLUMN_TITLES = {
+    "sparc": "Global, λ=1 (SPARC)",
+    "global-lam0": "Global, λ=0",
+    "local-lam1": "Local, λ=1",
+    "local-lam0": "Local, λ=0",
+    "usae": "USAE",
+    "usae-paper": "USAE (paper variant)",
+}
+README_BEGIN, README_END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
+
+
+def grid_overrides(
+    configs: dict[str, dict[str, object]], seeds: Sequence[int], prefix: str
+) -> list[tuple[str, list[str]]]:
+    """``[(experiment name, ["key=value", ...])]``, one per configuration and seed."""
+    runs = []
+    for name, overrides in configs.items():
+        for seed in seeds:
+            sets = [f"{k}={override_literal(v)}" for k, v in overrides.items()] + [f"seed={seed}"]
+            runs.append((f"{prefix}-{name}-s{seed}", sets))
+    return runs
+
+
+def parse_sweep(spec: str) -> dict[str, dict[str, object]]:
+    """``"k=8,16,32"`` -> ``{"k8": {"k": 8}, "k16": {"k": 16}, ...}`` (numbers parsed as YAML
+    would: ``8`` an int, ``1.0`` a float)."""
+    key, sep, values = spec.partition("=")
+    if not sep or not key or not values:
+        raise ValueError(f"sweep: expected key=v1,v2,..., got {spec!r}")
+    out: dict[str, dict[str, object]] = {}
+    for raw in values.split(","):
+        raw = raw.strip()
+        value: object = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        out[f"{key.split('.')[-1]}{raw}"] = {key: value}
+    return out
+
+
+def experiment_commands(runs: Iterable[tuple[str, list[str]]], queue: bool) -> list[list[str]]:
+    """``dvc exp run`` command lines for ``runs`` (``--temp`` to run now, ``--queue`` to queue)."""
+    cmds = []
+    for name, sets in runs:
+        cmd = ["dvc", "exp", "run", "--queue" if queue else "--temp", "-n", name]
+        for s in sets:
+            cmd += ["-S", s]
+        cmds.append(cmd)
+    return cmds
+
+
+def run_experiments(cmds: list[list[str]], echo: Callable[[str], None] = print) -> list[str]:
+    """Run the commands one after the other; returns the names of the runs that failed."""
+    failed = []
+    for i, cmd in enumerate(cmds, 1):
+        name = cmd[cmd.index("-n") + 1]
+        echo(f"[{i}/{len(cmds)}] {name}: {' '.join(cmd[5:])}")
+        if subprocess.run(cmd).returncode != 0:
+            failed.append(name)
+    return failed
+
+
+# --------------------------------------------------------------------------- reading experiments
+
+
+@dataclass(frozen=True)
+class Record:
+    """One experiment: its name, flattened params.yaml and flattened metrics.json."""
+
+    name: str
+    params: dict[str, object]
+    metrics: dict[str, object]
+
+
+def flatten(obj: object, prefix: str = "") -> dict[str, object]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    out: dict[str, object] = {}
+    for k, v in obj.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _records_in(node: object, metrics_file: str) -> Iterable[Record]:
+    if isinstance(node, list):
+        for item in node:
+            yield from _records_in(item, metrics_file)
+        return
+    if not isinstance(node, dict):
+        return
+    data = node.get("data")
+    if isinstance(data, dict) and node.get("name") and isinstance(data.get("metrics"), dict):
+        params = (data.get("params") or {}).get("params.yaml", {}).get("data")
+        metrics = data["metrics"].get(metrics_file, {}).get("data")
+        if params and metrics:
+            yield Record(str(node["name"]), flatten(params), flatten(metrics))
+    for key in ("experiments", "revs"):
+        yield from _records_in(node.get(key), metrics_file)
+
+
+def experiment_records(show_json: object, metrics_file: str = "reports/metrics.json") -> list[Record]:
+    """Every named experiment with params and metrics in ``dvc exp show --json`` output."""
+    seen: dict[str, Record] = {}
+    for rec in _records_in(show_json, metrics_file):
+        seen.setdefault(rec.name, rec)
+    return list(seen.values())
+
+
+def dvc_experiments(cwd: str | Path = ".") -> list[Record]:
+    """:func:`experiment_records` of ``dvc exp show --json`` run in ``cwd``."""
+    proc = subprocess.run(
+        ["dvc", "exp", "show", "--json"], cwd=cwd, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise ValueError(f"dvc exp show --json failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return experiment_records(json.loads(proc.stdout))
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _mean_over(keys: Callable[[dict], list[str]]) -> Callable[[Record], float | None]:
+    def read(rec: Record) -> float | None:
+        vals = [rec.metrics.get(k) for k in keys(rec.params)]
+        vals = [float(v) for v in vals if isinstance(v, (int, float))]
+        return sum(vals) / len(vals) if vals else None
+
+    return read
+
+
+def _streams(params: dict, inp: str) -> list[str]:
+    return [k.split(".")[1] for k, v in params.items() if k.startswith("streams.") and k.endswith(".input") and v == inp]
+
+
+def _retrieval_keys(query: str, gallery: str) -> Callable[[dict], list[str]]:
+    def keys(params: dict) -> list[str]:
+        return [f"retrieval.{q}->{g}.R@1" for q in _streams(params, query) for g in _streams(params, gallery)]
+
+    return keys
+
+
+def _per_stream(template: str) -> Callable[[dict], list[str]]:
+    def keys(params: dict) -> list[str]:
+        names = {k.split(".")[1] for k in params if k.startswith("streams.")}
+        return [template.format(s=s) for s in sorted(names)]
+
+    return keys
+
+
+def _key(name: str) -> Callable[[Record], float | None]:
+    return _mean_over(lambda params: [name])
+
+
+# Rows of the table: label, how to read the value from one experiment, and the format.
+TABLE_ROWS: list[tuple[str, Callable[[Record], float | None], str]] = [
+    ("Jaccard depth 0, all latents (joint)", _key("jaccard.joint.depth_0.all"), ".3f"),
+    ("Jaccard deepest level, all latents (joint)", lambda r: _deepest(r, "joint", "all"), ".3f"),
+    ("Jaccard deepest level, live latents (joint)", lambda r: _deepest(r, "joint", "live"), ".3f"),
+    ("Jaccard deepest level, all latents (per-stream)", lambda r: _deepest(r, "per_stream", "all"), ".3f"),
+    ("Jaccard deepest level, live latents (per-stream)", lambda r: _deepest(r, "per_stream", "live"), ".3f"),
+    ("alive in all streams (joint)", _key("patterns.joint.alive_all"), ".1%"),
+    ("mixed latents (joint)", _key("patterns.joint.mixed"), ".1%"),
+    ("mixed latents (per-stream)", _key("patterns.per_stream.mixed"), ".1%"),
+    ("named alike in all streams (joint)", _key("concepts.joint.agreeing_fraction"), ".1%"),
+    ("named alike in all streams (per-stream)", _key("concepts.per_stream.agreeing_fraction"), ".1%"),
+    ("firing entropy (per-stream; 1 = universal)", _key("universality.per_stream.firing_entropy_mean"), ".3f"),
+    ("self NMSE (joint)", _key("reconstruction.joint.self_nmse_mean"), ".3f"),
+    ("cross NMSE (joint, the training loss's)", _key("reconstruction.joint.cross_nmse_mean"), ".3f"),
+    ("cross NMSE (per-stream, leak-free)", _key("reconstruction.per_stream.cross_nmse_mean"), ".3f"),
+    ("1-D probe test log-loss, mean of streams (chance 0.693)",
+     _mean_over(_per_stream("probes.mean_test_logloss.{s}")), ".3f"),
+    ("retrieval R@1 caption→image (per-stream codes)", _mean_over(_retrieval_keys("caption", "image")), ".3f"),
+    ("retrieval R@1 image→caption (per-stream codes)", _mean_over(_retrieval_keys("image", "caption")), ".3f"),
+    ("retrieval R@1 chance", _key("retrieval.chance.R@1"), ".4f"),
+]
+
+
+def _deepest(rec: Record, kind: str, which: str) -> float | None:
+    depths = [int(m.group(1)) for k in rec.metrics if (m := re.fullmatch(rf"jaccard\.{kind}\.depth_(\d+)\.{which}", k))]
+    return _key(f"jaccard.{kind}.depth_{max(depths)}.{which}")(rec) if depths else None
+
+
+def config_name(name: str, prefix: str) -> str | None:
+    """``"<prefix>-<config>-s<seed>"`` -> ``"<config>"``; None for other names."""
+    m = re.fullmatch(rf"{re.escape(prefix)}-(.+)-s\d+", name)
+    return m.group(1) if m else None
+
+
+def group_records(records: Iterable[Record], prefix: str) -> dict[str, list[Record]]:
+    """Experiments of the grid ``prefix`` by configuration, in :data:`ABLATION` order first."""
+    groups: dict[str, list[Record]] = {}
+    for rec in records:
+        cfg = config_name(rec.name, prefix)
+        if cfg is not None:
+            groups.setdefault(cfg, []).append(rec)
+    order = [c for c in ABLATION if c in groups] + sorted(c for c in groups if c not in ABLATION)
+    return {c: sorted(groups[c], key=lambda r: r.name) for c in order}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def _cell(values: list[float], fmt: str) -> str:
+    if not values:
+        return "n/a"
+    mean, std = mean_std(values)
+    if fmt.endswith("%"):
+        return f"{mean * 100:.{fmt[1:-1]}f} ± {std * 100:.{fmt[1:-1]}f}%"
+    return f"{mean:{fmt}} ± {std:{fmt}}"
+
+
+def summarise(groups: dict[str, list[Record]]) -> dict[str, dict[str, list[float]]]:
+    """config -> row label -> the values over seeds (runs where the metric exists)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for cfg, recs in groups.items():
+        out[cfg] = {}
+        for label, read, _ in TABLE_ROWS:
+            vals = [read(r) for r in recs]
+            out[cfg][label] = [v for v in vals if v is not None and math.isfinite(v)]
+    return out
+
+
+def ablation_table(groups: dict[str, list[Record]]) -> str:
+    """Markdown table: one column per configuration (mean ± std over its seeds), one row per metric."""
+    if not groups:
+        return "_no experiments of this grid in `dvc exp show`_\n"
+    values = summarise(groups)
+    cols = list(groups)
+    seeds = {c: len(groups[c]) for c in cols}
+    head = "| metric (test split; mean ± std over seeds) | " + " | ".join(
+        f"{COLUMN_TITLES.get(c, c)} (n={seeds[c]})" for c in cols
+    ) + " |"
+    lines = [head, "|---" * (len(cols) + 1) + "|"]
+    for label, _, fmt in TABLE_ROWS:
+        lines.append(f"| {label} | " + " | ".join(_cell(values[c][label], fmt) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# The paper's claims (method.md section 5) as comparisons of table rows between configurations.
+CLAIMS: list[tuple[str, str, str, str]] = [
+    ("Global TopK aligns more than Local TopK (Jaccard, λ=1)", "Jaccard depth 0, all latents (joint)", "sparc", "local-lam1"),
+    ("... also at the deepest level", "Jaccard deepest level, all latents (joint)", "sparc", "local-lam1"),
+    ("... also measured per stream, without the shared indices", "Jaccard deepest level, live latents (per-stream)", "sparc", "local-lam1"),
+    ("the cross-loss raises Global TopK's deepest-level Jaccard", "Jaccard deepest level, all latents (joint)", "sparc", "global-lam0"),
+    ("Global TopK leaves fewer mixed latents than Local TopK", "mixed latents (joint)", "local-lam1", "sparc"),
+    ("the cross-loss lowers leak-free cross NMSE (Global TopK)", "cross NMSE (per-stream, leak-free)", "global-lam0", "sparc"),
+    ("the cross-loss lowers leak-free cross NMSE (Local TopK)", "cross NMSE (per-stream, leak-free)", "local-lam0", "local-lam1"),
+    ("SPARC retrieves across modalities better than Local λ=0", "retrieval R@1 caption→image (per-stream codes)", "sparc", "local-lam0"),
+    ("SPARC aligns more than USAE (Jaccard, deepest, joint)", "Jaccard deepest level, all latents (joint)", "sparc", "usae"),
+]
+
+
+def verdict(a: list[float], b: list[float]) -> str:
+    """``holds`` when mean(a) - mean(b) exceeds twice the standard error of the difference,
+    ``reversed`` when it is below minus that, else ``within noise`` (``n/a`` without data)."""
+    if not a or not b:
+        return "n/a"
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    se = math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+    if ma - mb > 2 * se:
+        return "holds"
+    if mb - ma > 2 * se:
+        return "reversed"
+    return "within noise"
+
+
+def claims(groups: dict[str, list[Record]]) -> str:
+    """Markdown list: each claim of :data:`CLAIMS`, its verdict and the two means."""
+    values = summarise(groups)
+    fmt = {label: f for label, _, f in TABLE_ROWS}
+    lines = []
+    for text, label, high, low in CLAIMS:
+        if high not in values or low not in values:
+            continue
+        a, b = values[high][label], values[low][label]
+        f = fmt[label]
+        lines.append(
+            f"- {text}: **{verdict(a, b)}** ({label}: {COLUMN_TITLES.get(high, high)} {_cell(a, f)}, "
+            f"{COLUMN_TITLES.get(low, low)} {_cell(b, f)})"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def replace_block(text: str, block: str, begin: str = README_BEGIN, end: str = README_END) -> str:
+    """``text`` with what lies between the ``begin`` and ``end`` marker lines replaced by ``block``."""
+    try:
+        a = text.index(begin) + len(begin)
+        b = text.index(end, a)
+    except ValueError:
+        raise ValueError(f"README: markers {begin} ... {end} not found") from None
+    return text[:a] + "\n" + block.rstrip("\n") + "\n" + text[b:]

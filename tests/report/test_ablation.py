@@ -1,0 +1,131 @@
+"""The ablation grid's commands, and its table read from `dvc exp show --json` output."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparc.report.ablation import (
+    ABLATION,
+    README_BEGIN,
+    README_END,
+    ablation_table,
+    claims,
+    experiment_commands,
+    experiment_records,
+    grid_overrides,
+    group_records,
+    mean_std,
+    parse_sweep,
+    replace_block,
+    verdict,
+)
+
+STREAMS = {"img": {"model": "efficientnet:lite0", "input": "image"}, "txt": {"model": "minilm:x", "input": "caption"}}
+
+
+def metrics(jaccard: float, cross: float, r1: float) -> dict:
+    return {
+        "jaccard": {kind: {"depth_0": {"all": jaccard, "live": jaccard}, "depth_2": {"all": jaccard / 2, "live": jaccard}}
+                    for kind in ("joint", "per_stream")},
+        "patterns": {"joint": {"mixed": 0.0, "alive_all": 0.5}, "per_stream": {"mixed": 0.1, "alive_all": 0.4}},
+        "reconstruction": {"joint": {"self_nmse_mean": 0.3, "cross_nmse_mean": cross},
+                           "per_stream": {"cross_nmse_mean": cross + 0.1}},
+        "retrieval": {"txt->img": {"R@1": r1}, "img->txt": {"R@1": r1 / 2}, "chance": {"R@1": 0.01}},
+        "probes": {"mean_test_logloss": {"img": 0.6, "txt": 0.7}},
+    }
+
+
+def exp(name: str, seed: int, topk: str, lam: float, m: dict) -> dict:
+    data = {
+        "params": {"params.yaml": {"data": {"seed": seed, "topk": topk, "lambda": lam, "streams": STREAMS}}},
+        "metrics": {"reports/metrics.json": {"data": m}},
+    }
+    return {"revs": [{"rev": f"r{name}", "name": name, "data": data, "error": None, "experiments": None}],
+            "executor": None, "name": name}
+
+
+def show_json() -> list:
+    """The shape of `dvc exp show --json` (DVC 3): workspace, the baseline commit, its experiments."""
+    exps = [
+        exp("ablation-sparc-s0", 0, "global", 1.0, metrics(0.80, 0.40, 0.30)),
+        exp("ablation-sparc-s1", 1, "global", 1.0, metrics(0.82, 0.42, 0.32)),
+        exp("ablation-local-lam1-s0", 0, "local", 1.0, metrics(0.20, 0.50, 0.10)),
+        exp("ablation-local-lam1-s1", 1, "local", 1.0, metrics(0.22, 0.52, 0.12)),
+        exp("other-run", 0, "global", 0.0, metrics(0.5, 0.5, 0.5)),
+    ]
+    base = {"params": {"params.yaml": {"data": {"seed": 0}}}, "metrics": {"reports/metrics.json": {"data": {}}}}
+    return [
+        {"rev": "workspace", "name": None, "data": base, "error": None, "experiments": None},
+        {"rev": "abc", "name": "main", "data": base, "error": None, "experiments": exps},
+    ]
+
+
+def test_grid_overrides_name_each_run():
+    runs = grid_overrides(ABLATION, [0, 1, 2], "ablation")
+    assert len(runs) == len(ABLATION) * 3
+    name, sets = runs[0]
+    assert name == "ablation-sparc-s0"
+    assert sets == ["topk=global", "lambda=1.0", "method=sparc", "seed=0"]
+    usae = dict(grid_overrides({"usae": ABLATION["usae"]}, [2], "a"))["a-usae-s2"]
+    assert "topk=local" in usae and "method=usae" in usae
+
+
+def test_commands_run_in_a_temporary_copy_or_queue():
+    runs = grid_overrides({"k8": {"k": 8}}, [0], "sweep")
+    assert experiment_commands(runs, queue=False) == [
+        ["dvc", "exp", "run", "--temp", "-n", "sweep-k8-s0", "-S", "k=8", "-S", "seed=0"]
+    ]
+    assert experiment_commands(runs, queue=True)[0][3] == "--queue"
+
+
+def test_parse_sweep():
+    assert parse_sweep("k=8,16") == {"k8": {"k": 8}, "k16": {"k": 16}}
+    assert parse_sweep("train.lr=1.0e-3") == {"lr1.0e-3": {"train.lr": 1.0e-3}}
+    with pytest.raises(ValueError, match="expected key=v1,v2"):
+        parse_sweep("k")
+
+
+def test_records_and_groups_from_exp_show():
+    records = experiment_records(show_json())
+    assert {r.name for r in records} == {  # the baseline without metrics is not a record
+        "ablation-sparc-s0", "ablation-sparc-s1", "ablation-local-lam1-s0", "ablation-local-lam1-s1", "other-run",
+    }
+    groups = group_records(records, "ablation")
+    assert list(groups) == ["sparc", "local-lam1"]
+    assert [r.params["seed"] for r in groups["sparc"]] == [0, 1]
+    assert groups["sparc"][0].metrics["jaccard.joint.depth_0.all"] == 0.80
+
+
+def test_table_reports_mean_and_std_over_seeds():
+    table = ablation_table(group_records(experiment_records(show_json()), "ablation"))
+    head, rule, *rows = table.strip().splitlines()
+    assert "Global, λ=1 (SPARC) (n=2)" in head and "Local, λ=1 (n=2)" in head
+    row = next(r for r in rows if r.startswith("| Jaccard depth 0, all latents (joint)"))
+    assert "0.810 ± 0.014" in row and "0.210 ± 0.014" in row
+    deepest = next(r for r in rows if r.startswith("| Jaccard deepest level, all latents (joint)"))
+    assert "0.405 ± 0.007" in deepest  # depth 2 is the deepest here
+    r1 = next(r for r in rows if r.startswith("| retrieval R@1 caption→image"))
+    assert "0.310 ± 0.014" in r1
+    mixed = next(r for r in rows if r.startswith("| mixed latents (per-stream)"))
+    assert "10.0 ± 0.0%" in mixed
+
+
+def test_claims_verdicts():
+    assert verdict([0.8, 0.82], [0.2, 0.22]) == "holds"
+    assert verdict([0.2, 0.22], [0.8, 0.82]) == "reversed"
+    assert verdict([0.5, 0.6], [0.55, 0.5]) == "within noise"
+    assert verdict([], [0.1]) == "n/a"
+    text = claims(group_records(experiment_records(show_json()), "ablation"))
+    assert "- Global TopK aligns more than Local TopK (Jaccard, λ=1): **holds**" in text
+
+
+def test_mean_std():
+    assert mean_std([1.0]) == (1.0, 0.0)
+    assert mean_std([1.0, 3.0]) == pytest.approx((2.0, 2**0.5))
+
+
+def test_replace_block():
+    text = f"intro\n{README_BEGIN}\nold table\n{README_END}\nrest\n"
+    assert replace_block(text, "new\n") == f"intro\n{README_BEGIN}\nnew\n{README_END}\nrest\n"
+    with pytest.raises(ValueError, match="markers"):
+        replace_block("no markers", "x")
