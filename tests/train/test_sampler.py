@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sparc.features.store import FeatureStoreError, open_stream, write_stream
+from sparc.train import sampler
 from sparc.train.sampler import EpochSampler, FeatureSource, counter_seed
 
 
@@ -70,3 +71,17 @@ def test_source_rejects_bad_input():
         FeatureSource({"a": good}, rows=np.array([7]))
     with pytest.raises(ValueError, match="batch_size"):
         EpochSampler(10, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_first_nonfinite_row_across_blocks(dtype, value, monkeypatch):
+    monkeypatch.setattr(sampler, "SCAN_BYTES", 3 * 4 * np.dtype(dtype).itemsize)  # blocks of 3 rows
+    x = np.full((20, 4), 65504, dtype)  # the largest finite float16 is not taken for inf
+    x[4, 0] = value  # not selected below: ignored
+    x[13, 3] = value
+    rows = np.array([0, 1, 2, 3, 5, 12, 13, 17])
+    assert sampler.first_nonfinite_row(x, rows) == 13
+    assert sampler.first_nonfinite_row(x, np.array([17, 5])) is None
+    assert sampler.first_nonfinite_row(x, np.array([19, 4, 13])) == 4
+    assert sampler.first_nonfinite_row(x, np.array([], dtype=np.int64)) is None

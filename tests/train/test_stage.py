@@ -12,6 +12,7 @@ from sparc.data.prepared import file_sha256
 from sparc.features.store import FeatureStoreError, write_stream
 from sparc.model.io import load_sae
 from sparc.params import Params, StreamParams, TrainParams
+from sparc.train import stage
 from sparc.train.stage import run_train
 
 DATA = make_planted(
@@ -108,22 +109,66 @@ def test_misaligned_or_foreign_features_are_rejected(layout):
         run(layout, params(), "x")
 
 
-def test_non_finite_training_row_is_named(layout):
-    fp = json.loads((layout / "prepared/meta.json").read_text())["fingerprint"]
-    x = DATA.features["b"].astype(np.float16)
-    x[7, 2] = np.inf  # row 7 is a training row (7 % 5 != 0)
-    # the store's writer refuses non-finite values, so patch the file behind its back
-    write_stream(layout / "features/b", DATA.ids, DATA.features["b"].astype(np.float16), {"dataset_fingerprint": fp})
-    arr = np.load(layout / "features/b/features.npy", mmap_mode="r+")
-    arr[7, 2] = np.inf
+def corrupt(layout, stream: str, row: int, value: float) -> None:
+    """Write ``value`` into one feature of ``row`` behind the store's back (its writer refuses it)."""
+    arr = np.load(layout / "features" / stream / "features.npy", mmap_mode="r+")
+    arr[row, 2] = value
     arr.flush()
     del arr
-    with pytest.raises(FeatureStoreError, match="stream b: non-finite features at row 7"):
+
+
+def test_non_finite_training_row_is_named(layout):
+    corrupt(layout, "b", 7, np.inf)  # row 7 is a training row (7 % 5 != 0)
+    with pytest.raises(FeatureStoreError, match=r"^stream b: sample id 'planted007' \(row 7, train split\) has "
+                       r"infinite features; re-extract it \(dvc repro extract@b\) or remove the sample$"):
         run(layout, params(), "x")
+
+
+def test_non_finite_validation_row_is_named_before_training(layout, monkeypatch):
+    corrupt(layout, "a", 5, np.nan)  # row 5 is a validation row, read only after training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before the validation rows were checked")
+
+    monkeypatch.setattr(stage, "train_sae", no_training)
+    with pytest.raises(FeatureStoreError, match=r"^stream a: sample id 'planted005' \(row 5, val split\) has NaN "
+                       r"features; re-extract it \(dvc repro extract@a\) or remove the sample$"):
+        run(layout, params(), "x")
+
+
+def test_reports_appear_only_when_training_finished(layout):
+    reports = layout / "r/reports"
+    run(layout, params(), "r")  # an earlier, finished run
+    assert json.loads((reports / "metrics.json").read_text())["step"] == 15
+    ckpt = run(layout, params(epochs=4), "r", max_steps=6)  # a new run, stopped early like a kill
+    # neither the partial metrics nor the previous run's results stand in reports/train
+    assert not (reports / "metrics.json").exists() and not (reports / "plots").exists()
+    live = json.loads((ckpt.parent / "live/metrics.json").read_text())  # progress sits with the checkpoints
+    assert live["step"] == 4 and "val" not in live
+    run(layout, params(epochs=4), "r")
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert metrics["step"] == 20 and set(metrics["val"]["loss"]) >= {"total", "self", "cross"}
+    assert (reports / "plots/metrics/loss/total.tsv").read_text().splitlines()[1:] != []
+    assert not (layout / "checkpoints").exists() or not any((layout / "checkpoints").iterdir())
 
 
 def test_missing_stream_is_named(layout):
     p = params()
     p = Params(seed=0, k=3, L=24, streams={**p.streams, "c": StreamParams("planted:c", "image")}, train=p.train)
     with pytest.raises(FeatureStoreError, match="stream c"):
+        run(layout, p, "x")
+
+
+def test_too_large_L_is_refused_before_training(layout, monkeypatch):
+    from sparc.train import memory
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started although the model does not fit")
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 300 * 2**20)
+    monkeypatch.setattr(stage, "train_sae", no_training)
+    p = params()
+    p = Params(seed=0, k=3, L=100_000, streams=p.streams, train=p.train)
+    with pytest.raises(ValueError, match=r"^L: 100000 needs about \d+\.\d MiB to train \(.*\) on cpu, 300\.0 MiB "
+                       r"available; set L <= \d+ \(or train on a device with more memory\)$"):
         run(layout, p, "x")

@@ -1,5 +1,9 @@
 """Training data: aligned feature rows gathered batch by batch, and a seeded sample-level sampler.
 
+Non-finite values are found by :func:`first_nonfinite_row`, which reads the (memory-mapped) array
+in contiguous blocks of ``SCAN_BYTES``, holding one block at a time: at the paper's scale (1.7M
+float16 rows of 1024) a stream takes under a second from the page cache, else the time to read it.
+
 Every random choice of the trainer is a pure function of ``(seed, purpose, counter)`` (NumPy's
 ``SeedSequence`` over the three numbers), so the whole sampler state is the global step: a resumed
 run draws exactly the batches an uninterrupted run would have drawn.
@@ -13,12 +17,46 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from sparc.features.store import FINITE_CHUNK, FeatureStoreError
+from sparc.features.store import FeatureStoreError
 
 # Purposes of the counter-based random streams (second entry of the seed sequence).
 PERMUTATION = 1
 USAE_SOURCE = 2
 REVIVE = 3
+# Bytes of features read per block when scanning for non-finite values (stays in the CPU caches).
+SCAN_BYTES = 4 * 2**20
+
+
+def nonfinite_rows(block: np.ndarray) -> np.ndarray:
+    """Bool ``[n]``: the rows of a float ``[n, d]`` block that hold NaN or inf.
+
+    float16 is tested on its bits (exponent all ones), about 5x faster than NumPy's ``isfinite``.
+    """
+    if block.dtype == np.float16:
+        return (block.view(np.uint16) & 0x7FFF).max(axis=1) >= 0x7C00
+    return ~np.isfinite(block).all(axis=1)
+
+
+def first_nonfinite_row(array: np.ndarray, rows: np.ndarray) -> int | None:
+    """The lowest of ``rows`` whose features in ``array`` ``[N, d]`` hold NaN or inf, else None.
+
+    Reads contiguous blocks of about ``SCAN_BYTES`` between the lowest and highest of ``rows``
+    (blocks without a selected row are skipped), so a memmap is read once, sequentially.
+    """
+    if len(rows) == 0:
+        return None
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    selected = np.zeros(hi - lo, dtype=bool)
+    selected[rows - lo] = True
+    step = max(1, SCAN_BYTES // (array.shape[1] * array.dtype.itemsize))
+    for start in range(lo, hi, step):
+        stop = min(hi, start + step)
+        mask = selected[start - lo : stop - lo]
+        if mask.any():
+            bad = nonfinite_rows(np.asarray(array[start:stop])) & mask
+            if bad.any():
+                return start + int(np.argmax(bad))
+    return None
 
 
 def counter_rng(seed: int, purpose: int, counter: int) -> np.random.Generator:
@@ -75,8 +113,9 @@ class FeatureSource:
     (their size in the arrays' own dtype; None = no limit) they are copied once into memory on
     ``device`` (RAM, or GPU memory when training on CUDA); otherwise each batch is gathered from
     the arrays (e.g. a memmap) in ascending row order and copied to ``device``. Either way :meth:`gather` returns float32
-    tensors on ``device`` with identical values. Construction checks shapes and that every selected
-    value is finite, raising :class:`FeatureStoreError` naming the stream and row.
+    tensors on ``device`` with identical values. Construction checks shapes and (unless
+    ``check_finite`` is False, for callers that checked already) that every selected value is
+    finite, raising :class:`FeatureStoreError` naming the stream and row.
     """
 
     def __init__(
@@ -112,7 +151,8 @@ class FeatureSource:
         self.in_memory = ram_budget_bytes is None or nbytes <= ram_budget_bytes
         if check_finite:
             for s, a in arrays.items():
-                self._check_finite(s, a, rows)
+                if (row := first_nonfinite_row(a, rows)) is not None:
+                    raise FeatureStoreError(f"stream {s}: non-finite features at row {row}")
         self._tensors: dict[str, torch.Tensor] = {}
         self._arrays: dict[str, np.ndarray] = {}
         if self.in_memory:  # kept in the arrays' dtype, on the training device
@@ -120,15 +160,6 @@ class FeatureSource:
                 self._tensors[s] = torch.from_numpy(np.ascontiguousarray(a[rows])).to(self.device)
         else:
             self._arrays = dict(arrays)
-
-    @staticmethod
-    def _check_finite(name: str, array: np.ndarray, rows: np.ndarray) -> None:
-        for start in range(0, len(rows), FINITE_CHUNK):
-            chunk = rows[start : start + FINITE_CHUNK]
-            bad = ~np.isfinite(np.asarray(array[chunk])).all(axis=1)
-            if bad.any():
-                row = int(chunk[int(np.argmax(bad))])
-                raise FeatureStoreError(f"stream {name}: non-finite features at row {row}")
 
     @property
     def streams(self) -> list[str]:

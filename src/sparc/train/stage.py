@@ -6,11 +6,19 @@ Inputs: the prepared dataset (for the split and the sample order) and one featur
 - ``out_dir`` (``data/sae``): the final model (``save_sae``: model.safetensors + config.json),
   written atomically only when training finished;
 - ``reports_dir`` (``reports/train``): DVCLive's ``metrics.json`` (the last logged training
-  averages, ``val/...`` terms over the validation split, ``step``) and ``plots/metrics/**.tsv``;
-- ``checkpoints_dir/<key>``: checkpoints while training; ``key`` hashes the training spec and the
-  feature streams' metadata (model, input, dim, dataset fingerprint), so a run resumes only its
-  own checkpoints. The directory is deleted once the final model is written: a finished run is
-  the DVC output itself (and the run-cache restores it), so its checkpoints serve no purpose.
+  averages, ``val/...`` terms over the validation split, ``step``) and ``plots/metrics/**.tsv``,
+  published only when training finished; an earlier run's files are removed when training starts
+  (see :mod:`sparc.train.live`);
+- ``checkpoints_dir/<key>``: checkpoints while training, and ``live/``, the DVCLive directory of
+  the run in progress; ``key`` hashes the training spec and the feature streams' metadata (model,
+  input, dim, dataset fingerprint), so a run resumes only its own checkpoints. The directory is
+  deleted once the final model is written: a finished run is the DVC output itself (and the
+  run-cache restores it), so its checkpoints serve no purpose.
+
+Before the first step, everything that would otherwise fail late is checked: the streams match
+the prepared dataset, every train and val row of every stream is finite (one sequential scan per
+stream, naming the sample id), and the model fits the device's memory
+(:func:`sparc.train.memory.check_train_memory`, after the feature rows are loaded).
 """
 
 from __future__ import annotations
@@ -27,9 +35,13 @@ from sparc.features.base import resolve_device
 from sparc.features.store import FeatureStoreError, FeatureStream, load_streams
 from sparc.params import Params
 from sparc.train.checkpoint import checkpoint_key, prune_run
-from sparc.train.live import LiveLogger
+from sparc.train.live import LiveLogger, clear_reports, publish
 from sparc.train.loop import TrainSpec, evaluate_loss, train_sae
-from sparc.train.sampler import FeatureSource
+from sparc.train.memory import check_train_memory
+from sparc.train.sampler import FeatureSource, first_nonfinite_row
+
+# The DVCLive directory of a run in progress, inside its checkpoint directory.
+LIVE_DIR = "live"
 
 
 def check_matches_prepared(streams: dict[str, FeatureStream], prepared: PreparedData) -> None:
@@ -56,6 +68,22 @@ def check_matches_prepared(streams: dict[str, FeatureStream], prepared: Prepared
             )
 
 
+def check_finite_splits(streams: dict[str, FeatureStream], prepared: PreparedData, splits: tuple[str, ...]) -> None:
+    """Every row of ``splits`` must be finite in every stream (streams match ``prepared``).
+
+    Raises FeatureStoreError naming the stream, the first bad row's sample id, row and split.
+    """
+    rows = np.flatnonzero(np.isin(prepared.splits, splits))
+    for name, stream in streams.items():
+        row = first_nonfinite_row(stream.features, rows)
+        if row is not None:
+            kind = "NaN" if np.isnan(stream.features[row]).any() else "infinite"
+            raise FeatureStoreError(
+                f"stream {name}: sample id {prepared.ids[row]!r} (row {row}, {prepared.splits[row]} split) has "
+                f"{kind} features; re-extract it (dvc repro extract@{name}) or remove the sample"
+            )
+
+
 def run_key(spec: TrainSpec, streams: dict[str, FeatureStream], rows: np.ndarray) -> str:
     """Checkpoint key: hash of the training spec, each stream's metadata and the training rows."""
     return checkpoint_key(
@@ -79,7 +107,8 @@ def run_train(
     progress: bool = True,
 ) -> Path:
     """Stage entry point. Returns ``out_dir`` when training finished; when ``max_steps`` stopped it
-    early, returns the checkpoint written there (a later call resumes from it) and writes no model.
+    early, returns the checkpoint written there (a later call resumes from it) and writes neither
+    model nor reports.
 
     Training rows are the prepared dataset's train split; the final ``val/...`` metrics are the
     training objective's terms on the val split. ``train.cpu_threads > 0`` sets PyTorch's CPU
@@ -100,22 +129,26 @@ def run_train(
     train_rows, val_rows = prepared.indices("train"), prepared.indices("val")
     if len(train_rows) == 0:
         raise ValueError(f"{prepared_dir}: the train split is empty")
-    streams = load_streams(features_root, params.stream_names, check_finite=False)
+    streams = load_streams(features_root, params.stream_names, check_finite=False)  # rows checked below
     check_matches_prepared(streams, prepared)
+    check_finite_splits(streams, prepared, ("train", "val"))
     device = resolve_device(spec.train.device, "train.device")
     arrays = {name: s.features for name, s in streams.items()}
     budget = spec.train.ram_budget_mb * 2**20
-    source = FeatureSource(arrays, train_rows, ram_budget_bytes=budget, device=device)
+    source = FeatureSource(arrays, train_rows, ram_budget_bytes=budget, device=device, check_finite=False)
+    t = spec.train
+    check_train_memory(source.dims, spec.L, spec.k, t.k_aux, t.batch_size, device, bf16=t.bf16)
     run_dir = checkpoints_dir / run_key(spec, streams, train_rows)
 
     threads = torch.get_num_threads()
     if spec.train.cpu_threads > 0:
         torch.set_num_threads(spec.train.cpu_threads)
-    logger = LiveLogger(reports_dir)
+    clear_reports(reports_dir)
+    logger = LiveLogger(run_dir / LIVE_DIR)
     try:
         result = train_sae(source, spec, checkpoint_dir=run_dir, logger=logger, max_steps=max_steps, progress=progress)
         if result.finished and len(val_rows):
-            val = FeatureSource(arrays, val_rows, ram_budget_bytes=budget, device=device)
+            val = FeatureSource(arrays, val_rows, ram_budget_bytes=budget, device=device, check_finite=False)
             metrics = evaluate_loss(result.model, val, spec, batch_size=spec.train.batch_size)
             logger.log(result.step, {f"val/{k}": v for k, v in metrics.items()})
     finally:
@@ -125,5 +158,6 @@ def run_train(
         assert result.checkpoint is not None
         return result.checkpoint
     save_sae(result.model, out_dir)
+    publish(run_dir / LIVE_DIR, reports_dir)
     prune_run(run_dir)
     return out_dir
