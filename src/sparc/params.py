@@ -107,6 +107,17 @@ class EvaluateParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class FiguresParams:
+    """The `figures` stage: which latents to show and how much of each."""
+
+    concepts: list[str] = dataclasses.field(default_factory=lambda: ["cat-face", "country-flag"])
+    n_best: int = 4
+    top_n: int = 6
+    queries: int = 4
+    thumb_px: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     """The whole of params.yaml. ``lam`` is the YAML key ``lambda``."""
 
@@ -122,6 +133,7 @@ class Params:
     train: TrainParams = dataclasses.field(default_factory=TrainParams)
     concepts: ConceptsParams = dataclasses.field(default_factory=ConceptsParams)
     evaluate: EvaluateParams = dataclasses.field(default_factory=EvaluateParams)
+    figures: FiguresParams = dataclasses.field(default_factory=FiguresParams)
 
     @property
     def stream_names(self) -> list[str]:
@@ -146,6 +158,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if value not in choices:
             raise ParamsError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
         return value
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ParamsError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         _, val_tp = get_args(tp)
         if not isinstance(value, dict):
@@ -327,6 +344,14 @@ def check_evaluate(e: EvaluateParams) -> None:
     check_device_name(e.device, "evaluate.device")
 
 
+def check_figures(f: FiguresParams) -> None:
+    _positive({"n_best": f.n_best, "top_n": f.top_n, "thumb_px": f.thumb_px}, "figures")
+    _positive({"queries": f.queries}, "figures", minimum=0)
+    for i, name in enumerate(f.concepts):
+        if not name.strip():
+            raise ParamsError(f"figures.concepts[{i}]: empty concept name")
+
+
 def validate(params: Params) -> Params:
     """Check every value range and name in ``params`` (the one place stages and ``sparc check``
     validate parameters; nothing here touches files or devices). Returns ``params`` or raises
@@ -338,6 +363,7 @@ def validate(params: Params) -> Params:
     check_train(params.train)
     check_concepts(params.concepts)
     check_evaluate(params.evaluate)
+    check_figures(params.figures)
     return params
 
 

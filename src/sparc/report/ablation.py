@@ -121,27 +121,30 @@ def flatten(obj: object, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def _records_in(node: object, metrics_file: str) -> Iterable[Record]:
+def _records_in(node: object) -> Iterable[Record]:
     if isinstance(node, list):
         for item in node:
-            yield from _records_in(item, metrics_file)
+            yield from _records_in(item)
         return
     if not isinstance(node, dict):
         return
     data = node.get("data")
     if isinstance(data, dict) and node.get("name") and isinstance(data.get("metrics"), dict):
         params = (data.get("params") or {}).get("params.yaml", {}).get("data")
-        metrics = data["metrics"].get(metrics_file, {}).get("data")
+        metrics: dict[str, object] = {}
+        for entry in data["metrics"].values():  # every metrics file, merged (same key paths)
+            metrics.update(flatten((entry or {}).get("data") or {}))
         if params and metrics:
-            yield Record(str(node["name"]), flatten(params), flatten(metrics))
+            yield Record(str(node["name"]), flatten(params), metrics)
     for key in ("experiments", "revs"):
-        yield from _records_in(node.get(key), metrics_file)
+        yield from _records_in(node.get(key))
 
 
-def experiment_records(show_json: object, metrics_file: str = "reports/metrics.json") -> list[Record]:
-    """Every named experiment with params and metrics in ``dvc exp show --json`` output."""
+def experiment_records(show_json: object) -> list[Record]:
+    """Every named experiment with params and metrics in ``dvc exp show --json`` output (the
+    metrics of all its metrics files, flattened to dotted keys)."""
     seen: dict[str, Record] = {}
-    for rec in _records_in(show_json, metrics_file):
+    for rec in _records_in(show_json):
         seen.setdefault(rec.name, rec)
     return list(seen.values())
 
