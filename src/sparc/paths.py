@@ -48,5 +48,5 @@ def concepts_dir() -> Path:
 
 
 def metrics_path() -> Path:
-    """Headline metrics of `evaluate` (declared as DVC metrics)."""
+    """The full evaluation of `evaluate` (its headline selection, headline.json beside it, is the DVC metrics)."""
     return REPORTS / "metrics.json"

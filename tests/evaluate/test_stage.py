@@ -173,6 +173,27 @@ def test_metrics_schema_and_ranges(outputs: dict[str, Path]) -> None:
     assert metrics["probes"]["n_classes"] > 0 and metrics["probes"]["reason"] is None
 
 
+def test_headline_and_plot_files(outputs: dict[str, Path]) -> None:
+    """headline.json (the DVC metrics) is a flat selection of metrics.json; the plot CSVs too."""
+    out = outputs["metrics"].parent
+    metrics = json.loads(outputs["metrics"].read_text())
+    head = json.loads((out / "headline.json").read_text())
+    assert head["jaccard_d2"] == metrics["jaccard"]["joint"]["depth_2"]["all"]
+    assert head["jaccard_ps_live"] == metrics["jaccard"]["per_stream"]["depth_2"]["live"]
+    assert head["nmse_cross_lf"] == metrics["reconstruction"]["per_stream"]["cross_nmse_mean"]
+    assert head["mixed_ps"] == metrics["patterns"]["per_stream"]["mixed"]
+    # clip_txt is the only caption stream, clip_img and dino the image streams
+    r1 = [metrics["retrieval"][f"clip_txt->{g}"]["R@1"] for g in ("clip_img", "dino")]
+    assert head["r1_cap2img"] == pytest.approx(sum(r1) / 2)
+    assert all(not isinstance(v, dict) for v in head.values()) and len(head) <= 24
+    jaccard = read_csv(out / "plots" / "jaccard.csv")
+    assert [int(r["depth"]) for r in jaccard] == [0, 1, 2]
+    assert float(jaccard[2]["per_stream_live"]) == pytest.approx(head["jaccard_ps_live"], abs=1e-6)
+    assert len(read_csv(out / "plots" / "retrieval.csv")) == 6
+    assert len(read_csv(out / "plots" / "reconstruction.csv")) == 9
+    assert [r["pattern"] for r in read_csv(out / "plots" / "patterns.csv")] == ["alive_all", "dead_all", "mixed"]
+
+
 def test_joint_codes_share_indices_per_stream_codes_do_not(outputs: dict[str, Path]) -> None:
     """Global TopK: every stream fires on the same index set, so a latent is never 'mixed' by
     construction of the joint codes; the per-stream codes measure alignment without that."""

@@ -24,21 +24,18 @@ STREAMS = {"img": {"model": "efficientnet:lite0", "input": "image"}, "txt": {"mo
 
 
 def metrics(jaccard: float, cross: float, r1: float) -> dict:
+    """Headline metrics (sparc.evaluate.headline) of one run."""
     return {
-        "jaccard": {kind: {"depth_0": {"all": jaccard, "live": jaccard}, "depth_2": {"all": jaccard / 2, "live": jaccard}}
-                    for kind in ("joint", "per_stream")},
-        "patterns": {"joint": {"mixed": 0.0, "alive_all": 0.5}, "per_stream": {"mixed": 0.1, "alive_all": 0.4}},
-        "reconstruction": {"joint": {"self_nmse_mean": 0.3, "cross_nmse_mean": cross},
-                           "per_stream": {"cross_nmse_mean": cross + 0.1}},
-        "retrieval": {"txt->img": {"R@1": r1}, "img->txt": {"R@1": r1 / 2}, "chance": {"R@1": 0.01}},
-        "probes": {"mean_test_logloss": {"img": 0.6, "txt": 0.7}},
+        "jaccard_d0": jaccard, "jaccard_d2": jaccard / 2, "jaccard_live": jaccard, "jaccard_ps": jaccard / 4,
+        "mixed": 0.0, "mixed_ps": 0.1, "alive": 0.5, "nmse_self": 0.3, "nmse_cross": cross,
+        "nmse_cross_lf": cross + 0.1, "r1_cap2img": r1, "r1_img2cap": r1 / 2, "probe_logloss": 0.65,
     }
 
 
 def exp(name: str, seed: int, topk: str, lam: float, m: dict) -> dict:
     data = {
         "params": {"params.yaml": {"data": {"seed": seed, "topk": topk, "lambda": lam, "streams": STREAMS}}},
-        "metrics": {"reports/metrics.json": {"data": m}},
+        "metrics": {"reports/headline.json": {"data": m}},
     }
     return {"revs": [{"rev": f"r{name}", "name": name, "data": data, "error": None, "experiments": None}],
             "executor": None, "name": name}
@@ -53,7 +50,7 @@ def show_json() -> list:
         exp("ablation-local-lam1-s1", 1, "local", 1.0, metrics(0.22, 0.52, 0.12)),
         exp("other-run", 0, "global", 0.0, metrics(0.5, 0.5, 0.5)),
     ]
-    base = {"params": {"params.yaml": {"data": {"seed": 0}}}, "metrics": {"reports/metrics.json": {"data": {}}}}
+    base = {"params": {"params.yaml": {"data": {"seed": 0}}}, "metrics": {"reports/headline.json": {"data": {}}}}
     return [
         {"rev": "workspace", "name": None, "data": base, "error": None, "experiments": None},
         {"rev": "abc", "name": "main", "data": base, "error": None, "experiments": exps},
@@ -93,7 +90,7 @@ def test_records_and_groups_from_exp_show():
     groups = group_records(records, "ablation")
     assert list(groups) == ["sparc", "local-lam1"]
     assert [r.params["seed"] for r in groups["sparc"]] == [0, 1]
-    assert groups["sparc"][0].metrics["jaccard.joint.depth_0.all"] == 0.80
+    assert groups["sparc"][0].metrics["jaccard_d0"] == 0.80
 
 
 def test_table_reports_mean_and_std_over_seeds():

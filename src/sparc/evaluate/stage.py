@@ -39,8 +39,10 @@ concepts (``run_concepts``) writes ``reports/concepts/``::
 The split is ``concepts.split`` (default test, the paper's setting: names describe the same
 samples the other metrics are computed on).
 
-evaluate (``run_evaluate``) computes everything on the test split and writes ``reports/``.
-``metrics.json`` (DVC metrics), ``<kind>`` being ``joint`` or ``per_stream``::
+evaluate (``run_evaluate``) computes everything on the test split and writes ``reports/``:
+``headline.json`` (the DVC metrics: a flat selection, sparc.evaluate.headline), ``plots/*.csv``
+(the evaluation plots of dvc.yaml), and the full ``metrics.json``, ``<kind>`` being ``joint`` or
+``per_stream``::
 
     n_eval                       number of test samples
     sparsity.l0_<kind>.<s>       mean non-zeros per sample (the real L0)
@@ -104,6 +106,7 @@ import scipy.sparse as sp
 from sparc import paths
 from sparc.data.prepared import PreparedData, file_sha256, load_prepared
 from sparc.evaluate.concepts import assign_concepts, concept_rows, concept_summary
+from sparc.evaluate.headline import headline, plot_tables
 from sparc.evaluate.jaccard import hierarchical_jaccard, jaccard_summary
 from sparc.evaluate.labels import LabelSpace
 from sparc.evaluate.metrics import (
@@ -129,6 +132,8 @@ from sparc.model.codes import SparseCodes
 from sparc.params import Params, ParamsError, check_concepts, check_evaluate
 
 EVAL_SPLIT = "test"
+HEADLINE = "headline.json"  # next to metrics.json: sparc.evaluate.headline
+PLOTS_DIR = "plots"
 MODEL_FILE = "model.safetensors"
 CODES_META = "meta.json"
 # The two kinds of codes (module docstring): the model's own inference rule, and each stream alone.
@@ -682,7 +687,15 @@ def run_evaluate(
         tmp = out / f".{name}.tmp"
         _write_csv(tmp, rows_, fields)
         os.replace(tmp, out / name)
-    tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
-    _write_json(tmp, metrics)
-    os.replace(tmp, metrics_path)
+    plots = out / PLOTS_DIR
+    plots.mkdir(exist_ok=True)
+    for name, rows_ in plot_tables(metrics).items():
+        tmp = plots / f".{name}.tmp"
+        _write_csv(tmp, [{k: _fmt(v) for k, v in r.items()} for r in rows_])
+        os.replace(tmp, plots / name)
+    inputs = {s: params.streams[s].input for s in names}
+    for path, obj in ((out / HEADLINE, headline(metrics, inputs)), (metrics_path, metrics)):
+        tmp = path.with_name(f".{path.name}.tmp")
+        _write_json(tmp, obj)
+        os.replace(tmp, path)
     return metrics_path

@@ -162,65 +162,43 @@ def dvc_experiments(cwd: str | Path = ".") -> list[Record]:
 # --------------------------------------------------------------------------- tables
 
 
-def _mean_over(keys: Callable[[dict], list[str]]) -> Callable[[Record], float | None]:
+def _key(name: str) -> Callable[[Record], float | None]:
     def read(rec: Record) -> float | None:
-        vals = [rec.metrics.get(k) for k in keys(rec.params)]
-        vals = [float(v) for v in vals if isinstance(v, (int, float))]
-        return sum(vals) / len(vals) if vals else None
+        value = rec.metrics.get(name)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     return read
 
 
-def _streams(params: dict, inp: str) -> list[str]:
-    return [k.split(".")[1] for k, v in params.items() if k.startswith("streams.") and k.endswith(".input") and v == inp]
+def _deepest(rec: Record) -> float | None:
+    depths = [int(m.group(1)) for k in rec.metrics if (m := re.fullmatch(r"jaccard_d(\d+)", k))]
+    return _key(f"jaccard_d{max(depths)}")(rec) if depths else None
 
 
-def _retrieval_keys(query: str, gallery: str) -> Callable[[dict], list[str]]:
-    def keys(params: dict) -> list[str]:
-        return [f"retrieval.{q}->{g}.R@1" for q in _streams(params, query) for g in _streams(params, gallery)]
-
-    return keys
-
-
-def _per_stream(template: str) -> Callable[[dict], list[str]]:
-    def keys(params: dict) -> list[str]:
-        names = {k.split(".")[1] for k in params if k.startswith("streams.")}
-        return [template.format(s=s) for s in sorted(names)]
-
-    return keys
-
-
-def _key(name: str) -> Callable[[Record], float | None]:
-    return _mean_over(lambda params: [name])
-
-
-# Rows of the table: label, how to read the value from one experiment, and the format.
+# Rows of the table: label, how to read the value from one experiment's headline metrics
+# (sparc.evaluate.headline), and the format.
 TABLE_ROWS: list[tuple[str, Callable[[Record], float | None], str]] = [
-    ("Jaccard depth 0, all latents (joint)", _key("jaccard.joint.depth_0.all"), ".3f"),
-    ("Jaccard deepest level, all latents (joint)", lambda r: _deepest(r, "joint", "all"), ".3f"),
-    ("Jaccard deepest level, live latents (joint)", lambda r: _deepest(r, "joint", "live"), ".3f"),
-    ("Jaccard deepest level, all latents (per-stream)", lambda r: _deepest(r, "per_stream", "all"), ".3f"),
-    ("Jaccard deepest level, live latents (per-stream)", lambda r: _deepest(r, "per_stream", "live"), ".3f"),
-    ("alive in all streams (joint)", _key("patterns.joint.alive_all"), ".1%"),
-    ("mixed latents (joint)", _key("patterns.joint.mixed"), ".1%"),
-    ("mixed latents (per-stream)", _key("patterns.per_stream.mixed"), ".1%"),
-    ("named alike in all streams (joint)", _key("concepts.joint.agreeing_fraction"), ".1%"),
-    ("named alike in all streams (per-stream)", _key("concepts.per_stream.agreeing_fraction"), ".1%"),
-    ("firing entropy (per-stream; 1 = universal)", _key("universality.per_stream.firing_entropy_mean"), ".3f"),
-    ("self NMSE (joint)", _key("reconstruction.joint.self_nmse_mean"), ".3f"),
-    ("cross NMSE (joint, the training loss's)", _key("reconstruction.joint.cross_nmse_mean"), ".3f"),
-    ("cross NMSE (per-stream, leak-free)", _key("reconstruction.per_stream.cross_nmse_mean"), ".3f"),
-    ("1-D probe test log-loss, mean of streams (chance 0.693)",
-     _mean_over(_per_stream("probes.mean_test_logloss.{s}")), ".3f"),
-    ("retrieval R@1 caption→image (per-stream codes)", _mean_over(_retrieval_keys("caption", "image")), ".3f"),
-    ("retrieval R@1 image→caption (per-stream codes)", _mean_over(_retrieval_keys("image", "caption")), ".3f"),
-    ("retrieval R@1 chance", _key("retrieval.chance.R@1"), ".4f"),
+    ("Jaccard depth 0, all latents (joint)", _key("jaccard_d0"), ".3f"),
+    ("Jaccard deepest level, all latents (joint)", _deepest, ".3f"),
+    ("Jaccard deepest level, live latents (joint)", _key("jaccard_live"), ".3f"),
+    ("Jaccard deepest level, all latents (per-stream)", _key("jaccard_ps"), ".3f"),
+    ("Jaccard deepest level, live latents (per-stream)", _key("jaccard_ps_live"), ".3f"),
+    ("alive in all streams (joint)", _key("alive"), ".1%"),
+    ("dead in all streams (joint)", _key("dead"), ".1%"),
+    ("mixed latents (joint)", _key("mixed"), ".1%"),
+    ("mixed latents (per-stream)", _key("mixed_ps"), ".1%"),
+    ("named alike in all streams (joint)", _key("agree"), ".1%"),
+    ("named alike in all streams (per-stream)", _key("agree_ps"), ".1%"),
+    ("firing entropy (joint; 1 = fires in every stream alike)", _key("entropy"), ".3f"),
+    ("firing entropy (per-stream)", _key("entropy_ps"), ".3f"),
+    ("self NMSE (joint)", _key("nmse_self"), ".3f"),
+    ("cross NMSE (joint, the training loss's)", _key("nmse_cross"), ".3f"),
+    ("cross NMSE (per-stream, leak-free)", _key("nmse_cross_lf"), ".3f"),
+    ("1-D probe test log-loss, mean of streams (chance 0.693)", _key("probe_logloss"), ".3f"),
+    ("retrieval R@1 caption→image (per-stream codes)", _key("r1_cap2img"), ".3f"),
+    ("retrieval R@1 image→caption (per-stream codes)", _key("r1_img2cap"), ".3f"),
+    ("L0 per stream (joint)", _key("l0"), ".2f"),
 ]
-
-
-def _deepest(rec: Record, kind: str, which: str) -> float | None:
-    depths = [int(m.group(1)) for k in rec.metrics if (m := re.fullmatch(rf"jaccard\.{kind}\.depth_(\d+)\.{which}", k))]
-    return _key(f"jaccard.{kind}.depth_{max(depths)}.{which}")(rec) if depths else None
 
 
 def config_name(name: str, prefix: str) -> str | None:
@@ -288,7 +266,7 @@ def ablation_table(groups: dict[str, list[Record]]) -> str:
 CLAIMS: list[tuple[str, str, str, str]] = [
     ("Global TopK aligns more than Local TopK (Jaccard, λ=1)", "Jaccard depth 0, all latents (joint)", "sparc", "local-lam1"),
     ("... also at the deepest level", "Jaccard deepest level, all latents (joint)", "sparc", "local-lam1"),
-    ("... also measured per stream, without the shared indices", "Jaccard deepest level, live latents (per-stream)", "sparc", "local-lam1"),
+    ("... also measured per stream, without the shared indices", "Jaccard deepest level, all latents (per-stream)", "sparc", "local-lam1"),
     ("the cross-loss raises Global TopK's deepest-level Jaccard", "Jaccard deepest level, all latents (joint)", "sparc", "global-lam0"),
     ("Global TopK leaves fewer mixed latents than Local TopK", "mixed latents (joint)", "local-lam1", "sparc"),
     ("the cross-loss lowers leak-free cross NMSE (Global TopK)", "cross NMSE (per-stream, leak-free)", "global-lam0", "sparc"),
