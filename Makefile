@@ -29,6 +29,7 @@ repro: setup
 	$(BIN)/dvc repro
 
 test: setup
+	@scripts/system-packages.sh --test
 	$(BIN)/python -m pytest
 
 lint: setup

@@ -66,6 +66,19 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
     print(f"metrics -> {run_evaluate(params)}")
 
 
+def cmd_figures(params: Params, args: argparse.Namespace) -> None:
+    from sparc.report.figures_stage import run_figures
+
+    print(f"figures -> {run_figures(params)}")
+
+
+def cmd_browser(params: Params, args: argparse.Namespace) -> None:
+    from sparc.report.browser import build_browser
+
+    out = build_browser(params)
+    print(f"concept browser -> {out / 'index.html'}")
+
+
 def cmd_paper(params: Params, args: argparse.Namespace) -> None:
     """Run the paper setting as the DVC experiment ``paper`` (see sparc.presets)."""
     import shlex
@@ -158,6 +171,8 @@ COMMANDS = {
     "concepts": (cmd_concepts, "name every latent per stream from its top activating samples"),
     "paper": (cmd_paper, "run the paper setting (DINOv2 + OpenCLIP, L=8192, k=64) as a DVC experiment"),
     "evaluate": (cmd_evaluate, "Jaccard, patterns, reconstruction, probes, retrieval, universality"),
+    "figures": (cmd_figures, "PNG figures of the evaluation under reports/figures/"),
+    "browser": (cmd_browser, "the static HTML concept browser under reports/browser/"),
     "ablation": (cmd_ablation, "run the ablation grid (Global/Local x lambda 0/1, USAE) over seeds as DVC experiments"),
     "sweep": (cmd_sweep, "run a sweep over one parameter (e.g. k=8,16,32) over seeds as DVC experiments"),
     "table": (cmd_table, "mean +- std table of a grid's experiments (dvc exp show --json)"),

@@ -1,0 +1,797 @@
+"""The concept browser: a static HTML report of every live latent, opened from the file system.
+
+:func:`build_browser` writes ``reports/browser/``::
+
+    index.html     the page: HTML, CSS, plain JavaScript and all its data (one JSON blob in a
+                   ``<script type="application/json">``); no server, no network, no CDN, no fonts
+    thumbs/<row>.jpg   one small JPEG (side <= ``figures.thumb_px``, white background) per image
+                   the page shows, written once whatever the number of latents showing it
+
+It reads the prepared dataset (captions, labels, images), the codes (``data/codes/{joint,
+per_stream}``), the concepts stage's tables and summary, and the evaluate stage's
+``latents.csv``, ``metrics.json`` and ``retrieval.csv``; it refuses codes, concepts or latents
+that do not belong together (the checks of :mod:`sparc.evaluate.stage`, and ``latents.csv``'s
+firing frequencies and names against the codes and concepts).
+
+The page:
+
+* **Latent table**: the live latents (firing on the test split in at least one stream under the
+  joint codes: ``alive_in != none`` in latents.csv, ``jaccard.joint.n_live`` of metrics.json), one
+  row each: latent, agreed name, per stream its name and purity, the per-latent hierarchical
+  Jaccard at the deepest depth (joint and per-stream codes), activation pattern, firing frequency
+  per stream. A click on a header sorts by it (again: reverse; empty cells last). The search box
+  keeps the latents one of whose concept names contains the query (case-insensitive substring of
+  the agreed name or any stream's name under either kind of codes; :func:`search_matches` is the
+  same rule in Python).
+* **Latent panel** (``#latent-<i>``, opened by clicking a row; Escape or the close button goes
+  back): its statistics (per stream name, dominant label, purity, firings, frequency, under both
+  kinds of codes; Jaccard at every depth; pattern; firing entropy and co-firing), its top
+  ``figures.top_n`` samples per stream on the concepts split (thumbnails for image streams,
+  captions for caption streams, with activations; joint or per-stream codes, a toggle), and its
+  label distributions: the counts of the labels among the top ``concepts.top_n`` samples (the
+  samples its name comes from, so the dominant count / top samples is its purity) and among all
+  its firings on the concepts split.
+* **Cross-stream retrieval**: the retrieval metrics of retrieval.csv, and examples: for
+  ``figures.queries`` test captions (evenly spread over the test split), per caption stream and
+  image stream, the top images by cosine similarity of the per-stream codes (the correct image
+  outlined, and its rank).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from sparc import paths
+from sparc.data.prepared import PreparedData, load_prepared
+from sparc.evaluate.labels import LabelSpace
+from sparc.evaluate.metrics import firing_counts, firing_matrix, l2_normalise_rows, top_activating
+from sparc.evaluate.stage import (
+    CODE_KINDS,
+    EVAL_SPLIT,
+    EvaluateInputError,
+    codes_to_csr,
+    load_codes,
+    load_concepts,
+    split_rows,
+)
+from sparc.params import Params, check_figures
+
+INDEX = "index.html"
+THUMBS = "thumbs"
+N_DIST_LABELS = 8  # labels listed per label distribution (the rest are summed as "other")
+N_RETRIEVED = 5  # gallery images shown per retrieval query
+FREQ_TOLERANCE = 1e-6  # latents.csv rounds to 6 decimals
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation outputs incomplete: {path} is missing (run `dvc repro evaluate`)")
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _num(text: str | None) -> float | None:
+    """A CSV cell as a float (None for an empty or non-finite cell)."""
+    if text is None or text == "":
+        return None
+    x = float(text)
+    return x if math.isfinite(x) else None
+
+
+def _check_latents(
+    latents: list[dict], path: Path, streams: list[str], joint_freq: dict[str, np.ndarray], n_eval: int,
+    concepts: list[dict],
+) -> None:
+    """latents.csv must have one row per latent and agree with the codes and concepts."""
+    L = len(concepts)
+    if [r.get("latent") for r in latents] != [str(i) for i in range(L)]:
+        raise EvaluateInputError(f"{path}: expected one row per latent 0..{L - 1}; run `dvc repro evaluate`")
+    need = {"agreed_name", "pattern", "alive_in", "per_stream_pattern", "per_stream_alive_in"}
+    need |= {f"{c}_{s}" for s in streams for c in ("name", "purity", "freq")}
+    missing = sorted(need - set(latents[0]))
+    if missing:
+        raise EvaluateInputError(f"{path}: columns {', '.join(missing)} are missing; run `dvc repro evaluate`")
+    for s in streams:
+        got = np.array([_num(r[f"freq_{s}"]) or 0.0 for r in latents])
+        if np.abs(got - joint_freq[s] / n_eval).max() > FREQ_TOLERANCE:
+            raise EvaluateInputError(
+                f"{path}: firing frequencies of stream {s} do not match the codes (stale evaluation); "
+                "run `dvc repro evaluate`"
+            )
+    for r, c in zip(latents, concepts, strict=True):
+        if r["agreed_name"] != c["agreed_name"] or any(r[f"name_{s}"] != c[f"{s}_name"] for s in streams):
+            raise EvaluateInputError(
+                f"{path}: latent {r['latent']} is named differently from the concepts (stale evaluation); "
+                "run `dvc repro evaluate`"
+            )
+
+
+def _depths(latents: list[dict], prefix: str) -> list[int]:
+    out = []
+    for key in latents[0]:
+        if key.startswith(prefix) and key[len(prefix):].isdigit():
+            out.append(int(key[len(prefix):]))
+    return sorted(out)
+
+
+# --------------------------------------------------------------------------- data of the page
+
+
+def _top_samples(mat: sp.csr_matrix, rows: np.ndarray, n: int) -> dict[int, list[list]]:
+    """latent -> ``[[row, activation], ...]``: the (up to) n largest activations, as
+    :func:`sparc.evaluate.metrics.top_activating` orders them; rows are dataset rows."""
+    lat, local = top_activating(mat, n)
+    vals = np.asarray(mat[local, lat]).ravel() if lat.size else np.zeros(0)
+    out: dict[int, list[list]] = {}
+    for latent, r, v in zip(lat.tolist(), local.tolist(), vals.tolist(), strict=True):
+        out.setdefault(latent, []).append([int(rows[r]), round(float(v), 4)])
+    return out
+
+
+def _label_counts(sel: sp.csr_matrix, labels: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
+    """``[L, B]`` label counts of the samples selected by ``sel`` (``[L, N]`` 0/1) and ``[L]`` their
+    number."""
+    counts = (sel @ labels).tocsr()
+    return counts, np.asarray(sel.sum(axis=1)).ravel().astype(np.int64)
+
+
+def _top_labels(counts: sp.csr_matrix, i: int, label_index: dict[int, int]) -> list[list[int]]:
+    """``[[label index, count], ...]`` of latent i: the largest counts (ties: hierarchy order)."""
+    row = counts.getrow(i)
+    cols, vals = row.indices, row.data.astype(np.int64)
+    order = np.lexsort((cols, -vals))
+    out = []
+    for j in order[:N_DIST_LABELS]:
+        col = int(cols[j])
+        label_index.setdefault(col, len(label_index))
+        out.append([label_index[col], int(vals[j])])
+    return out
+
+
+def _retrieval_examples(
+    local: dict[str, sp.csr_matrix], eval_rows: np.ndarray, query_streams: list[str], gallery_streams: list[str],
+    n_queries: int,
+) -> list[dict]:
+    """Per (caption stream, image stream): ``queries`` evenly spread over the evaluated rows, each
+    with the rank of its own image (1 + gallery items scoring higher; ``ties`` others scoring the
+    same) and the top images by cosine similarity of the per-stream codes."""
+    N = eval_rows.size
+    if n_queries <= 0 or N == 0:
+        return []
+    picks = np.unique(np.linspace(0, N - 1, min(n_queries, N)).round().astype(np.int64))
+    out = []
+    for q in query_streams:
+        queries = l2_normalise_rows(local[q][picks]).astype(np.float64)
+        for g in gallery_streams:
+            gallery = l2_normalise_rows(local[g]).astype(np.float64)
+            sims = np.asarray((gallery @ queries.T).todense())  # [N, n_queries]
+            items = []
+            for c, p in enumerate(picks.tolist()):
+                s = sims[:, c]
+                order = np.lexsort((np.arange(N), -s))[:N_RETRIEVED]
+                own = s[p]
+                items.append({
+                    "row": int(eval_rows[p]),
+                    "rank": int((s > own).sum()) + 1,
+                    "ties": int((s == own).sum()) - 1,
+                    "top": [[int(eval_rows[j]), round(float(s[j]), 4)] for j in order],
+                })
+            out.append({"query": q, "gallery": g, "items": items})
+    return out
+
+
+def _retrieval_table(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        if r.get("applicable") not in ("True", "true", True):
+            continue
+        out.append({
+            "query": r["query"], "gallery": r["gallery"], "representation": r["representation"],
+            **{k: _num(r.get(k)) for k in ("R@1", "R@5", "R@10", "median_rank", "MRR")},
+        })
+    return out
+
+
+def browser_data(
+    params: Params,
+    prepared: PreparedData,
+    codes: dict,
+    concept_tables: dict[str, list[dict]],
+    concept_summary: dict,
+    latents: list[dict],
+    metrics: dict,
+    retrieval_rows: list[dict],
+    codes_meta: dict | None = None,
+) -> dict:
+    """Everything the page shows, as one JSON-able dict (module docstring). ``codes`` is kind ->
+    SparseCodes of every prepared row; ``concept_tables`` kind -> rows of the concepts CSVs.
+
+    Image thumbnails are not made here: ``data["thumbs"]`` lists the rows whose image the page
+    shows, and ``samples[row]["img"]`` is filled in by :func:`build_browser`.
+    """
+    streams = params.stream_names
+    inputs = {s: params.streams[s].input for s in streams}
+    image_streams = [s for s in streams if inputs[s] == "image"]
+    caption_streams = [s for s in streams if inputs[s] == "caption"]
+    space = LabelSpace(prepared.hierarchy)
+    label_ids = space.label_ids
+    col_of = {lab: j for j, lab in enumerate(label_ids)}
+
+    split = concept_summary.get("split", params.concepts.split)
+    top_n_names = int(concept_summary.get("top_n", params.concepts.top_n))
+    c_rows = split_rows(prepared, split)
+    c_labels = space.matrix([prepared.labels[i] for i in c_rows])
+    e_rows = split_rows(prepared, EVAL_SPLIT)
+    n_eval = int(e_rows.size)
+
+    live = [i for i, r in enumerate(latents) if r["alive_in"] != "none"]
+    j_depths = _depths(latents, "jaccard_d")
+    p_depths = _depths(latents, "per_stream_jaccard_d")
+
+    label_index: dict[int, int] = {}
+    shown_rows: set[int] = set()
+    thumb_rows: set[int] = set()
+    per_kind: dict[str, dict] = {}
+    for kind in CODE_KINDS:
+        mats = codes_to_csr(codes[kind], c_rows)
+        per_kind[kind] = {}
+        for s in streams:
+            mat = mats[s]
+            L = mat.shape[1]
+            lat, local = top_activating(mat, top_n_names)
+            top_sel = sp.csr_matrix((np.ones(lat.size), (lat, local)), shape=(L, mat.shape[0]))
+            per_kind[kind][s] = {
+                "top": _top_samples(mat, c_rows, params.figures.top_n),
+                "dist_top": _label_counts(top_sel, c_labels),
+                "dist_all": _label_counts(firing_matrix(mat).T.tocsr(), c_labels),
+            }
+
+    entries = []
+    for i in live:
+        r = latents[i]
+        entry: dict = {
+            "l": i,
+            "agreed": r["agreed_name"],
+            "name": {s: r[f"name_{s}"] for s in streams},
+            "purity": {s: _num(r[f"purity_{s}"]) for s in streams},
+            "freq": {s: _num(r[f"freq_{s}"]) for s in streams},
+            "jac": {
+                "joint": [_num(r[f"jaccard_d{d}"]) for d in j_depths],
+                "per_stream": [_num(r[f"per_stream_jaccard_d{d}"]) for d in p_depths],
+            },
+            "pattern": {"joint": r["pattern"], "per_stream": r["per_stream_pattern"]},
+            "alive_in": {"joint": r["alive_in"], "per_stream": r["per_stream_alive_in"]},
+            "fe": _num(r.get("firing_entropy")),
+            "cofire": _num(r.get("cofire")),
+            "kinds": {},
+        }
+        for kind in CODE_KINDS:
+            c = concept_tables[kind][i]
+            k_entry: dict = {"stream": {}}
+            for s in streams:
+                data = per_kind[kind][s]
+                top = data["top"].get(i, [])
+                shown_rows.update(row for row, _ in top)
+                if inputs[s] == "image":
+                    thumb_rows.update(row for row, _ in top)
+                (ct, nt), (ca, na) = data["dist_top"], data["dist_all"]
+                dominant = c[f"{s}_label"]
+                if dominant in col_of:
+                    label_index.setdefault(col_of[dominant], len(label_index))
+                k_entry["stream"][s] = {
+                    "name": c[f"{s}_name"],
+                    "label": label_index[col_of[dominant]] if dominant in col_of else None,
+                    "purity": _num(c[f"{s}_purity"]),
+                    "n_active": int(c[f"{s}_n_active"]),
+                    "top": top,
+                    "dist_top": {"n": int(nt[i]), "labels": _top_labels(ct, i, label_index)},
+                    "dist_all": {"n": int(na[i]), "labels": _top_labels(ca, i, label_index)},
+                }
+            k_entry["agreed"] = c["agreed_name"]
+            entry["kinds"][kind] = k_entry
+        entry["search"] = search_key(entry)
+        entries.append(entry)
+
+    local = codes_to_csr(codes["per_stream"], e_rows)
+    examples = _retrieval_examples(local, e_rows, caption_streams, image_streams, params.figures.queries)
+    for ex in examples:
+        for item in ex["items"]:
+            shown_rows.add(item["row"])
+            thumb_rows.add(item["row"])
+            for row, _ in item["top"]:
+                shown_rows.add(row)
+                thumb_rows.add(row)
+
+    # The label table holds the labels the page refers to: distributions and samples' own labels.
+    samples = {}
+    for row in sorted(shown_rows):
+        labs = []
+        for lab in prepared.labels[row]:
+            if lab in col_of:
+                label_index.setdefault(col_of[lab], len(label_index))
+                labs.append(label_index[col_of[lab]])
+        samples[str(row)] = {"id": prepared.ids[row], "caption": prepared.captions[row], "labels": labs, "img": ""}
+    labels = [None] * len(label_index)
+    for col, idx in label_index.items():
+        lab = label_ids[col]
+        labels[idx] = [lab, space.name(lab)]
+
+    jac = metrics.get("jaccard", {})
+    summary = {
+        "n_eval": metrics.get("n_eval", n_eval),
+        "n_live": {k: jac.get(k, {}).get("n_live") for k in CODE_KINDS},
+        "jaccard_live": {
+            k: {str(d): jac.get(k, {}).get(f"depth_{d}", {}).get("live") for d in j_depths} for k in CODE_KINDS
+        },
+        "agreeing": {k: metrics.get("concepts", {}).get(k, {}).get("agreeing") for k in CODE_KINDS},
+        "l0": {k: metrics.get("sparsity", {}).get(f"l0_{k}") for k in CODE_KINDS},
+    }
+    meta = codes_meta or {}
+    return {
+        "title": f"SPARC concept browser: {prepared.meta.get('dataset', '')}",
+        "dataset": prepared.meta.get("dataset", ""),
+        "L": params.L,
+        "k": params.k,
+        "topk": params.topk,
+        "method": params.method,
+        "model_sha256": meta.get("model_sha256", ""),
+        "joint_mode": meta.get("joint_mode", params.topk),
+        "streams": [{"name": s, "input": inputs[s]} for s in streams],
+        "concepts_split": split,
+        "n_concepts_split": int(c_rows.size),
+        "eval_split": EVAL_SPLIT,
+        "top_n_names": top_n_names,
+        "purity_threshold": concept_summary.get("purity_threshold", params.concepts.purity_threshold),
+        "top_n": params.figures.top_n,
+        "thumb_px": params.figures.thumb_px,
+        "depths": j_depths,
+        "summary": summary,
+        "latents": entries,
+        "labels": labels,
+        "samples": samples,
+        "thumbs": sorted(thumb_rows),
+        "retrieval": {"metrics": _retrieval_table(retrieval_rows), "examples": examples},
+    }
+
+
+def search_key(entry: dict) -> str:
+    """The text the search box matches: every concept name of a latent entry, lower-cased,
+    newline-joined (the page's ``search`` field)."""
+    names = [entry["agreed"], *entry["name"].values()]
+    for k in entry.get("kinds", {}).values():
+        names.append(k.get("agreed", ""))
+        names.extend(v["name"] for v in k["stream"].values())
+    seen: list[str] = []
+    for n in names:
+        n = n.strip().lower()
+        if n and n not in seen:
+            seen.append(n)
+    return "\n".join(seen)
+
+
+def search_matches(data: dict, query: str) -> list[int]:
+    """Latents the search box keeps for ``query`` (the page's rule): all for a blank query, else
+    those with a concept name containing it, case-insensitively."""
+    q = query.strip().lower()
+    return [e["l"] for e in data["latents"] if not q or q in e["search"]]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def make_thumb(src: Path, dst: Path, px: int) -> bool:
+    """Write a JPEG of ``src`` fitting ``px`` x ``px`` (transparency on white); False when the
+    image cannot be read."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(src) as im:
+            im = ImageOps.exif_transpose(im)
+            im.draft("RGB", (px, px))
+            rgba = im.convert("RGBA")
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return False
+    rgba.thumbnail((px, px), Image.Resampling.LANCZOS)
+    flat = Image.new("RGB", rgba.size, (255, 255, 255))
+    flat.paste(rgba, mask=rgba.getchannel("A"))
+    flat.save(dst, "JPEG", quality=85, optimize=True)
+    return True
+
+
+def _json_for_script(data: dict) -> str:
+    """JSON safe inside ``<script>``: no ``<``, ``>`` or ``&`` (escaped), no NaN."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def render_html(data: dict) -> str:
+    """The page with its title, thumbnail size and data filled in."""
+    fill = {
+        "TITLE": html.escape(data["title"]),
+        "THUMB": str(int(data["thumb_px"])),
+        "DATA": _json_for_script(data),
+    }
+    return re.sub(r"\{\{(TITLE|THUMB|DATA)\}\}", lambda m: fill[m.group(1)], PAGE)
+
+
+def embedded_data(index_html: str | Path) -> dict:
+    """The JSON blob of a written ``index.html`` (for tests and tools)."""
+    text = Path(index_html).read_text(encoding="utf-8")
+    start = text.index('<script type="application/json" id="data">') + len('<script type="application/json" id="data">')
+    return json.loads(text[start : text.index("</script>", start)])
+
+
+def build_browser(
+    params: Params,
+    *,
+    prepared_dir: str | Path | None = None,
+    codes_dir: str | Path | None = None,
+    concepts_dir: str | Path | None = None,
+    reports_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+) -> Path:
+    """Write the concept browser (module docstring) to ``out_dir`` (default ``reports/browser``)
+    atomically (``<out_dir>.tmp`` then rename) and return ``out_dir``. ``reports_dir`` (default
+    ``reports``) holds latents.csv, metrics.json and retrieval.csv."""
+    check_figures(params.figures)
+    prepared = load_prepared(prepared_dir or paths.prepared_dir(params.data.dataset))
+    codes_dir = Path(codes_dir or paths.codes_dir())
+    concepts_dir = Path(concepts_dir or paths.concepts_dir())
+    reports_dir = Path(reports_dir or paths.metrics_path().parent)
+    out_dir = Path(out_dir or paths.REPORTS / "browser")
+
+    codes = {}
+    for kind in CODE_KINDS:
+        codes[kind], meta = load_codes(codes_dir, kind, prepared, params)
+    concept_tables, concept_summary = load_concepts(concepts_dir, meta, params.L)
+    metrics_path = reports_dir / paths.metrics_path().name
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"evaluation outputs incomplete: {metrics_path} is missing (run `dvc repro evaluate`)")
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EvaluateInputError(f"{metrics_path}: unreadable ({err}); run `dvc repro evaluate`") from None
+    latents_path = reports_dir / "latents.csv"
+    latents = _read_csv(latents_path)
+    retrieval_rows = _read_csv(reports_dir / "retrieval.csv")
+
+    e_rows = split_rows(prepared, EVAL_SPLIT)
+    joint = codes_to_csr(codes["joint"], e_rows)
+    freq = {s: firing_counts(m) for s, m in joint.items()}
+    _check_latents(latents, latents_path, params.stream_names, freq, int(e_rows.size), concept_tables["joint"])
+
+    data = browser_data(
+        params, prepared, codes, concept_tables, concept_summary, latents, metrics, retrieval_rows, meta
+    )
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / THUMBS).mkdir(parents=True)
+    px = params.figures.thumb_px
+    for row in data["thumbs"]:
+        name = f"{row}.jpg"
+        if make_thumb(prepared.images[row], tmp / THUMBS / name, px):
+            data["samples"][str(row)]["img"] = f"{THUMBS}/{name}"
+    (tmp / INDEX).write_text(render_html(data), encoding="utf-8")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+# --------------------------------------------------------------------------- the page
+
+PAGE = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{TITLE}}</title>
+<style>
+:root { --thumb: {{THUMB}}px; --fg: #1d1d1f; --muted: #666; --line: #ddd; --hi: #fff6d6; --acc: #2a62c9; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--fg); background: #fafafa; }
+header, main > section { padding: 12px 20px; }
+header { background: #fff; border-bottom: 1px solid var(--line); }
+h1 { font-size: 20px; margin: 0 0 4px; }
+h2 { font-size: 17px; margin: 18px 0 8px; }
+h3 { font-size: 15px; margin: 14px 0 6px; }
+.muted { color: var(--muted); }
+.summary td, .summary th { padding: 2px 10px 2px 0; text-align: left; }
+#controls { display: flex; gap: 12px; align-items: center; margin: 8px 0; }
+#search { width: 320px; padding: 6px 8px; font-size: 14px; border: 1px solid #bbb; border-radius: 4px; }
+table.data { border-collapse: collapse; background: #fff; font-size: 13px; }
+table.data th, table.data td { border-bottom: 1px solid var(--line); padding: 3px 8px; text-align: left; white-space: nowrap; }
+table.data td.num { text-align: right; font-variant-numeric: tabular-nums; }
+#latents th { position: sticky; top: 0; background: #f0f0f0; cursor: pointer; user-select: none; }
+#latents th.sorted-asc::after { content: " \25B2"; }
+#latents th.sorted-desc::after { content: " \25BC"; }
+#latents tbody tr { cursor: pointer; }
+#latents tbody tr:hover { background: #eef3fc; }
+#latents tbody tr.current { background: var(--hi); }
+.tablewrap { max-height: 70vh; overflow: auto; border: 1px solid var(--line); }
+.pill { display: inline-block; padding: 0 6px; border-radius: 8px; font-size: 12px; background: #eee; }
+.pill.alive_all { background: #d9f2dd; } .pill.mixed { background: #fde8c8; } .pill.dead_all { background: #f4d4d4; }
+#panel { position: fixed; top: 0; right: 0; bottom: 0; width: min(900px, 96vw); background: #fff; border-left: 1px solid #bbb;
+  box-shadow: -4px 0 16px rgba(0,0,0,.15); overflow-y: auto; padding: 12px 20px 40px; }
+#panel[hidden] { display: none; }
+#panel .bar { display: flex; gap: 8px; align-items: center; }
+#panel .bar h2 { margin: 0; flex: 1; }
+button { font: inherit; padding: 3px 10px; border: 1px solid #bbb; border-radius: 4px; background: #f6f6f6; cursor: pointer; }
+button.on { background: var(--acc); color: #fff; border-color: var(--acc); }
+.thumbs { display: flex; flex-wrap: wrap; gap: 6px; margin-bottom: 8px; }
+figure { margin: 0; width: calc(var(--thumb) + 8px); font-size: 11px; text-align: center; }
+figure img, figure .noimg { width: var(--thumb); height: var(--thumb); object-fit: contain; border: 1px solid var(--line); background: #fff; display: block; margin: 0 auto; }
+figure .noimg { line-height: var(--thumb); color: #aaa; }
+figure.hit img { outline: 3px solid #2c9c3f; }
+figcaption { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+ol.captions { margin: 4px 0; padding-left: 22px; }
+ol.captions li span.act { color: var(--muted); font-size: 12px; margin-left: 6px; }
+.dist { display: grid; grid-template-columns: minmax(120px, max-content) 160px max-content; gap: 2px 8px; align-items: center; font-size: 12px; }
+.dist .b { height: 10px; background: var(--acc); border-radius: 2px; }
+.cols { display: grid; grid-template-columns: 1fr 1fr; gap: 0 20px; }
+.query { margin: 10px 0 16px; padding: 8px; background: #fff; border: 1px solid var(--line); border-radius: 4px; }
+.query .row { display: flex; gap: 14px; align-items: flex-start; }
+</style>
+</head>
+<body>
+<header>
+<h1 id="title"></h1>
+<div id="meta" class="muted"></div>
+<table class="summary" id="summary"></table>
+</header>
+<main>
+<section id="table-section">
+<h2>Live latents</h2>
+<div id="controls">
+<input id="search" type="search" placeholder="Search concept names" autocomplete="off" aria-label="Search concept names">
+<span id="count" class="muted"></span>
+</div>
+<div class="tablewrap"><table class="data" id="latents"><thead></thead><tbody></tbody></table></div>
+</section>
+<section id="retrieval">
+<h2>Cross-stream retrieval</h2>
+<div id="retrieval-metrics"></div>
+<div id="retrieval-examples"></div>
+</section>
+</main>
+<aside id="panel" hidden></aside>
+<script type="application/json" id="data">{{DATA}}</script>
+<script>
+"use strict";
+const D = JSON.parse(document.getElementById("data").textContent);
+const STREAMS = D.streams.map(s => s.name);
+const INPUT = Object.fromEntries(D.streams.map(s => [s.name, s.input]));
+const BY_ID = new Map(D.latents.map(e => [e.l, e]));
+const DEEP = D.depths.length ? D.depths.length - 1 : -1;
+const KIND_TITLE = {joint: "joint codes", per_stream: "per-stream codes"};
+let sortCol = 0, sortDir = 1, kind = "joint", shown = [];
+
+function el(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") e.className = v; else if (k === "text") e.textContent = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v); else e.setAttribute(k, v);
+  }
+  for (const k of kids) if (k !== null && k !== undefined) e.append(k instanceof Node ? k : String(k));
+  return e;
+}
+function fmt(x, d = 3) { return x === null || x === undefined ? "" : x.toFixed(d); }
+function int(x) { return x === null || x === undefined ? "" : String(x); }
+function num(x) { return x === null || x === undefined ? "" : (Number.isInteger(x) ? String(x) : x.toFixed(1)); }
+function pct(x) { return x === null || x === undefined ? "" : (100 * x).toFixed(1) + "%"; }
+function label(i) { const l = D.labels[i]; return l ? l[1] : "?"; }
+
+const COLS = [
+  {title: "latent", num: true, get: e => e.l, show: e => el("a", {href: "#latent-" + e.l, text: "#" + e.l})},
+  {title: "agreed name", get: e => e.agreed},
+  ...STREAMS.flatMap(s => [
+    {title: s + " name", get: e => e.name[s]},
+    {title: s + " purity", num: true, get: e => e.purity[s], fmt: x => fmt(x, 2)},
+  ]),
+  {title: "Jaccard d" + (D.depths[DEEP] ?? "") + " joint", num: true, get: e => e.jac.joint[DEEP]},
+  {title: "Jaccard d" + (D.depths[DEEP] ?? "") + " per-stream", num: true, get: e => e.jac.per_stream[DEEP]},
+  {title: "pattern", get: e => e.pattern.joint, show: e => el("span", {class: "pill " + e.pattern.joint, title: "fires in: " + e.alive_in.joint + " (per-stream codes: " + e.alive_in.per_stream + ")", text: e.pattern.joint})},
+  ...STREAMS.map(s => ({title: "freq " + s, num: true, get: e => e.freq[s], fmt: pct})),
+];
+
+function header() {
+  document.getElementById("title").textContent = D.title;
+  document.title = D.title;
+  const sha = D.model_sha256 ? ", model " + D.model_sha256.slice(0, 12) : "";
+  document.getElementById("meta").textContent =
+    `L=${D.L}, k=${D.k}, topk=${D.topk}, method=${D.method}${sha}; streams: ` +
+    D.streams.map(s => `${s.name} (${s.input})`).join(", ") +
+    `. Names and top samples: ${D.concepts_split} split (${D.n_concepts_split} samples, names from the top ${D.top_n_names}, purity >= ${D.purity_threshold}); ` +
+    `frequencies, Jaccard, retrieval: ${D.eval_split} split (${D.summary.n_eval} samples).`;
+  const t = document.getElementById("summary");
+  t.append(el("tr", {}, el("th", {}, ""), ...Object.keys(KIND_TITLE).map(k => el("th", {text: KIND_TITLE[k]}))));
+  const rows = [
+    ["live latents", k => int(D.summary.n_live[k])],
+    ["agreeing names", k => int(D.summary.agreeing[k])],
+    ...D.depths.map(d => ["mean Jaccard d" + d + " (live)", k => fmt(D.summary.jaccard_live[k][String(d)])]),
+    ["L0 per stream", k => { const v = D.summary.l0[k]; return v ? STREAMS.map(s => s + " " + fmt(v[s], 1)).join(", ") : ""; }],
+  ];
+  for (const [name, f] of rows) t.append(el("tr", {}, el("td", {text: name}), ...Object.keys(KIND_TITLE).map(k => el("td", {text: f(k)}))));
+}
+
+function renderHead() {
+  const tr = el("tr");
+  COLS.forEach((c, i) => {
+    const cls = i === sortCol ? (sortDir > 0 ? "sorted-asc" : "sorted-desc") : null;
+    tr.append(el("th", {class: cls, "data-col": i, title: "sort by " + c.title, onclick: () => {
+      if (sortCol === i) sortDir = -sortDir; else { sortCol = i; sortDir = 1; }
+      renderHead(); renderRows();
+    }}, c.title));
+  });
+  const thead = document.querySelector("#latents thead");
+  thead.replaceChildren(tr);
+}
+
+function compare(a, b) {
+  const c = COLS[sortCol], x = c.get(a), y = c.get(b);
+  const ex = x === null || x === undefined || x === "", ey = y === null || y === undefined || y === "";
+  if (ex || ey) return ex && ey ? a.l - b.l : (ex ? 1 : -1);  // empty cells last
+  const r = c.num ? x - y : String(x).localeCompare(String(y));
+  return r ? sortDir * r : a.l - b.l;
+}
+
+function matches(e, q) { return !q || e.search.includes(q); }
+
+function renderRows() {
+  const q = document.getElementById("search").value.trim().toLowerCase();
+  shown = D.latents.filter(e => matches(e, q)).sort(compare);
+  const body = document.querySelector("#latents tbody");
+  const cur = currentLatent();
+  body.replaceChildren(...shown.map(e => {
+    const tr = el("tr", {"data-latent": e.l, class: e.l === cur ? "current" : null, onclick: ev => {
+      if (ev.target.tagName !== "A") location.hash = "#latent-" + e.l;
+    }});
+    for (const c of COLS) {
+      const v = c.get(e);
+      tr.append(el("td", {class: c.num ? "num" : null}, c.show ? c.show(e) : (c.fmt ? c.fmt(v) : (c.num ? fmt(v) : (v ?? "")))));
+    }
+    return tr;
+  }));
+  document.getElementById("count").textContent = `${shown.length} of ${D.latents.length} live latents (L = ${D.L})`;
+}
+
+function currentLatent() {
+  const m = /^#latent-(\d+)$/.exec(location.hash);
+  return m ? Number(m[1]) : null;
+}
+
+function thumb(row, extra) {
+  const s = D.samples[String(row)];
+  const tip = s ? `${s.caption} [${s.id}]; labels: ${s.labels.map(label).join(", ")}` : String(row);
+  const img = s && s.img ? el("img", {src: s.img, alt: s.caption, loading: "lazy"}) : el("div", {class: "noimg", text: "no image"});
+  return el("figure", {title: tip + (extra ? "; " + extra : ""), class: null}, img, el("figcaption", {text: s ? s.caption : row}));
+}
+
+function distBlock(title, dist) {
+  const box = el("div");
+  box.append(el("div", {class: "muted", text: `${title} (n = ${dist.n})`}));
+  if (!dist.n) return box;
+  const grid = el("div", {class: "dist"});
+  let listed = 0;
+  for (const [li, c] of dist.labels) {
+    listed += c;
+    grid.append(el("span", {text: label(li), title: D.labels[li] ? D.labels[li][0] : ""}),
+      el("div", {}, el("div", {class: "b", style: `width:${(100 * c / dist.n).toFixed(1)}%`})),
+      el("span", {text: `${c} (${pct(c / dist.n)})`}));
+  }
+  box.append(grid);
+  return box;
+}
+
+function statsTable(e) {
+  const t = el("table", {class: "data"});
+  t.append(el("tr", {}, ...["stream", "codes", "name", "dominant label", "purity", `firings (${D.concepts_split})`, `freq (${D.eval_split}, joint)`].map(h => el("th", {text: h}))));
+  for (const s of STREAMS) for (const k of Object.keys(KIND_TITLE)) {
+    const v = e.kinds[k].stream[s];
+    t.append(el("tr", {}, el("td", {text: `${s} (${INPUT[s]})`}), el("td", {text: KIND_TITLE[k]}), el("td", {text: v.name}),
+      el("td", {text: v.label === null ? "" : label(v.label), title: v.label === null ? null : D.labels[v.label][0]}), el("td", {class: "num", text: fmt(v.purity, 3)}),
+      el("td", {class: "num", text: int(v.n_active)}), el("td", {class: "num", text: k === "joint" ? pct(e.freq[s]) : ""})));
+  }
+  const g = el("table", {class: "data"});
+  g.append(el("tr", {}, el("th", {text: "codes"}), ...D.depths.map(d => el("th", {text: "Jaccard d" + d})), el("th", {text: "pattern"}), el("th", {text: "fires in"})));
+  for (const k of Object.keys(KIND_TITLE)) g.append(el("tr", {}, el("td", {text: KIND_TITLE[k]}), ...e.jac[k].map(x => el("td", {class: "num", text: fmt(x)})),
+    el("td", {}, el("span", {class: "pill " + e.pattern[k], text: e.pattern[k]})), el("td", {text: e.alive_in[k]})));
+  const u = el("div", {class: "muted", text: `joint codes: firing entropy ${fmt(e.fe)}, co-firing ${fmt(e.cofire)}; agreed name (per-stream codes): ${e.kinds.per_stream.agreed || "none"}`});
+  return el("div", {}, t, el("div", {style: "height:8px"}), g, u);
+}
+
+function renderPanel() {
+  const panel = document.getElementById("panel");
+  const l = currentLatent();
+  document.querySelectorAll("#latents tbody tr").forEach(tr => tr.classList.toggle("current", Number(tr.dataset.latent) === l));
+  if (l === null) { panel.hidden = true; panel.replaceChildren(); return; }
+  const e = BY_ID.get(l);
+  const close = el("button", {id: "close", title: "close (Esc)", onclick: () => { history.pushState("", document.title, location.pathname + location.search); renderPanel(); }}, "close");
+  const i = shown.findIndex(x => x.l === l);
+  const prev = el("button", {id: "prev", disabled: i <= 0 ? "disabled" : null, onclick: () => { location.hash = "#latent-" + shown[i - 1].l; }}, "\u2190 prev");
+  const next = el("button", {id: "next", disabled: i < 0 || i >= shown.length - 1 ? "disabled" : null, onclick: () => { location.hash = "#latent-" + shown[i + 1].l; }}, "next \u2192");
+  const title = el("h2", {}, `Latent #${l}` + (e && e.agreed ? ": " + e.agreed : ""));
+  panel.replaceChildren(el("div", {class: "bar"}, title, prev, next, close));
+  panel.hidden = false;
+  panel.dataset.latent = l;
+  if (!e) { panel.append(el("p", {text: l < D.L ? `Latent ${l} never fires on the ${D.eval_split} split (dead).` : `No latent ${l} (L = ${D.L}).`})); return; }
+  const toggle = el("div", {class: "bar"}, el("span", {class: "muted", text: "top samples and label counts from:"}),
+    ...Object.keys(KIND_TITLE).map(k => el("button", {class: k === kind ? "on" : null, "data-kind": k, onclick: () => { kind = k; renderPanel(); }}, KIND_TITLE[k])));
+  panel.append(el("h3", {text: "Statistics"}), statsTable(e), el("h3", {text: "Top samples"}), toggle);
+  for (const s of STREAMS) {
+    const v = e.kinds[kind].stream[s];
+    const sec = el("section", {class: "stream", "data-stream": s});
+    sec.append(el("h3", {text: `${s} (${INPUT[s]}): ${v.name || "unnamed"}` + (v.purity !== null ? `, purity ${fmt(v.purity, 2)}` : "")}));
+    if (!v.top.length) sec.append(el("p", {class: "muted", text: `never fires on the ${D.concepts_split} split`}));
+    else if (INPUT[s] === "image") sec.append(el("div", {class: "thumbs"}, ...v.top.map(([row, a]) => thumb(row, "activation " + fmt(a)))));
+    else sec.append(el("ol", {class: "captions"}, ...v.top.map(([row, a]) => el("li", {}, D.samples[String(row)].caption, el("span", {class: "act", text: fmt(a)})))));
+    sec.append(el("div", {class: "cols"}, distBlock(`labels of the top ${D.top_n_names}`, v.dist_top), distBlock("labels of all firings", v.dist_all)));
+    panel.append(sec);
+  }
+  panel.scrollTop = 0;
+}
+
+function renderRetrieval() {
+  const m = D.retrieval.metrics;
+  const box = document.getElementById("retrieval-metrics");
+  if (m.length) {
+    const t = el("table", {class: "data"});
+    t.append(el("tr", {}, ...["query", "gallery", "representation", "R@1", "R@5", "R@10", "median rank", "MRR"].map(h => el("th", {text: h}))));
+    for (const r of m) t.append(el("tr", {}, el("td", {text: r.query || "\u2014"}), el("td", {text: r.gallery || "\u2014"}), el("td", {text: r.representation}),
+      ...["R@1", "R@5", "R@10", "median_rank", "MRR"].map(k => el("td", {class: "num", text: k === "median_rank" ? num(r[k]) : fmt(r[k])}))));
+    box.append(el("p", {class: "muted", text: `Per-stream codes (each stream its own top-k), ${D.eval_split} split, cosine similarity; chance = a random ranking.`}), t);
+  }
+  const ex = document.getElementById("retrieval-examples");
+  if (!D.retrieval.examples.length) { ex.append(el("p", {class: "muted", text: "No examples: they need a caption stream, an image stream and figures.queries > 0."})); return; }
+  for (const g of D.retrieval.examples) {
+    ex.append(el("h3", {text: `${g.query} captions \u2192 ${g.gallery} images`}));
+    for (const it of g.items) {
+      const s = D.samples[String(it.row)];
+      const found = it.top.map(([row, sim]) => { const f = thumb(row, "similarity " + fmt(sim)); if (row === it.row) f.classList.add("hit"); f.append(el("div", {class: "muted", text: fmt(sim, 2)})); return f; });
+      ex.append(el("div", {class: "query"},
+        el("div", {}, el("b", {text: "\u201c" + s.caption + "\u201d"}), el("span", {class: "muted", text: `  correct image: rank ${it.rank}` + (it.ties ? ` (tied with ${it.ties})` : "")})),
+        el("div", {class: "row"}, el("div", {}, el("div", {class: "muted", text: "correct"}), thumb(it.row)),
+          el("div", {}, el("div", {class: "muted", text: `top ${it.top.length}`}), el("div", {class: "thumbs"}, ...found)))));
+    }
+  }
+}
+
+function placeholder() {
+  const n = new Map();
+  for (const e of D.latents) for (const w of e.search.split("\n")) if (w) n.set(w, (n.get(w) || 0) + 1);
+  const best = [...n.entries()].sort((a, b) => b[1] - a[1])[0];
+  if (best) document.getElementById("search").placeholder = `Search concept names (e.g. ${best[0]})`;
+}
+
+header();
+placeholder();
+renderHead();
+renderRows();
+renderRetrieval();
+let pending = null;
+document.getElementById("search").addEventListener("input", () => {
+  clearTimeout(pending);
+  pending = setTimeout(() => { renderRows(); if (currentLatent() !== null) renderPanel(); }, 60);
+});
+window.addEventListener("hashchange", renderPanel);
+document.addEventListener("keydown", ev => { if (ev.key === "Escape" && currentLatent() !== null) document.getElementById("close").click(); });
+renderPanel();
+</script>
+</body>
+</html>
+"""

@@ -1,0 +1,416 @@
+"""The concept browser (sparc.report.browser) on a tiny pipeline run made in code.
+
+Features and labels come from the planted-concept generator, images are small generated PNGs;
+the prepared dataset, features, SAE, codes, concepts and evaluation are written by the project's
+own writers and stages (as tests/evaluate/test_stage.py does), so the browser reads exactly what
+the pipeline produces.
+
+The last test opens the page in Debian's headless Chromium through Selenium (no browser or driver
+is ever downloaded: Selenium Manager is kept offline and both paths are given). Chromium and
+chromium-driver are Debian packages that ``make test`` installs (scripts/system-packages.sh); when
+they are missing that test fails and says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from sparc.data.base import DatasetBuild, Sample
+from sparc.data.planted import PlantedConfig, make_planted
+from sparc.data.prepared import load_prepared, write_prepared
+from sparc.evaluate.stage import EvaluateInputError, run_concepts, run_encode, run_evaluate
+from sparc.features.store import write_stream
+from sparc.model.codes import SparseCodes
+from sparc.model.io import save_sae
+from sparc.model.sae import MultiStreamSAE, SAEConfig
+from sparc.params import Params, params_from_dict
+from sparc.report.browser import build_browser, embedded_data, search_matches
+
+CLIP = "openclip:ViT-B-32@laion2b_s34b_b79k"
+STREAMS = {
+    "dino": {"model": "dinov2:facebook/dinov2-small", "input": "image"},
+    "clip_img": {"model": CLIP, "input": "image"},
+    "clip_txt": {"model": CLIP, "input": "caption"},
+}
+DIMS = {"dino": 20, "clip_img": 16, "clip_txt": 16}
+L, K = 24, 4
+IMAGE_PX, THUMB_PX, TOP_N, QUERIES = 40, 24, 5, 3
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+SETUP_HINT = (
+    "run `make test` (scripts/system-packages.sh installs them as root) or "
+    "`sudo apt-get install chromium chromium-driver`"
+)
+
+
+@dataclass
+class Run:
+    root: Path
+    params: Params
+    prepared: Path
+    codes: Path
+    concepts: Path
+    reports: Path
+
+    def build(self, out: Path, **over) -> Path:
+        kwargs = {
+            "prepared_dir": self.prepared, "codes_dir": self.codes, "concepts_dir": self.concepts,
+            "reports_dir": self.reports, "out_dir": out,
+        }
+        kwargs.update(over)
+        return build_browser(self.params, **kwargs)
+
+
+def _image(path: Path, labels: tuple[str, ...]) -> None:
+    """A small PNG: background colour from the first label's parent, a shape per leaf."""
+    palette = [(220, 70, 60), (60, 140, 220), (70, 180, 90), (230, 180, 40)]
+    parent = int(labels[0].split(".")[0][1:]) % len(palette)
+    im = Image.new("RGBA", (IMAGE_PX, IMAGE_PX), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(im)
+    draw.rectangle([2, 2, IMAGE_PX - 3, IMAGE_PX - 3], fill=(*palette[parent], 255))
+    for j, lab in enumerate(labels):
+        child = int(lab.rsplit("c", 1)[1])
+        x = 6 + 10 * j
+        box = [x, 6 + 6 * child, x + 8, 14 + 6 * child]
+        (draw.ellipse if child % 2 else draw.rectangle)(box, fill=(255, 255, 255, 255))
+    im.save(path)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    root = tmp_path_factory.mktemp("browser")
+    planted = make_planted(PlantedConfig(dims=dict(zip(["a", "b", "c"], DIMS.values(), strict=True)), n_samples=200))
+    images = root / "images"
+    images.mkdir()
+    samples = []
+    for sid, labels in zip(planted.ids, planted.labels, strict=True):
+        img = images / f"{sid}.png"
+        _image(img, labels)
+        samples.append(Sample(sid, img, "a picture of " + " and ".join(labels), labels))
+    prepared = write_prepared(
+        DatasetBuild(samples, planted.hierarchy), root / "prepared", dataset="planted", options={},
+        max_samples=0, split_seed=0, val_fraction=0.1, test_fraction=0.4,
+    )
+    fingerprint = json.loads((prepared / "meta.json").read_text())["fingerprint"]
+    features = root / "features"
+    for (name, spec), feats in zip(STREAMS.items(), planted.features.values(), strict=True):
+        write_stream(features / name, planted.ids, feats, {**spec, "dataset_fingerprint": fingerprint})
+    sae = save_sae(MultiStreamSAE(SAEConfig(dims=DIMS, L=L, k=K), seed=1), root / "sae")
+    params = params_from_dict({
+        "L": L, "k": K, "streams": STREAMS,
+        "concepts": {"top_n": 10, "purity_threshold": 0.25},
+        "evaluate": {"batch_size": 64, "probe_min_positives": 5, "probe_candidates": 5},
+        "figures": {"top_n": TOP_N, "thumb_px": THUMB_PX, "queries": QUERIES},
+    })
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        codes = run_encode(
+            params, sae_dir=sae, features_root=features, prepared_dir=prepared, out_dir=root / "codes",
+            device="cpu", progress=False,
+        )
+        concepts = run_concepts(params, codes_dir=codes, prepared_dir=prepared, out_dir=root / "concepts")
+        metrics = run_evaluate(
+            params, codes_dir=codes, prepared_dir=prepared, features_root=features, sae_dir=sae,
+            concepts_dir=concepts, metrics_path=root / "reports" / "metrics.json", device="cpu",
+        )
+    finally:
+        torch.set_num_threads(before)
+    return Run(root, params, prepared, codes, concepts, metrics.parent)
+
+
+@pytest.fixture(scope="module")
+def browser(run: Run) -> Path:
+    return run.build(run.root / "browser")
+
+
+@pytest.fixture(scope="module")
+def data(browser: Path) -> dict:
+    return embedded_data(browser / "index.html")
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def a_query(data: dict) -> str:
+    """A concept name that some, not all, live latents carry (the fixture must have one)."""
+    names = sorted({n for e in data["latents"] for n in e["search"].split("\n") if n})
+    for name in names:
+        hits = search_matches(data, name)
+        if 0 < len(hits) < len(data["latents"]):
+            return name
+    pytest.fail(f"the fixture names no latent usefully (names: {names}); lower its purity_threshold")
+
+
+# --------------------------------------------------------------------------- the embedded data
+
+
+def test_writes_page_and_thumbnails_atomically(run: Run, browser: Path, data: dict) -> None:
+    assert sorted(p.name for p in browser.iterdir()) == ["index.html", "thumbs"]
+    assert not browser.with_name(browser.name + ".tmp").exists()
+    thumbs = sorted(browser.glob("thumbs/*"))
+    assert len(thumbs) == len(data["thumbs"]) > 0
+    for path in thumbs:
+        with Image.open(path) as im:
+            assert im.format == "JPEG" and max(im.size) == THUMB_PX
+    # a rebuild replaces the output as a whole
+    (browser / "stray.txt").write_text("x")
+    run.build(browser)
+    assert not (browser / "stray.txt").exists()
+
+
+def test_live_latents_are_those_firing_on_test(run: Run, data: dict) -> None:
+    rows = read_csv(run.reports / "latents.csv")
+    live = [int(r["latent"]) for r in rows if r["alive_in"] != "none"]
+    assert [e["l"] for e in data["latents"]] == live
+    metrics = json.loads((run.reports / "metrics.json").read_text())
+    assert len(live) == metrics["jaccard"]["joint"]["n_live"] == data["summary"]["n_live"]["joint"]
+    assert 0 < len(live) <= L
+    deepest = max(int(k.removeprefix("jaccard_d")) for k in rows[0] if re.fullmatch(r"jaccard_d\d+", k))
+    assert data["depths"][-1] == deepest
+    for e in data["latents"]:
+        r = rows[e["l"]]
+        assert e["agreed"] == r["agreed_name"]
+        assert e["jac"]["joint"][-1] == pytest.approx(float(r[f"jaccard_d{deepest}"]))
+        assert e["jac"]["per_stream"][-1] == pytest.approx(float(r[f"per_stream_jaccard_d{deepest}"]))
+        for s in STREAMS:
+            assert e["name"][s] == r[f"name_{s}"]
+            assert e["freq"][s] == pytest.approx(float(r[f"freq_{s}"]))
+
+
+def test_search_matches_concept_names(data: dict) -> None:
+    every = [e["l"] for e in data["latents"]]
+    assert search_matches(data, "") == search_matches(data, "   ") == every
+    assert search_matches(data, "no such concept at all") == []
+    query = a_query(data)
+    hits = search_matches(data, query.upper())
+    assert hits == search_matches(data, f"  {query} ")
+    for e in data["latents"]:
+        names = [e["agreed"], *e["name"].values()] + [
+            n for k in e["kinds"].values() for n in (k["agreed"], *(v["name"] for v in k["stream"].values()))
+        ]
+        assert (e["l"] in hits) == any(query in n.lower() for n in names)
+
+
+def test_top_samples_and_label_counts_match_the_concepts(run: Run, data: dict) -> None:
+    prepared = load_prepared(run.prepared)
+    test_rows = set(np.flatnonzero(prepared.splits == "test").tolist())
+    tables = {
+        "joint": read_csv(run.concepts / "concepts.csv"),
+        "per_stream": read_csv(run.concepts / "concepts_per_stream.csv"),
+    }
+    codes = {kind: SparseCodes.load(run.codes / kind) for kind in tables}
+    label_ids = [lab for lab, _ in data["labels"]]
+    checked = 0
+    for e in data["latents"]:
+        for kind, k in e["kinds"].items():
+            for s, v in k["stream"].items():
+                c = tables[kind][e["l"]]
+                assert v["n_active"] == int(c[f"{s}_n_active"]) and v["name"] == c[f"{s}_name"]
+                top = v["top"]
+                assert len(top) == min(TOP_N, v["n_active"])
+                acts = [a for _, a in top]
+                assert acts == sorted(acts, reverse=True) and all(a > 0 for a in acts)
+                for row, act in top:
+                    assert row in test_rows
+                    hit = codes[kind].indices[s][row] == e["l"]
+                    assert codes[kind].values[s][row][hit][0] == pytest.approx(act, abs=1e-4)
+                dist = v["dist_top"]
+                assert dist["n"] == min(data["top_n_names"], v["n_active"])
+                assert v["dist_all"]["n"] == v["n_active"]
+                if dist["n"]:
+                    j, count = dist["labels"][0]
+                    assert label_ids[j] == c[f"{s}_label"] == label_ids[v["label"]]
+                    assert count / dist["n"] == pytest.approx(float(c[f"{s}_purity"]), abs=1e-6)
+                    checked += 1
+    assert checked > 0
+
+
+def test_thumbnails_only_for_shown_images(browser: Path, data: dict) -> None:
+    image_streams = [s for s, spec in STREAMS.items() if spec["input"] == "image"]
+    shown = set()
+    for e in data["latents"]:
+        for k in e["kinds"].values():
+            for s in image_streams:
+                shown.update(row for row, _ in k["stream"][s]["top"])
+    for ex in data["retrieval"]["examples"]:
+        for item in ex["items"]:
+            shown.add(item["row"])
+            shown.update(row for row, _ in item["top"])
+    assert set(data["thumbs"]) == shown
+    for row in shown:
+        img = data["samples"][str(row)]["img"]
+        assert img == f"thumbs/{row}.jpg" and (browser / img).is_file()
+
+
+def test_retrieval_examples(run: Run, data: dict) -> None:
+    prepared = load_prepared(run.prepared)
+    n_test = int((prepared.splits == "test").sum())
+    examples = data["retrieval"]["examples"]
+    assert [(x["query"], x["gallery"]) for x in examples] == [("clip_txt", "dino"), ("clip_txt", "clip_img")]
+    for ex in examples:
+        assert len(ex["items"]) == QUERIES
+        for item in ex["items"]:
+            assert 1 <= item["rank"] <= n_test and 0 <= item["ties"] < n_test
+            sims = [sim for _, sim in item["top"]]
+            assert len(sims) == 5 and sims == sorted(sims, reverse=True)
+            if item["rank"] == 1 and item["ties"] == 0:
+                assert item["top"][0][0] == item["row"]
+    reps = {(r["query"], r["gallery"], r["representation"]) for r in data["retrieval"]["metrics"]}
+    assert ("clip_txt", "dino", "codes") in reps and ("", "", "chance") in reps
+
+
+def test_page_is_self_contained(browser: Path, data: dict) -> None:
+    text = (browser / "index.html").read_text(encoding="utf-8")
+    assert "http://" not in text and "https://" not in text
+    assert "fetch(" not in text and "<link" not in text and "@import" not in text
+    blob = text[text.index('id="data">') : text.index("</script>", text.index('id="data">'))]
+    assert "<" not in blob.removeprefix('id="data">')
+    assert data["thumb_px"] == THUMB_PX and data["top_n"] == TOP_N
+
+
+def test_refuses_stale_evaluation(run: Run, tmp_path: Path) -> None:
+    stale = tmp_path / "reports"
+    shutil.copytree(run.reports, stale)
+    rows = read_csv(stale / "latents.csv")
+    live = next(r for r in rows if r["alive_in"] != "none")
+    live[f"freq_{next(iter(STREAMS))}"] = "0.0"
+    with (stale / "latents.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(EvaluateInputError, match="stale evaluation"):
+        run.build(tmp_path / "out", reports_dir=stale)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="retrieval.csv"):
+        (stale / "retrieval.csv").unlink()
+        run.build(tmp_path / "out", reports_dir=stale)
+
+
+# --------------------------------------------------------------------------- in a real browser
+
+
+@pytest.fixture(scope="module")
+def chrome(tmp_path_factory: pytest.TempPathFactory):
+    """Headless Debian Chromium driven by Debian's chromedriver; never downloads anything."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
+    if missing:
+        pytest.fail(f"the browser test needs Debian's chromium and chromium-driver ({', '.join(missing)} "
+                    f"missing): {SETUP_HINT}", pytrace=False)
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("the browser test needs selenium: run `make test` or `.venv/bin/pip install -r requirements.txt`",
+                    pytrace=False)
+    saved = os.environ.get("SE_OFFLINE")
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not fetch a browser or driver
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--disable-background-networking", "--disable-component-update", "--no-first-run",
+        f"--user-data-dir={profile}", "--window-size=1400,1000",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        if saved is None:
+            os.environ.pop("SE_OFFLINE", None)
+        else:
+            os.environ["SE_OFFLINE"] = saved
+
+
+def _wait(predicate, timeout: float = 10.0):
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > end:
+            return value
+        time.sleep(0.05)
+
+
+def test_page_in_headless_chromium(chrome, browser: Path, data: dict, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    def rows() -> list[int]:  # read in one script: the table may be re-rendered meanwhile
+        return chrome.execute_script(
+            "return [...document.querySelectorAll('#latents tbody tr')].map(tr => Number(tr.dataset.latent))"
+        )
+
+    chrome.get((browser / "index.html").resolve().as_uri())
+    every = [e["l"] for e in data["latents"]]
+    assert _wait(lambda: rows() == every), "the table should list every live latent, by latent id"
+    headers = [th.text for th in chrome.find_elements(By.CSS_SELECTOR, "#latents thead th")]
+    assert headers[:2] == ["latent", "agreed name"] and f"freq {next(iter(STREAMS))}" in headers
+
+    # sort: a click on "latent" reverses the order
+    chrome.find_element(By.CSS_SELECTOR, '#latents thead th[data-col="0"]').click()
+    assert _wait(lambda: rows() == every[::-1])
+
+    # search filters the table to the latents named after the query
+    query = a_query(data)
+    expected = search_matches(data, query)
+    chrome.find_element(By.ID, "search").send_keys(query.upper())
+    assert _wait(lambda: sorted(rows()) == sorted(expected)), (query, rows(), expected)
+    assert len(expected) < len(every)
+
+    # open one latent: its panel shows its samples per stream
+    latent = expected[0]
+    chrome.find_element(By.CSS_SELECTOR, f'#latents tbody tr[data-latent="{latent}"] td:nth-child(2)').click()
+    panel = chrome.find_element(By.ID, "panel")
+    assert _wait(lambda: panel.is_displayed() and panel.get_attribute("data-latent") == str(latent))
+    assert chrome.execute_script("return location.hash") == f"#latent-{latent}"
+    assert f"Latent #{latent}" in panel.find_element(By.TAG_NAME, "h2").text
+    entry = next(e for e in data["latents"] if e["l"] == latent)
+    for s, spec in STREAMS.items():
+        section = panel.find_element(By.CSS_SELECTOR, f'section.stream[data-stream="{s}"]')
+        top = entry["kinds"]["joint"]["stream"][s]["top"]
+        if spec["input"] == "image":
+            imgs = section.find_elements(By.CSS_SELECTOR, ".thumbs img")
+            assert [i.get_attribute("src").rsplit("/", 1)[1] for i in imgs] == [f"{row}.jpg" for row, _ in top]
+            assert all(_wait(lambda i=i: chrome.execute_script("return arguments[0].naturalWidth", i)) for i in imgs)
+        else:
+            items = [li.text for li in section.find_elements(By.CSS_SELECTOR, "ol.captions li")]
+            assert len(items) == len(top)
+            for text, (row, _) in zip(items, top, strict=True):
+                assert text.startswith(data["samples"][str(row)]["caption"])
+    chrome.save_screenshot(str(tmp_path / "browser.png"))
+    assert (tmp_path / "browser.png").stat().st_size > 10_000
+
+    # per-stream codes toggle, then close with Escape
+    panel.find_element(By.CSS_SELECTOR, 'button[data-kind="per_stream"]').click()
+    assert _wait(lambda: "on" in chrome.find_element(By.CSS_SELECTOR, 'button[data-kind="per_stream"]').get_attribute("class"))
+    chrome.find_element(By.TAG_NAME, "body").send_keys("\ue00c")  # Escape
+    assert _wait(lambda: not chrome.find_element(By.ID, "panel").is_displayed())
+
+    # retrieval examples render, and the page loaded nothing but local files
+    assert len(chrome.find_elements(By.CSS_SELECTOR, "#retrieval-examples .query")) == 2 * QUERIES
+    requested = [
+        m["params"]["request"]["url"]
+        for m in (json.loads(entry["message"])["message"] for entry in chrome.get_log("performance"))
+        if m["method"] == "Network.requestWillBeSent"
+    ]
+    assert any(u.endswith(".jpg") for u in requested), requested
+    # (chrome:// are the browser's own new-tab resources, before the page opens)
+    assert not [u for u in requested if not u.startswith(("file://", "data:", "chrome://", "about:"))], requested
+    errors = [m for m in chrome.get_log("browser") if m["level"] == "SEVERE"]
+    assert not errors, errors
