@@ -124,7 +124,7 @@ def _run_grid(configs: dict, args: argparse.Namespace) -> None:
     failed = run_experiments(cmds)
     if failed:
         raise ValueError(f"{len(failed)} of {len(cmds)} experiments failed: {', '.join(failed)}")
-    print(f"{len(cmds)} experiments done; `python -m sparc table --prefix {args.prefix}` tabulates them")
+    print(f"{len(cmds)} experiments done; `python -m sparc compare --grid {args.prefix}` tabulates them")
 
 
 def cmd_ablation(params: Params, args: argparse.Namespace) -> None:
@@ -141,24 +141,22 @@ def cmd_sweep(params: Params, args: argparse.Namespace) -> None:
     _run_grid(parse_sweep(args.spec), args)
 
 
-def cmd_table(params: Params, args: argparse.Namespace) -> None:
-    """Mean +- std table and claim checks of a grid, from `dvc exp show --json`."""
+def cmd_compare(params: Params, args: argparse.Namespace) -> None:
+    """Headline metrics of every experiment (or a grid's mean +- std and claim checks) from
+    `dvc exp show --json`, as a markdown table and a comparison figure."""
     from pathlib import Path
 
-    from sparc.report.ablation import (
-        ablation_table,
-        claims,
-        dvc_experiments,
-        group_records,
-        replace_block,
-    )
+    from sparc.report import ablation as ab
 
-    groups = group_records(dvc_experiments(), args.prefix)
-    block = ablation_table(groups) + "\n" + claims(groups)
+    records = ab.dvc_experiments()
+    groups = ab.group_records(records, args.grid) if args.grid else ab.each_experiment(records)
+    block = ab.ablation_table(groups) + ("\n" + ab.claims(groups) if args.grid else "")
     print(block)
+    if groups and args.figure:
+        print(f"figure -> {ab.comparison_figure(groups, args.figure)}")
     if args.readme:
         path = Path(args.readme)
-        path.write_text(replace_block(path.read_text(), block))
+        path.write_text(ab.replace_block(path.read_text(), block))
         print(f"updated {path}")
 
 
@@ -175,7 +173,7 @@ COMMANDS = {
     "browser": (cmd_browser, "the static HTML concept browser under reports/browser/"),
     "ablation": (cmd_ablation, "run the ablation grid (Global/Local x lambda 0/1, USAE) over seeds as DVC experiments"),
     "sweep": (cmd_sweep, "run a sweep over one parameter (e.g. k=8,16,32) over seeds as DVC experiments"),
-    "table": (cmd_table, "mean +- std table of a grid's experiments (dvc exp show --json)"),
+    "compare": (cmd_compare, "table and figure of the experiments' headline metrics (dvc exp show --json)"),
 }
 
 
@@ -198,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--prefix", default=name, help=f"experiment name prefix (default {name})")
             p.add_argument("--queue", action="store_true", help="only queue the runs (then `dvc queue start -j N`)")
             p.add_argument("--dry", action="store_true", help="print the dvc commands, do not run them")
-        if name == "table":
-            p.add_argument("--prefix", default="ablation", help="experiment name prefix of the grid (default ablation)")
+        if name == "compare":
+            p.add_argument("--grid", default="", help="average the seeds of the grid with this name prefix (e.g. ablation)")
+            p.add_argument("--figure", default="reports/compare.png", help="comparison figure (default reports/compare.png; '' = none)")
             p.add_argument("--readme", default="", help="also rewrite the block between the ablation markers of this file")
     return parser
 

@@ -10,6 +10,8 @@ from sparc.report.ablation import (
     README_END,
     ablation_table,
     claims,
+    comparison_figure,
+    each_experiment,
     experiment_commands,
     experiment_records,
     grid_overrides,
@@ -126,3 +128,17 @@ def test_replace_block():
     assert replace_block(text, "new\n") == f"intro\n{README_BEGIN}\nnew\n{README_END}\nrest\n"
     with pytest.raises(ValueError, match="markers"):
         replace_block("no markers", "x")
+
+
+def test_each_experiment_table_has_one_column_per_run_without_std():
+    table = ablation_table(each_experiment(experiment_records(show_json())))
+    head = table.splitlines()[0]
+    assert "ablation-sparc-s0" in head and "other-run" in head and "(n=" not in head
+    row = next(r for r in table.splitlines() if r.startswith("| Jaccard depth 0, all latents (joint)"))
+    assert "0.800" in row and "±" not in row
+
+
+def test_comparison_figure(tmp_path):
+    groups = group_records(experiment_records(show_json()), "ablation")
+    path = comparison_figure(groups, tmp_path / "compare.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 """The headline metrics: the numbers a researcher compares across runs, in one flat JSON.
 
 ``reports/headline.json`` is what DVC shows as the run's metrics (``dvc exp show``,
-``dvc metrics show``) and what ``python -m sparc table`` averages over seeds; the full evaluation
+``dvc metrics show``) and what ``python -m sparc compare`` tabulates; the full evaluation
 stays in ``reports/metrics.json`` (a plain output). Every value is read from that full file
 (:func:`headline`), so the two never disagree. Keys (``null`` when undefined):
 

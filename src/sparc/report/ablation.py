@@ -1,4 +1,4 @@
-"""Multi-seed ablations as DVC experiments, and their mean +- std tables.
+"""Multi-seed ablations as DVC experiments, and their tables and comparison figure.
 
 :func:`grid_overrides` lists the runs of a grid (one DVC experiment per configuration and seed,
 named ``<prefix>-<config>-s<seed>``); ``python -m sparc ablation`` runs the paper's ablation
@@ -9,8 +9,10 @@ workspace is left alone) or ``--queue`` (then ``dvc queue start -j N``).
 :func:`experiment_records` reads ``dvc exp show --json``; :func:`ablation_table` groups the
 records by configuration (every parameter but the seed), and reports mean +- sample std over the
 seeds of the metrics in :data:`TABLE_ROWS`; :func:`claims` checks the paper's claims on those
-means. ``python -m sparc table --readme README.md`` rewrites the README block between
-``<!-- ablation:begin -->`` and ``<!-- ablation:end -->`` with both.
+means. ``python -m sparc compare`` tabulates every experiment (one column each);
+``python -m sparc compare --grid ablation --readme README.md`` averages the grid's seeds and
+rewrites the README block between ``<!-- ablation:begin -->`` and ``<!-- ablation:end -->``; both
+also draw :func:`comparison_figure`.
 """
 
 from __future__ import annotations
@@ -231,8 +233,9 @@ def _cell(values: list[float], fmt: str) -> str:
         return "n/a"
     mean, std = mean_std(values)
     if fmt.endswith("%"):
-        return f"{mean * 100:.{fmt[1:-1]}f} ± {std * 100:.{fmt[1:-1]}f}%"
-    return f"{mean:{fmt}} ± {std:{fmt}}"
+        digits = fmt[1:-1]
+        return f"{mean * 100:.{digits}f}%" if len(values) == 1 else f"{mean * 100:.{digits}f} ± {std * 100:.{digits}f}%"
+    return f"{mean:{fmt}}" if len(values) == 1 else f"{mean:{fmt}} ± {std:{fmt}}"
 
 
 def summarise(groups: dict[str, list[Record]]) -> dict[str, dict[str, list[float]]]:
@@ -246,15 +249,21 @@ def summarise(groups: dict[str, list[Record]]) -> dict[str, dict[str, list[float
     return out
 
 
+def each_experiment(records: Iterable[Record]) -> dict[str, list[Record]]:
+    """One group per experiment (for :func:`ablation_table` without averaging), by name."""
+    return {r.name: [r] for r in sorted(records, key=lambda r: r.name)}
+
+
 def ablation_table(groups: dict[str, list[Record]]) -> str:
-    """Markdown table: one column per configuration (mean ± std over its seeds), one row per metric."""
+    """Markdown table: one column per group (mean ± std over its runs, e.g. seeds), one row per metric."""
     if not groups:
-        return "_no experiments of this grid in `dvc exp show`_\n"
+        return "_no matching experiments in `dvc exp show`_\n"
     values = summarise(groups)
     cols = list(groups)
     seeds = {c: len(groups[c]) for c in cols}
-    head = "| metric (test split; mean ± std over seeds) | " + " | ".join(
-        f"{COLUMN_TITLES.get(c, c)} (n={seeds[c]})" for c in cols
+    averaged = any(n > 1 for n in seeds.values())
+    head = f"| metric (test split{'; mean ± std over seeds' if averaged else ''}) | " + " | ".join(
+        f"{COLUMN_TITLES.get(c, c)}{f' (n={seeds[c]})' if averaged else ''}" for c in cols
     ) + " |"
     lines = [head, "|---" * (len(cols) + 1) + "|"]
     for label, _, fmt in TABLE_ROWS:
@@ -315,3 +324,32 @@ def replace_block(text: str, block: str, begin: str = README_BEGIN, end: str = R
     except ValueError:
         raise ValueError(f"README: markers {begin} ... {end} not found") from None
     return text[:a] + "\n" + block.rstrip("\n") + "\n" + text[b:]
+
+
+# Headline rows drawn by :func:`comparison_figure`.
+FIGURE_ROWS = [
+    "Jaccard deepest level, all latents (joint)",
+    "Jaccard deepest level, all latents (per-stream)",
+    "mixed latents (per-stream)",
+    "cross NMSE (per-stream, leak-free)",
+    "retrieval R@1 caption→image (per-stream codes)",
+]
+
+
+def comparison_figure(groups: dict[str, list[Record]], path: str | Path) -> Path:
+    """Bar charts of :data:`FIGURE_ROWS`, one bar per group (mean, with the std over its runs)."""
+    from matplotlib.figure import Figure
+
+    from sparc.report.figures import save_png
+
+    values = summarise(groups)
+    cols = list(groups)
+    fig = Figure(figsize=(3.2 * len(FIGURE_ROWS), 3.4 + 0.12 * max(len(c) for c in cols)), layout="constrained")
+    axes = fig.subplots(1, len(FIGURE_ROWS))
+    for ax, label in zip(axes, FIGURE_ROWS, strict=True):
+        stats = [mean_std(values[c][label]) if values[c][label] else (float("nan"), 0.0) for c in cols]
+        ax.bar(range(len(cols)), [m for m, _ in stats], yerr=[s for _, s in stats], color="tab:blue", capsize=3)
+        ax.set_xticks(range(len(cols)), [COLUMN_TITLES.get(c, c) for c in cols], rotation=60, ha="right", fontsize=8)
+        ax.set_title(label.replace(" (", "\n("), fontsize=9)
+    fig.suptitle("Comparison of runs (mean ± std over seeds where averaged)", fontsize=10)
+    return save_png(fig, path)
