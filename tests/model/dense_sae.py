@@ -61,12 +61,45 @@ def dense_loss(model: MultiStreamSAE, x: dict, lam: float, dead: dict | None, au
     return l_self + aux_coef * l_aux + lam * l_cross, l_self, l_cross, l_aux
 
 
-def dense_usae_loss(model: MultiStreamSAE, x: dict, source: str, dead: dict | None, aux_coef: float):
+def dense_usae_loss(model: MultiStreamSAE, x: dict, source: str, dead: dict | None, aux_coef: float,
+                    lam: float = 1.0):
+    """(self + lam * sum of cross NMSE) / M + aux_coef * AuxK of the source."""
     xn = {s: normalise(x[s]) for s in model.streams}
     h = dense_logits(model, {source: xn[source]})[source]
     z = dense_codes(model, {source: h}, "local")[source]
     xhat = {t: z @ model.W_dec[t] + model.b_pre[t] for t in model.streams}
-    total = torch.stack([nmse(xhat[t], xn[t]) for t in model.streams]).mean()
+    errors = [nmse(xhat[t], xn[t]) * (1.0 if t == source else lam) for t in model.streams]
+    total = sum(errors) / len(errors)
     if dead and source in dead:
         total = total + aux_coef * dense_aux(model, source, h, xn[source], xhat[source], dead[source])
+    return total
+
+
+def dense_batchnorm(model: MultiStreamSAE, s: str, h: torch.Tensor) -> torch.Tensor:
+    """BatchNorm1d by hand: batch statistics (biased variance) in training mode, running ones in eval."""
+    bn = model.bn[s]
+    if model.training:
+        mean, var = h.mean(0), h.var(0, unbiased=False)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    return (h - mean) / torch.sqrt(var + 1e-5) * bn.weight + bn.bias
+
+
+def dense_usae_paper_loss(model: MultiStreamSAE, x: dict, source: str, lam: float):
+    """The USAE reference's step, written as its code does: inputs of norm sqrt(d), codes = ReLU(BN(linear)),
+    top-k of the codes; per target ``|A - A_hat|.mean() + 0.1 |(A - A_hat) - u D|.mean()`` with ``u``
+    the top L // 2 of ``ReLU(pre) - codes`` (residual not detached); targets summed, cross ones x lam."""
+    xs = {s: normalise(x[s]) * model.cfg.dims[s] ** 0.5 for s in model.streams}
+    pre = dense_batchnorm(model, source, xs[source] @ model.W_enc[source].T + model.b_lat[source])
+    codes = F.relu(pre)
+    top = codes.topk(model.cfg.k, dim=1)
+    z = torch.zeros_like(codes).scatter(1, top.indices, top.values)
+    rest = (F.relu(pre) - z).topk(model.cfg.L // 2, dim=1)
+    u = torch.zeros_like(codes).scatter(1, rest.indices, rest.values)
+    total = 0.0
+    for t in model.streams:
+        D = model.W_dec[t]
+        residual = xs[t] - z @ D
+        term = residual.abs().mean() + 0.1 * (residual - u @ D).abs().mean()
+        total = total + (term if t == source else lam * term)
     return total

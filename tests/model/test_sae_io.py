@@ -98,3 +98,32 @@ def test_encode_dataset_rejects_misaligned_inputs():
         encode_dataset(model, {"a": feats["a"]}, ["x"] * 4, mode="joint", progress=False)
     with pytest.raises(KeyError, match="unknown stream"):
         encode_dataset(model, {"q": feats["a"]}, ["x"] * 4, mode="local", progress=False)
+
+
+def test_batchnorm_model_round_trip_keeps_running_statistics(tmp_path):
+    model = MultiStreamSAE(SAEConfig(dims=DIMS, L=32, k=4, topk="local", encoder="batchnorm"), seed=3)
+    x = {s: torch.randn(40, d, generator=torch.Generator().manual_seed(1)) for s, d in DIMS.items()}
+    for s in DIMS:  # a few training-mode steps move the running statistics away from 0 / 1
+        model.usae_paper_loss(x, s).total.backward()
+    assert not torch.equal(model.bn["a"].running_var, torch.ones(32))
+    out = save_sae(model, tmp_path / "m1")
+    assert json.loads((out / "config.json").read_text())["encoder"] == "batchnorm"
+    loaded = load_sae(out)
+    assert not loaded.training and loaded.cfg == model.cfg
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    save_sae(loaded, tmp_path / "m2")
+    assert (tmp_path / "m1" / "model.safetensors").read_bytes() == (tmp_path / "m2" / "model.safetensors").read_bytes()
+    a, b = model.encode(x, "local"), loaded.encode(x, "local")
+    for s in DIMS:
+        assert torch.equal(a[s].indices, b[s].indices) and torch.equal(a[s].values, b[s].values)
+
+
+def test_config_without_encoder_key_loads_as_the_linear_model(tmp_path):
+    model = trained_model()
+    save_sae(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["encoder"]  # as written before the key existed
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = load_sae(tmp_path)
+    assert loaded.cfg.encoder == "linear" and torch.equal(loaded.b_pre["a"], model.b_pre["a"])

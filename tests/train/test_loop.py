@@ -12,7 +12,15 @@ from sparc.data.planted import PlantedConfig, make_planted
 from sparc.params import TrainParams
 from sparc.train.checkpoint import latest_checkpoint
 from sparc.train.live import MemoryLogger
-from sparc.train.loop import Trainer, TrainSpec, evaluate_loss, metric_name, train_arrays, train_sae
+from sparc.train.loop import (
+    USAE_METHODS,
+    Trainer,
+    TrainSpec,
+    evaluate_loss,
+    metric_name,
+    train_arrays,
+    train_sae,
+)
 from sparc.train.sampler import USAE_SOURCE, FeatureSource, counter_rng
 
 DATA = make_planted(
@@ -21,12 +29,14 @@ DATA = make_planted(
 STREAMS = ["a", "b", "c"]
 
 
-def make_spec(method="sparc", topk="global", lam=1.0, seed=0, L=32, k=3, **train) -> TrainSpec:
+def make_spec(method="sparc", topk=None, lam=1.0, seed=0, L=32, k=3, **train) -> TrainSpec:
+    """A small spec; ``topk`` defaults to the method's rule (USAE: local, SPARC: global)."""
     base = dict(
         batch_size=64, epochs=4, lr=3.0e-3, k_aux=8, dead_steps=5, revive_every=4,
         checkpoint_every=5, log_every=3, device="cpu",
     )
     base.update(train)
+    topk = topk or ("local" if method in USAE_METHODS else "global")
     return TrainSpec(L=L, k=k, lam=lam, topk=topk, method=method, seed=seed, train=TrainParams(**base))
 
 
@@ -73,8 +83,9 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs():
 
 @pytest.mark.parametrize(
     "spec",
-    [make_spec(), make_spec(method="usae", usae_update="source_only"), make_spec(topk="local", lam=0.0)],
-    ids=["sparc", "usae-source-only", "local-lam0"],
+    [make_spec(), make_spec(method="usae", usae_update="source_only"), make_spec(topk="local", lam=0.0),
+     make_spec(method="usae_paper", usae_update="source_only")],
+    ids=["sparc", "usae-source-only", "local-lam0", "usae-paper"],
 )
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, spec):
     full_log = MemoryLogger()
@@ -156,9 +167,10 @@ def test_aux_term_gets_the_dead_masks():
     assert all(m["loss/aux"] == 0 for _, m in never.history)
 
 
+@pytest.mark.parametrize("method", USAE_METHODS)
 @pytest.mark.parametrize("rule", ["source_only", "joint"])
-def test_usae_update_rules(rule):
-    spec = make_spec(method="usae", usae_update=rule)
+def test_usae_update_rules(rule, method):
+    spec = make_spec(method=method, usae_update=rule)
     trainer = Trainer(FeatureSource(DATA.features), spec, torch.device("cpu"))
     before = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     trainer.train_step()
@@ -166,9 +178,10 @@ def test_usae_update_rules(rule):
     after = trainer.model.state_dict()
     # normalise_decoder touches every row within rounding; "changed" means a real update
     changed = {k for k in before if (before[k] - after[k]).abs().max() > 1e-5}
-    assert {f"W_enc.{src}", f"W_dec.{src}", f"b_pre.{src}"} <= changed
+    own = [f"b_pre.{src}"] if method == "usae" else [f"bn.{src}.weight", f"bn.{src}.running_mean"]
+    assert {f"W_enc.{src}", f"W_dec.{src}", *own} <= changed
     others = [s for s in STREAMS if s != src]
-    assert not any(f"W_enc.{o}" in changed for o in others)  # never encoded this step
+    assert not any(k.startswith((f"W_enc.{o}", f"bn.{o}.")) for o in others for k in changed)  # never encoded
     decoders_of_others = {f"W_dec.{o}" for o in others}
     if rule == "source_only":
         assert not decoders_of_others & changed
@@ -179,7 +192,10 @@ def test_usae_update_rules(rule):
 def test_spec_checks_and_max_steps():
     with pytest.raises(ValueError, match="train.lr"):
         make_spec(lr=0.0).check()
-    with pytest.raises(ValueError, match="k, L"):
+    for method in USAE_METHODS:
+        with pytest.raises(ValueError, match="so topk must be local"):
+            make_spec(method=method, topk="global").check()
+    with pytest.raises(ValueError, match="k: must be at most L"):
         make_spec(k=40).check()
     with pytest.raises(ValueError, match="max_steps"):
         train_arrays(DATA.features, make_spec(), max_steps=0)
@@ -200,7 +216,7 @@ def test_train_sae_rejects_a_source_on_another_device():
         train_sae(source, make_spec())
 
 
-@pytest.mark.parametrize("method", ["sparc", "usae"])
+@pytest.mark.parametrize("method", ["sparc", "usae", "usae_paper"])
 def test_no_host_reads_in_a_plain_step(monkeypatch, method):
     """Between logs and revivals the training loop's own code reads no tensor value on the host
     (the model's CPU kernels may; on accelerators they do not, see sparc.model)."""
@@ -225,3 +241,46 @@ def test_no_host_reads_in_a_plain_step(monkeypatch, method):
     monkeypatch.undo()
     assert read == []
     trainer.collect_metrics()  # a log does read (once)
+
+
+def test_usae_lambda_weights_the_cross_terms():
+    one = train_arrays(DATA.features, make_spec(method="usae", epochs=2))
+    zero = train_arrays(DATA.features, make_spec(method="usae", epochs=2, lam=0.0))
+    assert weights(one.model) != weights(zero.model)
+    assert zero.metrics["loss/cross"] > one.metrics["loss/cross"]
+
+
+def test_usae_paper_trains_deterministically_and_its_counters_count_global_steps():
+    log = MemoryLogger()
+    res = train_arrays(DATA.features, make_spec(method="usae_paper", epochs=8), logger=log)
+    again = train_arrays(DATA.features, make_spec(method="usae_paper", epochs=8))
+    assert weights(res.model) == weights(again.model) and res.history == again.history  # buffers included
+    first, last = log.history[0][1], res.metrics
+    # L1 + aux falls more slowly than the NMSE objectives of the other methods on this tiny problem
+    assert last["loss/total"] < 0.9 * first["loss/total"]
+    assert last["loss/self"] < 0.75 * first["loss/self"] and last["loss/cross"] < 0.85 * first["loss/cross"]
+    assert "loss/l1" in last and "loss/aux" in last
+    assert all(0 < v <= 3 for k, v in last.items() if k.startswith("l0/"))
+    assert res.model.cfg.encoder == "batchnorm"
+
+    trainers = {m: Trainer(FeatureSource(DATA.features), make_spec(method=m), torch.device("cpu"))
+                for m in ("usae", "usae_paper")}
+    for trainer in trainers.values():
+        trainer.train_step()
+    src = STREAMS[int(counter_rng(0, USAE_SOURCE, 0).integers(3))]
+    for s in STREAMS:
+        if s == src:
+            continue
+        assert torch.all(trainers["usae_paper"].since[s] == 1)  # a global step passed for every stream
+        assert torch.all(trainers["usae"].since[s] == 0)  # only the source's counters move
+
+
+def test_evaluate_loss_uses_running_statistics_and_keeps_the_mode():
+    trainer = Trainer(FeatureSource(DATA.features), make_spec(method="usae_paper"), torch.device("cpu"))
+    for _ in range(3):
+        trainer.train_step()
+    model = trainer.model
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    metrics = evaluate_loss(model, FeatureSource(DATA.features), trainer.spec)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
+    assert metrics["loss/total"] > 0 and "cross_nmse/a_to_b" in metrics

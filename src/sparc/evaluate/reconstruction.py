@@ -1,7 +1,8 @@
 """The M x M reconstruction matrix: row = source stream (whose code is decoded), column = target.
 
 x^t is the L2-normalised input of stream t (what the SAE reconstructs; the model's own
-``normalise_rows``); xhat^(s->t) = ``model.decode(code^s, t)`` = W_dec^t z^s + b_pre^t, with z^s
+``normalise_rows``); xhat^(s->t) = ``model.decode(code^s, t)`` (W_dec^t z^s + b_pre^t; for the USAE paper variant's bias-free
+dictionary W_dec^t z^s / sqrt(d_t), see sparc.model.sae), with z^s
 the code of stream s given by the caller: the joint code (the model's own TopK rule; under
 Global TopK its index set was chosen with the target's logits too) or the per-stream code
 (stream s encoded alone: leak-free cross reconstruction). The diagonal is self reconstruction, the

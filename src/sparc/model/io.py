@@ -1,9 +1,12 @@
 """Saving, loading and batch-encoding a :class:`~sparc.model.sae.MultiStreamSAE`.
 
 On disk a model is a directory with ``model.safetensors`` (the state dict, float32, keys
-``b_pre.<s>``, ``W_enc.<s>``, ``b_lat.<s>``, ``W_dec.<s>``; see ``sae.py`` for the layout) and
-``config.json`` (:meth:`SAEConfig.to_dict`). Both files are written to a temporary name and renamed
-into place, and identical weights give byte-identical files.
+``b_pre.<s>``, ``W_enc.<s>``, ``b_lat.<s>``, ``W_dec.<s>``; for the "batchnorm" encoder no
+``b_pre.<s>`` but ``bn.<s>.weight``, ``bn.<s>.bias`` and the running statistics
+``bn.<s>.running_mean``, ``bn.<s>.running_var``; see ``sae.py`` for the layout) and ``config.json``
+(:meth:`SAEConfig.to_dict`, which records the encoder kind; a file without ``encoder`` loads as the
+"linear" model it was written for). Both files are written to a temporary name and renamed into
+place, and identical weights give byte-identical files.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ def save_sae(model: MultiStreamSAE, out_dir: str | Path) -> Path:
 
 
 def load_sae(path: str | Path, device: str = "cpu") -> MultiStreamSAE:
-    """Load a model saved by :func:`save_sae` (``path``: its directory or its ``model.safetensors``)."""
+    """Load a model saved by :func:`save_sae` (``path``: its directory or its ``model.safetensors``),
+    in eval mode (a batchnorm encoder's losses then use its running statistics)."""
     path = Path(path)
     directory = path.parent if path.is_file() else path
     for name in (WEIGHTS_FILE, CONFIG_FILE):
@@ -66,7 +70,7 @@ def load_sae(path: str | Path, device: str = "cpu") -> MultiStreamSAE:
             f"{directory / WEIGHTS_FILE}: tensors {sorted(set(state) ^ expected)} do not match config.json"
         )
     model.load_state_dict(state, strict=True)
-    return model.to(device)
+    return model.to(device).eval()
 
 
 def encode_dataset(

@@ -48,8 +48,37 @@ within bf16/TF32 rounding.
 
 Gradients and the USAE update rule. In :meth:`usae_loss` with source ``s``, gradients reach
 ``W_enc[s], b_lat[s], b_pre[s]`` (encoder), ``W_dec[t]`` (the active rows) and ``b_pre[t]`` of
-every target ``t``. The "source only" rule of the USAE reference steps only
-:meth:`stream_parameters` of ``s``; the "joint" rule steps every parameter with a gradient.
+every target ``t`` (with ``lam == 0`` only ``W_dec[s]`` and ``b_pre[s]``); in
+:meth:`usae_paper_loss` they reach ``W_enc[s], b_lat[s], bn[s]`` and ``W_dec[t]``. The "source
+only" rule of the USAE reference steps only :meth:`stream_parameters` of ``s``; the "joint" rule
+steps every parameter with a gradient.
+
+The USAE paper's SAE (``SAEConfig.encoder == "batchnorm"``, method.md section 3, trained by
+:meth:`usae_paper_loss`; the reference is the USAE authors' code on the overcomplete library):
+
+- encoder ``h^s = BN^s(W_enc^s x^s + b_lat^s)``, an affine per-latent batch normalisation
+  (:class:`LatentBatchNorm`: ``nn.BatchNorm1d``'s maths, momentum 0.1, eps 1e-5, as the
+  reference's ``mlp_bn_1`` encoder), then ReLU and each stream's own top-k (USAE is always Local
+  TopK). ``b_lat`` is the reference's ``nn.Linear`` bias; BN removes it under batch statistics;
+- bias-free dictionary ``x^(s->t) = W_dec^t z^s``: no ``b_pre`` (state-dict keys ``W_enc.<s>``,
+  ``b_lat.<s>``, ``W_dec.<s>``, ``bn.<s>.weight``, ``bn.<s>.bias``, ``bn.<s>.running_mean``,
+  ``bn.<s>.running_var``). Rows of ``W_dec`` are kept unit-norm as for every model here (projected
+  gradient, then renormalisation); the reference re-normalises a free matrix inside every forward
+  pass, whose gradient at a unit row is the same projected gradient;
+- input scale: rows are L2-normalised as for every model of this project, then scaled to norm
+  ``sqrt(d_s)`` so that entries have an RMS of 1 like the reference's standardised activations,
+  the scale BN's initial weight 1 and the L1 error are meant for (at norm 1 the unit-variance codes
+  decoded by unit rows are several times longer than the inputs: on the tests' planted data
+  training starts at NMSE about 10 and stays above 1 for hundreds of steps). The model thus
+  reconstructs ``sqrt(d_t) x^t``; :meth:`decode` divides by ``sqrt(d_t)`` and returns
+  reconstructions in the unit-norm space of every other model. The reference also centres each
+  dimension with dataset statistics; not done here (every method sees the same L2-normalised
+  data), so latents of the bias-free dictionary carry the data's mean direction;
+- statistics: the training loss uses the batch's (and updates the running ones) when the module is
+  in training mode, the running ones in eval mode; :meth:`logits` and :meth:`encode` (inference)
+  always use the running statistics and never change them;
+- initialisation: the same ``W_enc``/``W_dec`` as the linear encoder (the reference draws an
+  independent Gaussian dictionary); BN weight 1, bias 0, running mean 0, running variance 1.
 """
 
 from __future__ import annotations
@@ -64,16 +93,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparc.model.losses import LossOutput, nmse, nmse_sources
+from sparc.model.losses import NMSE_EPS, LossOutput, nmse, nmse_sources
 from sparc.model.matmul import linear
 from sparc.model.sparse import decode_rows, gather_logits, row_dots, sparse_decode
 from sparc.model.topk import aux_topk, global_topk, local_topk
 
-__all__ = ["Code", "LossOutput", "MultiStreamSAE", "SAEConfig", "normalise_rows"]
+__all__ = ["Code", "LatentBatchNorm", "LossOutput", "MultiStreamSAE", "SAEConfig", "normalise_rows"]
 
 TOPK_MODES = ("global", "local")
+# Encoder kinds: "linear" (SPARC, today's USAE), "batchnorm" (the USAE paper's SAE, no pre-bias).
+ENCODERS = ("linear", "batchnorm")
 # Input rows are divided by max(||x||, INPUT_EPS).
 INPUT_EPS = 1e-8
+# Batch normalisation of the "batchnorm" encoder: nn.BatchNorm1d's defaults, as in the USAE reference.
+BN_MOMENTUM = 0.1
+BN_EPS = 1e-5
+# usae_paper_loss: weight of the auxiliary term (the reference's penalty=0.1).
+USAE_PAPER_AUX_COEF = 0.1
+# A latent fires in a batch when one of its activations exceeds this (dead-latent counters only;
+# l0 counts every non-zero). The SPARC reference uses 1e-3; see README "Differences from the
+# reference code".
+FIRE_THRESHOLD = 0.0
+# Denominator of the AuxK NMSE: "residual" ||x - xhat||^2 (this project) or "reference"
+# ||x - W_dec z||^2 = ||residual + b_pre||^2 (the SPARC and OpenAI reference code).
+AUX_DENOMINATOR: Literal["residual", "reference"] = "residual"
 
 
 class Code(NamedTuple):
@@ -89,7 +132,10 @@ class SAEConfig:
 
     ``dims``: stream name -> input dimension, in stream order. ``L``: latents per stream (shared
     index space). ``k``: active latents per sample. ``topk``: "global" (SPARC) or "local".
-    ``k_aux``: latents used by the AuxK loss (at most ``L`` are used).
+    ``k_aux``: latents used by the AuxK loss (at most ``L`` are used). ``encoder``: "linear"
+    (``W_enc (x - b_pre) + b_lat``, decoder with ``b_pre``) or "batchnorm" (the USAE paper's
+    ``BN(W_enc x + b_lat)``, bias-free decoder; see the module docstring). A ``config.json``
+    without ``encoder`` (written before the key existed) is a "linear" model.
     """
 
     dims: dict[str, int]
@@ -97,11 +143,12 @@ class SAEConfig:
     k: int
     topk: Literal["global", "local"] = "global"
     k_aux: int = 64
+    encoder: Literal["linear", "batchnorm"] = "linear"
 
     def __post_init__(self) -> None:
         if not isinstance(self.dims, Mapping) or len(self.dims) == 0:
             raise ValueError("SAEConfig.dims: needs at least one stream (name -> input dim)")
-        reserved = set(dir(nn.ParameterDict()))
+        reserved = set(dir(nn.ParameterDict())) | set(dir(nn.ModuleDict()))
         for name, d in self.dims.items():
             if not isinstance(name, str) or not name or "." in name or name in reserved:
                 raise ValueError(
@@ -118,16 +165,20 @@ class SAEConfig:
             raise ValueError(f"SAEConfig.k_aux: must be a positive int, got {self.k_aux!r}")
         if self.topk not in TOPK_MODES:
             raise ValueError(f"SAEConfig.topk: must be one of {TOPK_MODES}, got {self.topk!r}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"SAEConfig.encoder: must be one of {ENCODERS}, got {self.encoder!r}")
         object.__setattr__(self, "dims", dict(self.dims))
 
     def to_dict(self) -> dict:
         """JSON-ready mapping (the keys of the constructor)."""
-        return {"dims": dict(self.dims), "L": self.L, "k": self.k, "topk": self.topk, "k_aux": self.k_aux}
+        return {"dims": dict(self.dims), "L": self.L, "k": self.k, "topk": self.topk, "k_aux": self.k_aux,
+                "encoder": self.encoder}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> SAEConfig:
-        """Inverse of :meth:`to_dict`; unknown or missing keys raise ``ValueError``."""
-        keys = {"dims", "L", "k", "topk", "k_aux"}
+        """Inverse of :meth:`to_dict`; unknown or missing keys raise ``ValueError`` (``topk``,
+        ``k_aux`` and ``encoder`` may be missing: their defaults apply)."""
+        keys = {"dims", "L", "k", "topk", "k_aux", "encoder"}
         unknown = set(data) - keys
         missing = {"dims", "L", "k"} - set(data)
         if unknown or missing:
@@ -163,6 +214,38 @@ def _tf32_matmul(enabled: bool) -> Iterator[None]:
             matmul.allow_tf32 = previous
 
 
+class LatentBatchNorm(nn.Module):
+    """Affine batch normalisation of logits ``[B, L]``, per latent (``nn.BatchNorm1d``'s maths).
+
+    ``out = weight * (h - mean) / sqrt(var + BN_EPS) + bias``. With batch statistics, ``mean`` and
+    ``var`` (biased) are the batch's and the buffers move towards them:
+    ``running <- (1 - BN_MOMENTUM) running + BN_MOMENTUM * batch`` (unbiased variance there); with
+    running statistics the buffers ``running_mean``/``running_var`` are used and left unchanged.
+    Unlike ``nn.BatchNorm1d`` the caller, not the module's mode, chooses the statistics.
+    """
+
+    def __init__(self, L: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(L))
+        self.bias = nn.Parameter(torch.zeros(L))
+        self.register_buffer("running_mean", torch.zeros(L))
+        self.register_buffer("running_var", torch.ones(L))
+
+    def forward(self, h: Tensor, batch_stats: bool) -> Tensor:
+        if batch_stats and h.shape[0] < 2:
+            raise ValueError(f"batch normalisation with batch statistics needs at least 2 samples, got {h.shape[0]}")
+        return F.batch_norm(h, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=batch_stats, momentum=BN_MOMENTUM, eps=BN_EPS)
+
+    @torch.no_grad()
+    def reset_rows(self, rows: Tensor) -> None:
+        """Latents ``rows`` back to their initial state (weight 1, bias 0, running mean 0, variance 1)."""
+        self.weight[rows] = 1.0
+        self.bias[rows] = 0.0
+        self.running_mean[rows] = 0.0
+        self.running_var[rows] = 1.0
+
+
 class MultiStreamSAE(nn.Module):
     """SPARC multi-stream TopK SAE; see the module docstring for the maths and storage layout."""
 
@@ -175,14 +258,19 @@ class MultiStreamSAE(nn.Module):
         self.bf16 = bf16
         self.tf32 = tf32
         gen = torch.Generator().manual_seed(int(seed))
-        self.b_pre = nn.ParameterDict()
+        self.batchnorm = cfg.encoder == "batchnorm"
+        self.b_pre = nn.ParameterDict()  # empty for the "batchnorm" encoder (bias-free dictionary)
         self.W_enc = nn.ParameterDict()
         self.b_lat = nn.ParameterDict()
         self.W_dec = nn.ParameterDict()
+        self.bn = nn.ModuleDict()  # "batchnorm" encoder only
         for s, d in cfg.dims.items():
             bound = 1.0 / math.sqrt(d)
             w = torch.empty(cfg.L, d).uniform_(-bound, bound, generator=gen)
-            self.b_pre[s] = nn.Parameter(torch.zeros(d))
+            if self.batchnorm:
+                self.bn[s] = LatentBatchNorm(cfg.L)
+            else:
+                self.b_pre[s] = nn.Parameter(torch.zeros(d))
             self.W_enc[s] = nn.Parameter(w)
             self.b_lat[s] = nn.Parameter(torch.zeros(cfg.L))
             self.W_dec[s] = nn.Parameter(w / torch.linalg.vector_norm(w, dim=1, keepdim=True))
@@ -190,9 +278,18 @@ class MultiStreamSAE(nn.Module):
     # ------------------------------------------------------------------ helpers
 
     def stream_parameters(self, stream: str) -> list[nn.Parameter]:
-        """``[b_pre, W_enc, b_lat, W_dec]`` of one stream (e.g. for the USAE source-only rule)."""
+        """The parameters of one stream (e.g. for the USAE source-only rule): ``[b_pre, W_enc,
+        b_lat, W_dec]``, or for the "batchnorm" encoder ``[W_enc, b_lat, bn.weight, bn.bias, W_dec]``."""
         self._check_stream(stream)
+        if self.batchnorm:
+            bn = self.bn[stream]
+            return [self.W_enc[stream], self.b_lat[stream], bn.weight, bn.bias, self.W_dec[stream]]
         return [self.b_pre[stream], self.W_enc[stream], self.b_lat[stream], self.W_dec[stream]]
+
+    def _check_encoder(self, batchnorm: bool, method: str) -> None:
+        if self.batchnorm != batchnorm:
+            raise ValueError(f"{method} needs the {'batchnorm' if batchnorm else 'linear'} encoder, "
+                             f"this SAE has encoder={self.cfg.encoder!r}")
 
     def _check_stream(self, stream: str) -> None:
         if stream not in self.cfg.dims:
@@ -234,17 +331,26 @@ class MultiStreamSAE(nn.Module):
         return out
 
     def _prepare(self, s: str, x: Tensor) -> Tensor:
+        """Rows L2-normalised; the batchnorm encoder's then scaled to norm ``sqrt(d_s)``."""
         W = self.W_enc[s]
-        return normalise_rows(x.to(device=W.device, dtype=W.dtype))
+        xn = normalise_rows(x.to(device=W.device, dtype=W.dtype))
+        return xn * math.sqrt(self.cfg.dims[s]) if self.batchnorm else xn
 
-    def _logits(self, s: str, xn: Tensor) -> Tensor:
-        """``(xn - b_pre) W_enc^T + b_lat`` with the precision options (graph if grad is enabled)."""
-        xc = xn - self.b_pre[s]
+    def _logits(self, s: str, xn: Tensor, batch_stats: bool = False) -> Tensor:
+        """Logits ``[B, L]`` with the precision options (graph if grad is enabled).
+
+        Linear encoder: ``(xn - b_pre) W_enc^T + b_lat``. Batchnorm encoder:
+        ``BN(xn W_enc^T + b_lat)`` with the batch's statistics if ``batch_stats`` (updating the
+        running ones), else with the running statistics.
+        """
+        xc = xn if self.batchnorm else xn - self.b_pre[s]
         W = self.W_enc[s]
         if self.bf16:
-            return F.linear(xc.to(torch.bfloat16), W.to(torch.bfloat16)).to(W.dtype) + self.b_lat[s]
-        with _tf32_matmul(self.tf32 and W.device.type == "cuda"):
-            return linear(xc, W, self.b_lat[s])
+            h = F.linear(xc.to(torch.bfloat16), W.to(torch.bfloat16)).to(W.dtype) + self.b_lat[s]
+        else:
+            with _tf32_matmul(self.tf32 and W.device.type == "cuda"):
+                h = linear(xc, W, self.b_lat[s])
+        return self.bn[s](h, batch_stats) if self.batchnorm else h
 
     def _select(self, h: dict[str, Tensor], mode: str) -> dict[str, Tensor]:
         if mode == "global":
@@ -257,7 +363,8 @@ class MultiStreamSAE(nn.Module):
     # ------------------------------------------------------------------ inference API
 
     def logits(self, x: dict[str, Tensor]) -> dict[str, Tensor]:
-        """L2-normalise each row and return the raw logits ``h^s [B, L]`` of the given streams."""
+        """L2-normalise each row and return the raw logits ``h^s [B, L]`` of the given streams
+        (batchnorm encoder: with the running statistics, in either module mode)."""
         streams = self._check_inputs(x, require_all=False)
         return {s: self._logits(s, self._prepare(s, x[s])) for s in streams}
 
@@ -274,13 +381,16 @@ class MultiStreamSAE(nn.Module):
         return {s: Code(idx[s], F.relu(h[s].gather(1, idx[s]))) for s in h}
 
     def decode(self, code: Code, stream: str) -> Tensor:
-        """``W_dec^s z + b_pre^s`` from a sparse code (``[B, k]`` ids and values): ``[B, d_s]``."""
+        """``W_dec^s z + b_pre^s`` (batchnorm encoder: ``W_dec^s z / sqrt(d_s)``, see the module
+        docstring) from a sparse code (``[B, k]`` ids and values): ``[B, d_s]``."""
         self._check_stream(stream)
         indices, values = code
         if indices.shape != values.shape or indices.dim() != 2:
             raise ValueError(f"decode: indices {tuple(indices.shape)} and values {tuple(values.shape)} must be equal [B, k]")
         W = self.W_dec[stream]
         (out,) = sparse_decode(W, [(values.to(W.dtype).unsqueeze(1), indices.long())])
+        if self.batchnorm:
+            return out[:, 0] / math.sqrt(self.cfg.dims[stream])
         return out[:, 0] + self.b_pre[stream]
 
     # ------------------------------------------------------------------ training
@@ -308,17 +418,26 @@ class MultiStreamSAE(nn.Module):
         return idx, z, aux
 
     def _aux_term(self, s: str, e: Tensor, xn: Tensor, xhat_self: Tensor, dead: Tensor) -> Tensor:
-        """AuxK term of one stream: NMSE of ``e`` against the detached residual; 0 if none dead."""
+        """AuxK term of one stream: NMSE of ``e`` against the detached residual; 0 if none dead.
+
+        The denominator is ``||residual||^2``, or with ``AUX_DENOMINATOR == "reference"``
+        ``||residual + b_pre||^2`` (the reference's target ``x - xhat + b_pre``, decoded with ``b_pre``).
+        """
         residual = (xn - xhat_self).detach()
-        return nmse(e, residual) * dead.any().to(e.dtype)
+        if AUX_DENOMINATOR == "residual":
+            return nmse(e, residual) * dead.any().to(e.dtype)
+        denominator = (residual + self.b_pre[s].detach()).pow(2).sum(-1).clamp_min(NMSE_EPS)
+        return ((e - residual).pow(2).sum(-1) / denominator).mean() * dead.any().to(e.dtype)
 
     @staticmethod
     def _stats(z: Tensor, idx: Tensor, L: int) -> tuple[Tensor, Tensor]:
-        """``(l0, fired)``: mean non-zeros per sample and bool ``[L]`` of latents that fired."""
+        """``(l0, fired)``: mean non-zeros per sample and bool ``[L]`` of latents with an
+        activation above ``FIRE_THRESHOLD``."""
         active = z > 0
         l0 = active.sum(1).to(z.dtype).mean().detach()
+        firing = active if FIRE_THRESHOLD == 0.0 else z > FIRE_THRESHOLD
         hits = torch.zeros(L, dtype=z.dtype, device=z.device)
-        hits.index_add_(0, idx.reshape(-1), active.reshape(-1).to(z.dtype))
+        hits.index_add_(0, idx.reshape(-1), firing.reshape(-1).to(z.dtype))
         return l0, hits > 0
 
     def loss(self, x: dict[str, Tensor], lam: float, dead: dict[str, Tensor] | None = None,
@@ -331,8 +450,9 @@ class MultiStreamSAE(nn.Module):
         ``k_aux`` logits among ``dead[s]``, ReLU, decoded with ``W_dec^s`` without ``b_pre``,
         NMSE against ``x^s - stopgrad(x^(s->s))``; 0 for a stream with no dead latent or absent
         from ``dead``). Targets are the L2-normalised inputs. With ``lam == 0`` the cross terms
-        are only measured (no graph), so they send no gradient anywhere.
+        are only measured (no graph), so they send no gradient anywhere. Linear encoder only.
         """
+        self._check_encoder(False, "loss")
         streams = self._check_inputs(x, require_all=True)
         dead_m = self._check_dead(dead)
         lam = float(lam)
@@ -387,31 +507,43 @@ class MultiStreamSAE(nn.Module):
         return LossOutput(total=total, terms=terms, fired=fired)
 
     def usae_loss(self, x: dict[str, Tensor], source: str, dead: dict[str, Tensor] | None = None,
-                  aux_coef: float = 1 / 32) -> LossOutput:
-        """USAE step (method.md section 3): encode ``source`` alone, decode into every stream.
+                  aux_coef: float = 1 / 32, lam: float = 1.0) -> LossOutput:
+        """USAE step (method.md section 3) of this project's variant: encode ``source`` alone,
+        decode into every stream.
 
-        ``z = ReLU(h^source)`` at its own top-k; ``total = mean_t NMSE(x^(source->t), x^t) +
-        aux_coef * aux_source`` over all streams ``t`` (self included). Terms as in :meth:`loss`
-        for the source's row (``self_nmse``, ``cross_nmse`` = mean over ``t != source``) plus
-        ``usae_nmse`` (the mean over all targets); ``fired`` holds the source stream only.
+        ``z = ReLU(h^source)`` at its own top-k;
+        ``total = (NMSE(x^(s->s), x^s) + lam * sum_{t != s} NMSE(x^(s->t), x^t)) / M +
+        aux_coef * aux_s`` with ``s = source`` and ``M`` streams. ``lam`` weights the
+        cross-decoding terms (the source's code decoded by the other streams' decoders): ``lam = 1``
+        is the plain mean over all ``M`` targets (exactly the loss before ``lam`` applied here:
+        multiplying by 1.0 is exact, so weights are bit-identical), ``lam = 0`` trains
+        self-reconstruction only (the cross terms are then measured without a graph and send no
+        gradient, so the other streams' decoders get none). ``aux_s`` is the AuxK term of
+        :meth:`loss` for the source. Terms as in :meth:`loss` for the source's row (``self_nmse``,
+        ``cross_nmse`` = mean over ``t != source``) plus ``usae_nmse`` (the unweighted mean over
+        all targets); ``fired`` holds the source stream only. Linear encoder only.
         """
+        self._check_encoder(False, "usae_loss")
         streams = self._check_inputs(x, require_all=True)
         self._check_stream(source)
+        lam = float(lam)
         dead_m = {s: m for s, m in self._check_dead(dead).items() if s == source}
         xn = {s: self._prepare(s, x[s]) for s in streams}
         idx, z, aux = self._encode_train({source: xn[source]}, "local", dead_m)
         code, ids = z[source].unsqueeze(1), idx[source]
         terms: dict[str, Tensor] = {}
-        per_target, cross_terms = [], []
+        per_target, weighted, cross_terms = [], [], []
         aux_term = xn[source].new_zeros(())
         for t in streams:
             groups = [(code, ids)]
             if t == source and source in aux:
                 groups.append((aux[source][1].unsqueeze(1), aux[source][0]))
-            outs = sparse_decode(self.W_dec[t], groups)
-            xhat = outs[0][:, 0] + self.b_pre[t]
-            e = nmse(xhat, xn[t])
+            with torch.set_grad_enabled(torch.is_grad_enabled() and (t == source or lam != 0.0)):
+                outs = sparse_decode(self.W_dec[t], groups)
+                xhat = outs[0][:, 0] + self.b_pre[t]
+                e = nmse(xhat, xn[t])
             per_target.append(e)
+            weighted.append(e if t == source else lam * e)
             if t == source:
                 terms[f"self_nmse/{t}"] = e.detach()
                 terms["self_nmse"] = e.detach()
@@ -421,13 +553,82 @@ class MultiStreamSAE(nn.Module):
             else:
                 cross_terms.append(e)
                 terms[f"cross_nmse/{source}->{t}"] = e.detach()
-        l_usae = torch.stack(per_target).mean()
         terms["cross_nmse"] = (torch.stack(cross_terms).mean() if cross_terms else aux_term.new_zeros(())).detach()
         terms["aux"] = aux_term.detach()
-        terms["usae_nmse"] = l_usae.detach()
+        terms["usae_nmse"] = torch.stack(per_target).mean().detach()
         l0, fired = self._stats(z[source], ids, self.cfg.L)
         terms[f"l0/{source}"] = l0
-        return LossOutput(total=l_usae + aux_coef * aux_term, terms=terms, fired={source: fired})
+        return LossOutput(total=torch.stack(weighted).mean() + aux_coef * aux_term, terms=terms, fired={source: fired})
+
+    def usae_paper_loss(self, x: dict[str, Tensor], source: str, lam: float = 1.0) -> LossOutput:
+        """USAE step as the USAE paper and its reference code define it (method.md section 3).
+
+        Batchnorm encoder only; ``x^t`` are the inputs L2-normalised and scaled to norm
+        ``sqrt(d_t)`` (module docstring). ``s = source`` is encoded alone: pre-codes
+        ``p = BN^s(W_enc^s x^s + b_lat^s)`` ``[B, L]`` (batch statistics in training mode, running
+        statistics in eval mode), code ``z`` = ``ReLU(p)`` at the top-k of ``p``. For every target
+        ``t`` (self included) the reference's criterion (its ``top_k_auxiliary_loss_L1``)::
+
+            E_t = mean_{b,i} |x^t - W_dec^t z|                  (the L1 reconstruction error)
+            A_t = mean_{b,i} |(x^t - W_dec^t z) - W_dec^t u|     (the auxiliary term)
+
+        means over the batch and the ``d_t`` dimensions; ``u`` = the ``L // 2`` largest entries of
+        ``ReLU(p) - z`` (the unchosen positive pre-codes; at most ``L - k`` of them are non-zero), so
+        ``A_t`` is the L1 error of the reconstruction from the top ``min(L, k + L // 2)``
+        ReLU'd pre-codes. As in the reference the residual is not detached (``A_t`` also trains the
+        top-k code and its decoder rows), ``u`` is not restricted to dead latents, and the targets'
+        errors are summed, not averaged::
+
+            total = (E_s + 0.1 A_s) + lam * sum_{t != s} (E_t + 0.1 A_t)
+
+        ``lam`` weights the cross-decoding terms as in :meth:`usae_loss` (``lam = 1`` is the
+        reference's loss, ``lam = 0`` self-reconstruction only, cross terms measured without a
+        graph). The reference clips gradient norms at 1 (and multiplies the loss by 100 when it
+        L2-normalises its inputs instead of standardising them); neither is done here (Adam is
+        invariant to the loss scale up to ``eps``). Decoding is dense (``[B, L] @ [L, d]``): ``u``
+        holds ``L // 2`` latents.
+
+        Terms: ``l1`` (``sum_t E_t``), ``aux`` (``sum_t A_t``), the NMSE terms of :meth:`usae_loss`
+        (``self_nmse``, ``cross_nmse``, ``.../<s>->...``, ``usae_nmse``; NMSE does not depend on
+        the input scale) and ``l0/<s>``; ``fired`` holds the source stream only. Dead latents play
+        no part (the reference has none).
+        """
+        self._check_encoder(True, "usae_paper_loss")
+        streams = self._check_inputs(x, require_all=True)
+        self._check_stream(source)
+        lam = float(lam)
+        k, L = self.cfg.k, self.cfg.L
+        xn = {s: self._prepare(s, x[s]) for s in streams}
+        p = self._logits(source, xn[source], batch_stats=self.training)
+        idx = torch.topk(p.detach(), min(L, k + L // 2), dim=1).indices  # the top-k first, then u's latents
+        values = F.relu(p.gather(1, idx))
+        zeros = torch.zeros_like(p)
+        codes = torch.cat([zeros.scatter(1, idx[:, :k], values[:, :k]), zeros.scatter(1, idx, values)])
+        n = p.shape[0]
+        terms: dict[str, Tensor] = {}
+        weighted, l1, aux, per_target, cross = [], [], [], [], []
+        for t in streams:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and (t == source or lam != 0.0)):
+                rec = codes @ self.W_dec[t]  # [2B, d_t]: from z, and from z + u
+                err = (rec - xn[t].repeat(2, 1)).abs()
+                e_t, a_t = err[:n].mean(), err[n:].mean()
+                term = e_t + USAE_PAPER_AUX_COEF * a_t
+            weighted.append(term if t == source else lam * term)
+            l1.append(e_t.detach())
+            aux.append(a_t.detach())
+            e = nmse(rec[:n].detach(), xn[t])
+            per_target.append(e)
+            if t == source:
+                terms[f"self_nmse/{t}"] = terms["self_nmse"] = e
+            else:
+                cross.append(e)
+                terms[f"cross_nmse/{source}->{t}"] = e
+        terms["cross_nmse"] = torch.stack(cross).mean() if cross else per_target[0].new_zeros(())
+        terms["usae_nmse"] = torch.stack(per_target).mean()
+        terms["l1"] = torch.stack(l1).sum()
+        terms["aux"] = torch.stack(aux).sum()
+        terms[f"l0/{source}"], fired = self._stats(values[:, :k].detach(), idx[:, :k], L)
+        return LossOutput(total=torch.stack(weighted).sum(), terms=terms, fired={source: fired})
 
     # ------------------------------------------------------------------ maintenance
 
@@ -458,7 +659,10 @@ class MultiStreamSAE(nn.Module):
 
         ``latents``: bool ``[L]`` mask or int64 ids. The new rows are ``N(0, scale^2 / d_s)`` per
         entry (norm about ``scale``), drawn from ``generator`` (on its own device). The decoder is
-        left as is. Returns ``[(W_enc[stream], rows), (b_lat[stream], rows)]`` with ``rows`` the
+        left as is. The batchnorm encoder's latents also go back to their initial BN state
+        (:meth:`LatentBatchNorm.reset_rows`; BN removes the rows' scale, so without it a revived
+        row would inherit the dead latent's weight and bias). Returns ``[(W_enc[stream], rows),
+        (b_lat[stream], rows)]`` (plus ``(bn.weight, rows), (bn.bias, rows)``) with ``rows`` the
         int64 ids, so the trainer can reset the optimiser state of exactly those rows.
         """
         self._check_stream(stream)
@@ -478,4 +682,8 @@ class MultiStreamSAE(nn.Module):
                             dtype=W.dtype) * (scale / math.sqrt(d))
         W[rows] = noise.to(W.device)
         b[rows] = 0.0
-        return [(W, rows), (b, rows)]
+        if not self.batchnorm:
+            return [(W, rows), (b, rows)]
+        bn = self.bn[stream]
+        bn.reset_rows(rows)
+        return [(W, rows), (b, rows), (bn.weight, rows), (bn.bias, rows)]

@@ -3,20 +3,36 @@
 One step (global step t, 0-based):
 
 1. when ``t > 0`` and ``t % revive_every == 0``: latents dead longer than ``dead_steps`` are
-   revived with ``model.revive`` (generator seeded by ``counter_seed(seed, REVIVE, ...)``), the
-   Adam moments of the returned rows are zeroed and their counters restart at 0 (a revived latent
-   is a new latent). Reviving before a step, never after the last one, keeps freshly
+   revived with ``model.revive`` (generator seeded by ``counter_seed(seed, REVIVE, ...)``; a
+   batchnorm encoder's BN rows are reset too), the Adam moments of the returned rows are zeroed
+   and their counters restart at 0 (a revived latent is a new latent). Reviving before a step, never after the last one, keeps freshly
    re-initialised encoder rows out of the final model and out of the logged dead fractions;
 2. batch = :class:`~sparc.train.sampler.EpochSampler` ``.batch(t)`` gathered from the source;
-3. loss: ``model.loss(x, lam, dead)`` (SPARC, Global or Local TopK from the spec), or for
-   ``method == "usae"`` ``model.usae_loss(x, source, dead)`` with the source stream drawn from
-   ``counter_rng(seed, USAE_SOURCE, t)``; ``dead[s] = since[s] > dead_steps`` feeds the AuxK term;
+3. loss: ``model.loss(x, lam, dead)`` (SPARC, Global or Local TopK from the spec); for the USAE
+   methods one source stream is drawn from ``counter_rng(seed, USAE_SOURCE, t)`` and the loss is
+   ``model.usae_loss(x, source, dead, lam=lam)`` (``method == "usae"``, this project's variant:
+   linear encoder, NMSE, AuxK on dead latents) or ``model.usae_paper_loss(x, source, lam=lam)``
+   (``method == "usae_paper"``: the paper's BatchNorm encoder, L1 error + 0.1 x auxiliary term,
+   bias-free dictionary; the model is in training mode, so BN uses batch statistics).
+   ``dead[s] = since[s] > dead_steps`` feeds the AuxK term (not used by ``usae_paper``). For both
+   USAE methods ``lam`` weights the cross-decoding terms (1: every target alike, 0: self only);
 4. backward; for USAE with ``usae_update == "source_only"`` the gradients of every parameter not
    owned by the source stream are dropped (as in the USAE reference, where only the source
    model's optimizer steps); ``"joint"`` steps every parameter that received a gradient;
 5. ``model.remove_parallel_grad()``, Adam step, ``model.normalise_decoder()``;
-6. dead-latent counters (steps since each latent last fired, per stream; only streams that were
-   encoded this step) advance;
+6. dead-latent counters (steps since each latent last fired, per stream) advance. Streams encoded
+   this step: 0 where the latent fired, +1 elsewhere. Streams not encoded (USAE: all but the
+   source) depend on the method:
+
+   - ``usae_paper``: +1 as well, so counters count *global* steps and a latent is dead after
+     ``dead_steps`` global steps without firing, whatever the number of streams;
+   - ``usae``: unchanged (kept so that its runs stay bit-identical to earlier ones): the counters
+     of stream s advance only on the steps where s is the source, about one step in M, so a
+     latent of an M-stream USAE counts as dead only after about ``M x dead_steps`` global steps
+     (and is revived on the same global ``revive_every`` grid as the other methods);
+
+   the learning rate is constant (no schedule); the USAE reference's per-model cosine schedule
+   advances only when its model is drawn, a schedule here would advance on the global step;
 7. every ``log_every`` steps (and at the last step): the loss terms averaged over the steps since
    the previous log, per-stream dead fraction (``since > dead_steps``) and active fraction (fired
    at least once since the previous log) go to the logger; terms are accumulated on the device, so
@@ -43,7 +59,7 @@ from tqdm.auto import tqdm
 
 from sparc.features.base import resolve_device
 from sparc.model.sae import MultiStreamSAE, SAEConfig
-from sparc.params import Params, TrainParams
+from sparc.params import USAE_METHODS, Params, TrainParams, check_top_level, check_train
 from sparc.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -63,6 +79,13 @@ from sparc.train.sampler import (
 
 # TrainParams fields that do not change the trained weights or the logged history.
 NOT_IN_KEY = ("device", "checkpoint_every", "ram_budget_mb", "cpu_threads")
+# Revival noise (see README "Differences from the reference code"): a re-initialised encoder row
+# has norm REVIVE_ROW_NORM, or with REVIVE_ENTRY_STD set N(0, REVIVE_ENTRY_STD^2) entries (the SPARC
+# reference: 0.01, a row norm of 0.01 sqrt(d_s)).
+REVIVE_ROW_NORM = 0.01
+REVIVE_ENTRY_STD: float | None = None
+# Whether revival zeroes the Adam moments of the revived rows (method.md; the reference keeps them).
+RESET_ADAM_ROWS = True
 
 
 @dataclass(frozen=True)
@@ -73,7 +96,7 @@ class TrainSpec:
     k: int
     lam: float = 1.0
     topk: Literal["global", "local"] = "global"
-    method: Literal["sparc", "usae"] = "sparc"
+    method: Literal["sparc", "usae", "usae_paper"] = "sparc"
     seed: int = 0
     train: TrainParams = field(default_factory=TrainParams)
 
@@ -90,31 +113,17 @@ class TrainSpec:
         )
 
     def check(self) -> None:
-        """Raise ValueError naming the first out-of-range parameter."""
-        t = self.train
-        if self.L < 1 or not 1 <= self.k <= self.L:
-            raise ValueError(f"k, L: need 1 <= k <= L, got k={self.k}, L={self.L}")
-        if self.lam < 0:
-            raise ValueError(f"lambda: must be non-negative, got {self.lam}")
-        positive = ("batch_size", "epochs", "k_aux", "dead_steps", "revive_every", "checkpoint_every", "log_every")
-        for name in positive:
-            if getattr(t, name) < 1:
-                raise ValueError(f"train.{name}: must be >= 1, got {getattr(t, name)}")
-        if not t.lr > 0:
-            raise ValueError(f"train.lr: must be positive, got {t.lr}")
-        if not t.adam_eps > 0:
-            raise ValueError(f"train.adam_eps: must be positive, got {t.adam_eps}")
-        if t.aux_coef < 0:
-            raise ValueError(f"train.aux_coef: must be non-negative, got {t.aux_coef}")
-        if t.cpu_threads < 0:
-            raise ValueError(f"train.cpu_threads: must be >= 0, got {t.cpu_threads}")
-        if t.ram_budget_mb < 0:
-            raise ValueError(f"train.ram_budget_mb: must be >= 0, got {t.ram_budget_mb}")
+        """Raise ParamsError (a ValueError) naming the first out-of-range parameter: the same
+        checks as params.yaml's validation (sparc.params)."""
+        check_top_level(self.k, self.L, self.lam, self.topk, self.method)
+        check_train(self.train)
 
     def sae_config(self, dims: dict[str, int]) -> SAEConfig:
-        """Model config for streams ``dims``; ``k_aux`` is capped at ``L``."""
+        """Model config for streams ``dims``; ``k_aux`` is capped at ``L``; ``usae_paper`` gets the
+        batchnorm encoder."""
         k_aux = min(self.train.k_aux, self.L)
-        return SAEConfig(dims=dict(dims), L=self.L, k=self.k, topk=self.topk, k_aux=k_aux)
+        encoder = "batchnorm" if self.method == "usae_paper" else "linear"
+        return SAEConfig(dims=dict(dims), L=self.L, k=self.k, topk=self.topk, k_aux=k_aux, encoder=encoder)
 
     def key_payload(self) -> dict:
         """The spec as JSON-able data, without the fields that do not change the results."""
@@ -190,7 +199,7 @@ class Trainer:
         self.step = 0
         # USAE source-only rule: for each source, the parameters whose gradients are dropped.
         self.frozen: dict[str, list[torch.nn.Parameter]] | None = None
-        if spec.method == "usae" and t.usae_update == "source_only":
+        if spec.method in USAE_METHODS and t.usae_update == "source_only":
             self.frozen = {
                 src: [p for o in self.streams if o != src for p in self.model.stream_parameters(o)]
                 for src in self.streams
@@ -203,9 +212,12 @@ class Trainer:
             self.revive()
         x = self.source.gather(self.sampler.batch(step))
         dead = {s: self.since[s] > t.dead_steps for s in self.streams}
-        if spec.method == "usae":
+        if spec.method in USAE_METHODS:
             src = self.streams[int(counter_rng(spec.seed, USAE_SOURCE, step).integers(len(self.streams)))]
-            out = self.model.usae_loss(x, src, dead=dead, aux_coef=t.aux_coef)
+            if spec.method == "usae":
+                out = self.model.usae_loss(x, src, dead=dead, aux_coef=t.aux_coef, lam=spec.lam)
+            else:
+                out = self.model.usae_paper_loss(x, src, lam=spec.lam)
         else:
             src = None
             out = self.model.loss(x, spec.lam, dead=dead, aux_coef=t.aux_coef)
@@ -217,9 +229,13 @@ class Trainer:
         self.model.remove_parallel_grad()
         self.optimizer.step()
         self.model.normalise_decoder()
-        for s, fired in out.fired.items():
-            self.since[s] = torch.where(fired, torch.zeros_like(self.since[s]), self.since[s] + 1)
-            self.window_fired[s] |= fired
+        for s in self.streams:
+            fired = out.fired.get(s)
+            if fired is not None:
+                self.since[s] = torch.where(fired, torch.zeros_like(self.since[s]), self.since[s] + 1)
+                self.window_fired[s] |= fired
+            elif spec.method == "usae_paper":  # global-step counters (module docstring, step 6)
+                self.since[s] = self.since[s] + 1
         self._accumulate("loss/total", out.total.detach().float())
         for term, value in out.terms.items():
             self._accumulate(metric_name(term), value.float())
@@ -234,7 +250,13 @@ class Trainer:
             self.counts[name] = 1
 
     def revive(self) -> None:
-        """Revive latents dead longer than ``dead_steps`` and reset their Adam moments."""
+        """Revive latents dead longer than ``dead_steps`` and reset their Adam moments.
+
+        Adam's step count is one per parameter tensor, so after the reset a revived row is updated
+        with the bias corrections of the whole tensor (about 1 after many steps): its first update
+        is about ``0.1 / sqrt(0.001) = 3.2`` times the learning rate per entry (see README
+        "Differences from the reference code").
+        """
         t = self.spec.train
         for i, s in enumerate(self.streams):
             dead = torch.nonzero(self.since[s] > t.dead_steps).flatten()
@@ -242,9 +264,11 @@ class Trainer:
                 continue
             gen = torch.Generator(device=self.device)
             gen.manual_seed(counter_seed(self.spec.seed, REVIVE, self.step * len(self.streams) + i))
-            for param, rows in self.model.revive(s, dead, gen):
+            d = self.source.dims[s]
+            scale = REVIVE_ROW_NORM if REVIVE_ENTRY_STD is None else REVIVE_ENTRY_STD * d**0.5
+            for param, rows in self.model.revive(s, dead, gen, scale=scale):
                 st = self.optimizer.state.get(param)
-                if st:
+                if st and RESET_ADAM_ROWS:
                     st["exp_avg"][rows] = 0
                     st["exp_avg_sq"][rows] = 0
             self.since[s][dead] = 0
@@ -391,28 +415,38 @@ def evaluate_loss(
 ) -> dict[str, float]:
     """The training objective's terms over every row of ``source`` (no gradient, no counters).
 
-    SPARC: ``model.loss(x, lam)`` per batch; USAE: ``model.usae_loss(x, s)`` for every source s.
-    Terms are averaged over samples (batch means weighted by batch size), named as in the
-    training log (:func:`metric_name`), plus ``loss/total`` (``L_self + lam * L_cross`` for SPARC);
-    the AuxK terms are left out (no latent counts as dead outside training).
+    SPARC: ``model.loss(x, lam)`` per batch; USAE: ``model.usae_loss(x, s, lam=lam)`` or
+    ``model.usae_paper_loss(x, s, lam=lam)`` for every source s. The model is in eval mode
+    meanwhile (a batchnorm encoder uses its running statistics and leaves them unchanged; its mode
+    is restored afterwards). Terms are averaged over samples (batch means weighted by batch size),
+    named as in the training log (:func:`metric_name`), plus ``loss/total`` (``L_self + lam *
+    L_cross`` for SPARC); the AuxK terms are left out (no latent counts as dead outside training;
+    ``usae_paper``'s auxiliary term does not depend on dead latents and stays in its total).
     """
     sums: dict[str, torch.Tensor] = {}
     weights: dict[str, int] = {}
     n = len(source)
-    for start in range(0, n, batch_size):
-        x = source.gather(np.arange(start, min(n, start + batch_size)))
-        b = min(n, start + batch_size) - start
-        if spec.method == "usae":
-            outs = [model.usae_loss(x, s) for s in model.streams]
-        else:
-            outs = [model.loss(x, spec.lam)]
-        for out in outs:
-            items = [("loss/total", out.total)] + [
-                (metric_name(k), v) for k, v in out.terms.items() if k != "aux" and not k.startswith("aux/")
-            ]
-            for name, value in items:
-                sums[name] = sums.get(name, 0) + value.detach().float() * b
-                weights[name] = weights.get(name, 0) + b
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, n, batch_size):
+            x = source.gather(np.arange(start, min(n, start + batch_size)))
+            b = min(n, start + batch_size) - start
+            if spec.method == "usae":
+                outs = [model.usae_loss(x, s, lam=spec.lam) for s in model.streams]
+            elif spec.method == "usae_paper":
+                outs = [model.usae_paper_loss(x, s, lam=spec.lam) for s in model.streams]
+            else:
+                outs = [model.loss(x, spec.lam)]
+            for out in outs:
+                items = [("loss/total", out.total)] + [
+                    (metric_name(k), v) for k, v in out.terms.items() if k != "aux" and not k.startswith("aux/")
+                ]
+                for name, value in items:
+                    sums[name] = sums.get(name, 0) + value.detach().float() * b
+                    weights[name] = weights.get(name, 0) + b
+    finally:
+        model.train(was_training)
     names = sorted(sums)
     values = torch.stack([sums[k] / weights[k] for k in names]).tolist()
     return dict(zip(names, values, strict=True))
