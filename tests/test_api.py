@@ -446,3 +446,9 @@ def test_readme_example_runs(repo: Path, monkeypatch: pytest.MonkeyPatch, capsys
     assert "Run(root=" in out and "activation" in out and "NMSE" in out
     assert namespace["hits"].agreed_name.iloc[0] == "country-flag"
     assert namespace["xhat"].shape == (len(namespace["x"]["clip_img"]), DIMS["clip_txt"])
+
+
+def test_readme_shows_the_example_that_runs() -> None:
+    """The README's Python example is the one test_readme_example_runs executes."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"```python\n{README_EXAMPLE}```" in readme

@@ -20,6 +20,8 @@ from sparc.params import read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# `dvc exp show` as the README recommends it (checked to fit 200 columns).
+EXP_SHOW = ["dvc", "exp", "show", "--no-pager", "--only-changed"]
 
 pytestmark = pytest.mark.slow
 
@@ -105,6 +107,17 @@ def test_repro_reaches_the_evaluation(repo):
         assert len(metrics["reconstruction"][kind]["nmse"]) == len(streams) ** 2
     concepts = (repo / "reports/concepts/concepts.csv").read_text().splitlines()
     assert len(concepts) == params["L"] + 1
+    headline = json.loads((repo / "reports/headline.json").read_text())
+    assert headline["jaccard_d0"] == metrics["jaccard"]["joint"]["depth_0"]["all"]
+
+
+def test_repro_ends_with_figures_and_the_browser(repo):
+    figures = json.loads((repo / "reports/figures/index.json").read_text())
+    for name in ("reconstruction.png", "jaccard_depth.png", "patterns.png", "retrieval.png"):
+        assert (repo / "reports/figures" / name).read_bytes()[:4] == b"\x89PNG", name
+    assert figures
+    html = (repo / "reports/browser/index.html").read_text()
+    assert "<script" in html and "http://" not in html and "https://" not in html
 
 
 def test_pull_from_a_remote_restores_outputs_without_recomputing(repo, tmp_path):
@@ -145,6 +158,24 @@ def ran_stages(output: str) -> set[str]:
 def test_seed_experiment_reruns_only_training_and_after(repo):
     """`dvc exp run -S seed=1` reuses the prepared data and the features (last: it changes params)."""
     out = run(["dvc", "exp", "run", "-n", "seed1", "-S", "seed=1"], repo).stdout
-    assert ran_stages(out) == {"check", "train", "encode", "concepts", "evaluate"}, out
+    assert ran_stages(out) == {"check", "train", "encode", "concepts", "evaluate", "figures", "browser"}, out
     assert "seed1" in run(["dvc", "exp", "list", "--name-only"], repo).stdout.split()
     assert read_yaml(repo / "params.yaml")["seed"] == 1
+
+
+def test_ablation_grid_compare_and_exp_show(repo):
+    """The four runs of the paper's ablation as one command, tabulated by `sparc compare`, and
+    `dvc exp show` as the README recommends fits a 200-column terminal."""
+    configs = "sparc,global-lam0,local-lam1,local-lam0"
+    run([sys.executable, "-m", "sparc", "ablation", "--seeds", "0", "--only", configs], repo)
+    out = run([sys.executable, "-m", "sparc", "compare", "--grid", "ablation", "--figure", "reports/compare.png"], repo)
+    header = next(line for line in out.stdout.splitlines() if line.startswith("| metric"))
+    for title in ("Global, λ=1 (SPARC) (n=1)", "Global, λ=0 (n=1)", "Local, λ=1 (n=1)", "Local, λ=0 (n=1)"):
+        assert title in header
+    assert (repo / "reports/compare.png").read_bytes()[:4] == b"\x89PNG"
+    env = dict(os.environ, COLUMNS="200", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    show = subprocess.run(EXP_SHOW, cwd=repo, env=env, capture_output=True, text=True, check=True).stdout
+    lines = [line for line in show.splitlines() if line.strip()]
+    assert max(len(line) for line in lines) <= 200, show
+    assert "…" not in show, show
+    assert sum("[ablation-" in line for line in lines) == 4, show

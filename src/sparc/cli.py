@@ -131,7 +131,11 @@ def cmd_ablation(params: Params, args: argparse.Namespace) -> None:
     """The ablation grid (sparc.report.ablation.ABLATION) over --seeds, as DVC experiments."""
     from sparc.report.ablation import ABLATION
 
-    _run_grid(ABLATION, args)
+    only = [c.strip() for c in args.only.split(",") if c.strip()] or list(ABLATION)
+    unknown = [c for c in only if c not in ABLATION]
+    if unknown:
+        raise ValueError(f"--only: unknown configuration {unknown[0]!r} (known: {', '.join(ABLATION)})")
+    _run_grid({c: ABLATION[c] for c in only}, args)
 
 
 def cmd_sweep(params: Params, args: argparse.Namespace) -> None:
@@ -148,7 +152,7 @@ def cmd_compare(params: Params, args: argparse.Namespace) -> None:
 
     from sparc.report import ablation as ab
 
-    records = ab.dvc_experiments()
+    records = ab.dvc_experiments(all_commits=args.all_commits)
     groups = ab.group_records(records, args.grid) if args.grid else ab.each_experiment(records)
     block = ab.ablation_table(groups) + ("\n" + ab.claims(groups) if args.grid else "")
     print(block)
@@ -196,10 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--prefix", default=name, help=f"experiment name prefix (default {name})")
             p.add_argument("--queue", action="store_true", help="only queue the runs (then `dvc queue start -j N`)")
             p.add_argument("--dry", action="store_true", help="print the dvc commands, do not run them")
+            if name == "ablation":
+                p.add_argument("--only", default="", help="comma-separated configurations (default: all of "
+                               "sparc, global-lam0, local-lam1, local-lam0, usae, usae-paper)")
         if name == "compare":
             p.add_argument("--grid", default="", help="average the seeds of the grid with this name prefix (e.g. ablation)")
             p.add_argument("--figure", default="reports/compare.png", help="comparison figure (default reports/compare.png; '' = none)")
             p.add_argument("--readme", default="", help="also rewrite the block between the ablation markers of this file")
+            p.add_argument("--all-commits", action="store_true",
+                           help="experiments run from any commit, not only the current one (the newest of each name)")
     return parser
 
 

@@ -142,3 +142,12 @@ def test_comparison_figure(tmp_path):
     groups = group_records(experiment_records(show_json()), "ablation")
     path = comparison_figure(groups, tmp_path / "compare.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_newest_experiment_of_a_name_wins():
+    old = exp("ablation-sparc-s0", 0, "global", 1.0, metrics(0.1, 0.4, 0.3))
+    new = exp("ablation-sparc-s0", 0, "global", 1.0, metrics(0.9, 0.4, 0.3))
+    old["revs"][0]["data"]["timestamp"] = "2026-11-25T10:00:00"
+    new["revs"][0]["data"]["timestamp"] = "2026-11-25T12:00:00"
+    records = experiment_records([{"name": "a", "experiments": [new]}, {"name": "b", "experiments": [old]}])
+    assert [r.metrics["jaccard_d0"] for r in records] == [0.9]
