@@ -60,3 +60,18 @@ def test_key_is_order_independent_and_sensitive():
     assert checkpoint_key({"a": 1, "b": [1, 2]}) == checkpoint_key({"b": [1, 2], "a": 1})
     assert checkpoint_key({"a": 1}) != checkpoint_key({"a": 2})
     assert len(checkpoint_key({})) == 16
+
+
+def test_restore_without_copy_owns_the_loaded_tensors():
+    """Resuming hands the tensors read from the checkpoint to Adam: no second copy in memory."""
+    lin = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(lin.parameters(), lr=0.1)
+    lin(torch.randn(4, 3)).square().sum().backward()
+    opt.step()
+    names = {p: n for n, p in lin.named_parameters()}
+    flat = {k: v.clone() for k, v in optimizer_tensors(opt, names).items()}
+    opt2 = torch.optim.Adam(lin.parameters(), lr=0.1)
+    restore_optimizer(opt2, flat, dict(lin.named_parameters()), copy=False)
+    assert opt2.state[lin.weight]["exp_avg"] is flat["optim/weight/exp_avg"]
+    restore_optimizer(opt2, flat, dict(lin.named_parameters()))
+    assert opt2.state[lin.weight]["exp_avg"] is not flat["optim/weight/exp_avg"]

@@ -129,11 +129,16 @@ def restore_optimizer(
     optimizer: torch.optim.Optimizer,
     tensors: dict[str, torch.Tensor],
     params: dict[str, torch.nn.Parameter],
+    *,
+    copy: bool = True,
 ) -> None:
     """Inverse of :func:`optimizer_tensors`: load the flattened state into ``optimizer``.
 
     ``params`` maps parameter names to the (current) parameters. Tensors are moved to their
     parameter's device, except the 0-d ``step`` counters, which stay where PyTorch keeps them.
+    ``copy=False`` lets the optimizer own the given tensors (for tensors just read from a
+    checkpoint: no second copy of Adam's state, so a resume needs no more memory than a fresh run);
+    the default copies them, as ``tensors`` may be another optimizer's live state.
     """
     state: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
     for flat_name, value in tensors.items():
@@ -150,7 +155,7 @@ def restore_optimizer(
                     f"parameter has {tuple(p.shape)}"
                 )
             value = value.to(p.device)
-        state.setdefault(p, {})[key] = value.clone()
+        state.setdefault(p, {})[key] = value.clone() if copy else value
     optimizer.state.clear()
     for p, st in state.items():
         optimizer.state[p] = st

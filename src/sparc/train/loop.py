@@ -334,7 +334,7 @@ class Trainer:
             raise ValueError(f"checkpoint {path}: {st.get('n_rows')} training rows there, {len(self.source)} now")
         self.model.load_state_dict({k: v.to(self.device) for k, v in ck.tensors["model"].items()})
         trainer = ck.tensors["trainer"]
-        restore_optimizer(self.optimizer, trainer, self.param_by_name)
+        restore_optimizer(self.optimizer, trainer, self.param_by_name, copy=False)
         for s in self.streams:
             self.since[s] = trainer[f"since/{s}"].to(self.device)
             self.window_fired[s] = trainer[f"window_fired/{s}"].to(self.device).bool()
