@@ -37,7 +37,6 @@ Importing this module does not import torch; the model is loaded on first use (`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import warnings
@@ -109,14 +108,6 @@ def _match_quality(query: list[str], name: str) -> int:
         return 2
     joined = " ".join(words)
     return 1 if all(q in joined for q in query) else 0
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _is_tensor(x: Any) -> bool:
@@ -242,7 +233,9 @@ class Run:
     @cached_property
     def model_sha256(self) -> str:
         """SHA-256 of ``model.safetensors`` (what ``data/codes/meta.json`` records)."""
-        return _file_sha256(self.sae_dir / SAE_FILES[0])
+        from sparc.data.prepared import file_sha256
+
+        return file_sha256(self.sae_dir / SAE_FILES[0])
 
     def _warn_params(self, params: Params) -> None:
         have = {"streams": self.streams, "L": self.L, "k": self.k, "topk": self.topk}

@@ -172,3 +172,18 @@ def shares_space(meta_a: dict, meta_b: dict) -> bool:
         and {meta_a.get("input"), meta_b.get("input")} == {"image", "caption"}
         and meta_a.get("dim") == meta_b.get("dim")
     )
+
+
+def spread_picks(n: int, n_picks: int) -> np.ndarray:
+    """``min(n_picks, n)`` row indices evenly spread over ``range(n)`` (the example queries)."""
+    if n_picks <= 0 or n == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.linspace(0, n - 1, min(n_picks, n)).round().astype(np.int64))
+
+
+def cosine_scores(queries: sp.csr_matrix, gallery: sp.csr_matrix) -> np.ndarray:
+    """``[n_gallery, n_queries]`` float64 cosine similarities of L2-normalised sparse codes
+    (a zero code scores 0 against everything)."""
+    q = l2_normalise_rows(queries).astype(np.float64)
+    g = l2_normalise_rows(gallery).astype(np.float64)
+    return np.asarray((g @ q.T).todense())

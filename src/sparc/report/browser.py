@@ -53,7 +53,8 @@ import scipy.sparse as sp
 from sparc import paths
 from sparc.data.prepared import PreparedData, load_prepared
 from sparc.evaluate.labels import LabelSpace
-from sparc.evaluate.metrics import firing_counts, firing_matrix, l2_normalise_rows, top_activating
+from sparc.evaluate.metrics import firing_counts, firing_matrix, top_activating
+from sparc.evaluate.retrieval import cosine_scores, spread_picks
 from sparc.evaluate.stage import (
     CODE_KINDS,
     EVAL_SPLIT,
@@ -168,15 +169,13 @@ def _retrieval_examples(
     with the rank of its own image (1 + gallery items scoring higher; ``ties`` others scoring the
     same) and the top images by cosine similarity of the per-stream codes."""
     N = eval_rows.size
-    if n_queries <= 0 or N == 0:
+    picks = spread_picks(N, n_queries)
+    if picks.size == 0:
         return []
-    picks = np.unique(np.linspace(0, N - 1, min(n_queries, N)).round().astype(np.int64))
     out = []
     for q in query_streams:
-        queries = l2_normalise_rows(local[q][picks]).astype(np.float64)
         for g in gallery_streams:
-            gallery = l2_normalise_rows(local[g]).astype(np.float64)
-            sims = np.asarray((gallery @ queries.T).todense())  # [N, n_queries]
+            sims = cosine_scores(local[q][picks], local[g])  # [N, n_queries]
             items = []
             for c, p in enumerate(picks.tolist()):
                 s = sims[:, c]

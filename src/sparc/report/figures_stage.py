@@ -47,6 +47,8 @@ import scipy.sparse as sp
 
 from sparc import paths
 from sparc.data.prepared import PreparedData, load_prepared
+from sparc.evaluate.metrics import top_activating
+from sparc.evaluate.retrieval import cosine_scores, spread_picks
 from sparc.evaluate.stage import (
     EVAL_SPLIT,
     EvaluateInputError,
@@ -188,13 +190,12 @@ def choose_latents(
 
 
 def top_samples(csr: sp.csr_matrix, latent: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows (into ``csr``) and values of the ``n`` largest activations of ``latent`` (> 0), ties
-    broken by the lower row (as the concepts stage)."""
-    col = csr[:, latent].tocoo()
-    keep = col.data > 0
-    rows, vals = col.row[keep], col.data[keep]
-    order = np.lexsort((rows, -vals))[:n]
-    return rows[order].astype(np.int64), vals[order].astype(np.float64)
+    """Rows (into ``csr``) and values of the ``n`` largest activations of ``latent`` (> 0), in
+    the order of :func:`sparc.evaluate.metrics.top_activating` (the concepts stage's)."""
+    col = csr[:, [latent]]
+    col = col.multiply(col > 0).tocsr()
+    _, rows = top_activating(col, n)
+    return rows, np.asarray(col[rows, 0].todense(), dtype=np.float64).ravel()
 
 
 def latent_view(
@@ -237,12 +238,6 @@ def latent_view(
     return F.LatentView(latent=i, title=title, note="; ".join(notes), columns=columns)
 
 
-def _l2_rows(m: sp.csr_matrix) -> sp.csr_matrix:
-    norms = np.sqrt(np.asarray(m.multiply(m).sum(axis=1)).ravel())
-    inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-    return sp.csr_matrix(sp.diags(inv) @ m)
-
-
 def retrieval_examples(
     params: Params, local: dict[str, sp.csr_matrix], test_rows: np.ndarray, prepared: PreparedData,
 ) -> tuple[list[F.RetrievalExample], str | None, list[str]]:
@@ -255,9 +250,8 @@ def retrieval_examples(
         return [], (captions[0] if captions else None), images
     q = captions[0]
     N = test_rows.size
-    picks = np.unique(np.linspace(0, N - 1, min(n_q, N)).round().astype(np.int64))
-    query = _l2_rows(local[q][picks])
-    scores = {s: np.asarray((_l2_rows(local[s]) @ query.T).todense()) for s in images}  # [N, Q]
+    picks = spread_picks(N, n_q)
+    scores = {s: cosine_scores(local[q][picks], local[s]) for s in images}  # [N, Q]
     examples = []
     for j, r in enumerate(picks):
         results, ranks = {}, {}
