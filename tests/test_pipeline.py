@@ -163,7 +163,7 @@ def test_seed_experiment_reruns_only_training_and_after(repo):
 
 def test_ablation_grid_compare_and_exp_show(repo):
     """The four runs of the paper's ablation as one command, tabulated by `sparc compare`; `dvc exp
-    show` lists the headline metrics only."""
+    show` lists the headline metrics only, and `sparc show` (its README view) fits 200 columns."""
     configs = "sparc,global-lam0,local-lam1,local-lam0"
     run([sys.executable, "-m", "sparc", "ablation", "--seeds", "0", "--only", configs], repo)
     out = run([sys.executable, "-m", "sparc", "compare", "--grid", "ablation", "--figure", "reports/compare.png"], repo)
@@ -178,6 +178,13 @@ def test_ablation_grid_compare_and_exp_show(repo):
     )
     metrics = next(r["data"]["metrics"] for c in show for e in (c.get("experiments") or []) for r in e["revs"])
     assert list(metrics) == ["reports/headline.json"]  # the only DVC metrics: what exp show lists
+    env = dict(os.environ, COLUMNS="200", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run([sys.executable, "-m", "sparc", "show"], cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert max(len(line) for line in lines) <= 200 and "…" not in proc.stdout, proc.stdout
+    assert sum("[ablation-" in line for line in lines) == 4, proc.stdout
+    assert "jaccard_ps_live" in proc.stdout and "nmse_cross_lf" in proc.stdout
     revs = ["ablation-sparc-s0", "ablation-local-lam0-s0"]
     plots = json.loads(run(["dvc", "plots", "diff", *revs, "--json"], repo).stdout)["data"]
     for title in ("Hierarchical Jaccard by depth", "Retrieval R@1, per-stream codes (query->gallery)"):

@@ -164,6 +164,17 @@ def cmd_compare(params: Params, args: argparse.Namespace) -> None:
         print(f"updated {path}")
 
 
+def cmd_show(params: Params, args: argparse.Namespace) -> None:
+    """`dvc exp show` with the headline columns that fit a terminal (sparc.report.ablation)."""
+    import subprocess
+
+    from sparc.report.ablation import exp_show_command
+
+    proc = subprocess.run(exp_show_command(args.dvc_args))
+    if proc.returncode:
+        raise ValueError(f"dvc exp show failed with status {proc.returncode}")
+
+
 COMMANDS = {
     "check": (cmd_check, "validate params.yaml"),
     "prepare": (cmd_prepare, "build the dataset named by data.dataset"),
@@ -177,6 +188,7 @@ COMMANDS = {
     "browser": (cmd_browser, "the static HTML concept browser under reports/browser/"),
     "ablation": (cmd_ablation, "run the ablation grid (Global/Local x lambda 0/1, USAE) over seeds as DVC experiments"),
     "sweep": (cmd_sweep, "run a sweep over one parameter (e.g. k=8,16,32) over seeds as DVC experiments"),
+    "show": (cmd_show, "dvc exp show with the headline columns that fit a 200-column terminal"),
     "compare": (cmd_compare, "table and figure of the experiments' headline metrics (dvc exp show --json)"),
 }
 
@@ -213,7 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "show":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.dvc_args = extra  # `show` passes them on to `dvc exp show` (e.g. -A, --rev)
     from sparc.features.store import FeatureStoreError
     from sparc.params import ParamsError
 

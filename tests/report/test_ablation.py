@@ -151,3 +151,15 @@ def test_the_newest_experiment_of_a_name_wins():
     new["revs"][0]["data"]["timestamp"] = "2026-11-25T12:00:00"
     records = experiment_records([{"name": "a", "experiments": [new]}, {"name": "b", "experiments": [old]}])
     assert [r.metrics["jaccard_d0"] for r in records] == [0.9]
+
+
+def test_exp_show_view_keeps_the_name_and_the_chosen_columns():
+    import re
+
+    from sparc.report.ablation import SHOW_COLUMNS, exp_show_command
+
+    cmd = exp_show_command(["-A"])
+    assert cmd[:4] == ["dvc", "exp", "show", "--no-pager"] and cmd[-1] == "-A"
+    drop, keep = cmd[cmd.index("--drop") + 1], cmd[cmd.index("--keep") + 1]
+    assert not re.match(drop, "Experiment") and re.match(drop, "Created") and re.match(drop, "jaccard_d1")
+    assert all(re.match(keep, c) for c in SHOW_COLUMNS) and not re.match(keep, "jaccard_d1")

@@ -367,3 +367,18 @@ def comparison_figure(groups: dict[str, list[Record]], path: str | Path) -> Path
         ax.set_title(label.replace(" (", "\n("), fontsize=9)
     fig.suptitle("Comparison of runs (mean ± std over seeds where averaged)", fontsize=10)
     return save_png(fig, path)
+
+
+# The columns of `python -m sparc show`: the headline metrics that compare runs at a glance (both
+# kinds of codes) and the ablation knobs; fits a 200-column terminal with a grid's names.
+SHOW_COLUMNS = (
+    "jaccard_d0", "jaccard_live", "jaccard_ps_live", "mixed", "mixed_ps", "nmse_cross_lf", "r1_cap2img",
+    "seed", "lambda", "topk", "method",
+)
+
+
+def exp_show_command(extra: Sequence[str] = ()) -> list[str]:
+    """``dvc exp show`` restricted to :data:`SHOW_COLUMNS` (``--drop`` everything but the
+    experiment name, ``--keep`` those columns), plus ``extra`` arguments (e.g. ``-A``)."""
+    keep = "^(" + "|".join(re.escape(c) for c in SHOW_COLUMNS) + ")$"
+    return ["dvc", "exp", "show", "--no-pager", "--drop", "^(?!Experiment$).*", "--keep", keep, *extra]
