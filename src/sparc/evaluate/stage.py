@@ -233,18 +233,24 @@ def codes_to_csr(codes: SparseCodes, rows: np.ndarray | None = None) -> dict[str
     return out
 
 
+def read_json_object(path: str | Path, stage: str, what: str) -> dict:
+    """``path`` read as a JSON object. FileNotFoundError when missing, EvaluateInputError when
+    unreadable or not an object; both name ``what`` / the file and the stage to re-run."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} incomplete: {path} is missing (run `dvc repro {stage}`)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EvaluateInputError(f"{path}: unreadable ({err}); run `dvc repro {stage}`") from None
+    if not isinstance(data, dict):
+        raise EvaluateInputError(f"{path}: expected a JSON object; run `dvc repro {stage}`")
+    return data
+
+
 def read_codes_meta(codes_dir: str | Path) -> dict:
     """``<codes_dir>/meta.json``; FileNotFoundError / EvaluateInputError when missing or unreadable."""
-    path = Path(codes_dir) / CODES_META
-    if not path.is_file():
-        raise FileNotFoundError(f"sparse codes incomplete: {path} is missing (run `dvc repro encode`)")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise EvaluateInputError(f"{path}: unreadable ({err}); run `dvc repro encode`") from None
-    if not isinstance(meta, dict):
-        raise EvaluateInputError(f"{path}: expected a JSON object; run `dvc repro encode`")
-    return meta
+    return read_json_object(Path(codes_dir) / CODES_META, "encode", "sparse codes")
 
 
 def load_codes(

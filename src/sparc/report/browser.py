@@ -62,6 +62,7 @@ from sparc.evaluate.stage import (
     codes_to_csr,
     load_codes,
     load_concepts,
+    read_json_object,
     split_rows,
 )
 from sparc.params import Params, check_figures
@@ -455,13 +456,7 @@ def build_browser(
     for kind in CODE_KINDS:
         codes[kind], meta = load_codes(codes_dir, kind, prepared, params)
     concept_tables, concept_summary = load_concepts(concepts_dir, meta, params.L)
-    metrics_path = reports_dir / paths.metrics_path().name
-    if not metrics_path.is_file():
-        raise FileNotFoundError(f"evaluation outputs incomplete: {metrics_path} is missing (run `dvc repro evaluate`)")
-    try:
-        metrics = json.loads(metrics_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise EvaluateInputError(f"{metrics_path}: unreadable ({err}); run `dvc repro evaluate`") from None
+    metrics = read_json_object(reports_dir / paths.metrics_path().name, "evaluate", "evaluation outputs")
     latents_path = reports_dir / "latents.csv"
     latents = _read_csv(latents_path)
     retrieval_rows = _read_csv(reports_dir / "retrieval.csv")

@@ -55,6 +55,7 @@ from sparc.evaluate.stage import (
     codes_to_csr,
     load_codes,
     load_concepts,
+    read_json_object,
     split_rows,
 )
 from sparc.params import Params, check_figures
@@ -268,18 +269,6 @@ def retrieval_examples(
     return examples, q, images
 
 
-def _read_json(path: Path, stage: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing (run `dvc repro {stage}`)")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise EvaluateInputError(f"{path}: unreadable ({err}); run `dvc repro {stage}`") from None
-    if not isinstance(data, dict):
-        raise EvaluateInputError(f"{path}: expected a JSON object; run `dvc repro {stage}`")
-    return data
-
-
 def _read_latents(path: Path, L: int, streams: list[str]) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing (run `dvc repro evaluate`)")
@@ -317,7 +306,7 @@ def run_figures(
     joint, meta = load_codes(codes_dir, "joint", prepared, params)
     per_stream, _ = load_codes(codes_dir, "per_stream", prepared, params)
     concept_tables, _ = load_concepts(concepts_dir, meta, params.L)
-    metrics = _read_json(reports_dir / METRICS, "evaluate")
+    metrics = read_json_object(reports_dir / METRICS, "evaluate", "evaluation outputs")
     latent_rows = _read_latents(reports_dir / LATENTS_CSV, params.L, streams)
     test_rows = split_rows(prepared, EVAL_SPLIT)
     if metrics.get("n_eval") != int(test_rows.size):
