@@ -62,6 +62,13 @@ def test_yaml_12_floats(tmp_path):
         (lambda r: r["data"]["clipart"].update(max_megapixels=0.0), "data.clipart.max_megapixels: must be positive"),
         (lambda r: r.update(method="usae"), "topk: method usae trains and is evaluated with each stream's own top-k"),
         (lambda r: r.update(method="usae_paper", topk="global"), "so topk must be local, got global"),
+        (lambda r: r["train"].update(subset_keep=0.0), "train.subset_keep: must be in (0, 1] (1.0 = off), got 0.0"),
+        (lambda r: r["train"].update(subset_keep=1.5), "train.subset_keep: must be in (0, 1]"),
+        (lambda r: r["train"].update(consistency=-1.0), "train.consistency: must be >= 0 (0.0 = off)"),
+        (lambda r: (r.update(topk="local"), r["train"].update(subset_keep=0.5)),
+         "train.subset_keep: a Global TopK training option (method sparc, topk global), but method is sparc with topk local"),
+        (lambda r: (r.update(method="usae", topk="local"), r["train"].update(consistency=0.1)),
+         "train.consistency: a Global TopK training option"),
     ],
 )
 def test_bad_values_name_the_parameter(raw, edit, message):

@@ -108,7 +108,9 @@ def _run_grid(configs: dict, args: argparse.Namespace) -> None:
 
     from sparc.report.ablation import experiment_commands, grid_overrides, run_experiments
 
-    cmds = experiment_commands(grid_overrides(configs, _seeds(args.seeds), args.prefix), queue=args.queue)
+    prefix = args.prefix or getattr(args, "grid", "") or "sweep"
+    runs = grid_overrides(configs, _seeds(args.seeds), prefix, extra=args.set)
+    cmds = experiment_commands(runs, queue=args.queue)
     if args.dry or args.queue:
         for cmd in cmds:
             print(shlex.join(cmd))
@@ -124,18 +126,22 @@ def _run_grid(configs: dict, args: argparse.Namespace) -> None:
     failed = run_experiments(cmds)
     if failed:
         raise ValueError(f"{len(failed)} of {len(cmds)} experiments failed: {', '.join(failed)}")
-    print(f"{len(cmds)} experiments done; `python -m sparc compare --grid {args.prefix}` tabulates them")
+    print(f"{len(cmds)} experiments done; `python -m sparc compare --grid {prefix}` tabulates them")
 
 
 def cmd_ablation(params: Params, args: argparse.Namespace) -> None:
-    """The ablation grid (sparc.report.ablation.ABLATION) over --seeds, as DVC experiments."""
-    from sparc.report.ablation import ABLATION
+    """A grid of sparc.report.ablation.GRIDS (the paper's ablation, or the per-stream alignment
+    options) over --seeds, as DVC experiments."""
+    from sparc.report.ablation import GRIDS
 
-    only = [c.strip() for c in args.only.split(",") if c.strip()] or list(ABLATION)
-    unknown = [c for c in only if c not in ABLATION]
+    if args.grid not in GRIDS:
+        raise ValueError(f"--grid: unknown grid {args.grid!r} (known: {', '.join(GRIDS)})")
+    grid = GRIDS[args.grid]
+    only = [c.strip() for c in args.only.split(",") if c.strip()] or list(grid)
+    unknown = [c for c in only if c not in grid]
     if unknown:
-        raise ValueError(f"--only: unknown configuration {unknown[0]!r} (known: {', '.join(ABLATION)})")
-    _run_grid({c: ABLATION[c] for c in only}, args)
+        raise ValueError(f"--only: unknown configuration {unknown[0]!r} (known: {', '.join(grid)})")
+    _run_grid({c: grid[c] for c in only}, args)
 
 
 def cmd_sweep(params: Params, args: argparse.Namespace) -> None:
@@ -154,13 +160,14 @@ def cmd_compare(params: Params, args: argparse.Namespace) -> None:
 
     records = ab.dvc_experiments(all_commits=args.all_commits)
     groups = ab.group_records(records, args.grid) if args.grid else ab.each_experiment(records)
-    block = ab.ablation_table(groups) + ("\n" + ab.claims(groups) if args.grid else "")
+    grid = ab.grid_of(args.grid) if args.grid else "ablation"
+    block = ab.ablation_table(groups, ab.ROWS[grid]) + ("\n" + ab.claims(groups, grid) if args.grid else "")
     print(block)
     if groups and args.figure:
         print(f"figure -> {ab.comparison_figure(groups, args.figure)}")
     if args.readme:
         path = Path(args.readme)
-        path.write_text(ab.replace_block(path.read_text(), block))
+        path.write_text(ab.replace_block(path.read_text(), block, *ab.readme_markers(args.grid or "ablation")))
         print(f"updated {path}")
 
 
@@ -209,16 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
             if name == "sweep":
                 p.add_argument("spec", help="parameter and values, e.g. k=8,16,32 or L=256,512,1024")
             p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
-            p.add_argument("--prefix", default=name, help=f"experiment name prefix (default {name})")
+            p.add_argument("--prefix", default="", help="experiment name prefix (default: the grid's name, or sweep)")
+            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override for every run, e.g. --set data.dataset=clipart (repeatable)")
             p.add_argument("--queue", action="store_true", help="only queue the runs (then `dvc queue start -j N`)")
             p.add_argument("--dry", action="store_true", help="print the dvc commands, do not run them")
             if name == "ablation":
-                p.add_argument("--only", default="", help="comma-separated configurations (default: all of "
-                               "sparc, global-lam0, local-lam1, local-lam0, usae, usae-paper)")
+                p.add_argument("--grid", default="ablation", help="ablation (the paper's: sparc, global-lam0, "
+                               "local-lam1, local-lam0, usae, usae-paper) or alignment (SPARC's per-stream "
+                               "alignment options)")
+                p.add_argument("--only", default="", help="comma-separated configurations of the grid (default: all)")
         if name == "compare":
             p.add_argument("--grid", default="", help="average the seeds of the grid with this name prefix (e.g. ablation)")
             p.add_argument("--figure", default="reports/compare.png", help="comparison figure (default reports/compare.png; '' = none)")
-            p.add_argument("--readme", default="", help="also rewrite the block between the ablation markers of this file")
+            p.add_argument("--readme", default="", help="also rewrite the block between this grid's markers "
+                           "(<!-- GRID:begin --> ... <!-- GRID:end -->) of this file")
             p.add_argument("--all-commits", action="store_true",
                            help="experiments run from any commit, not only the current one (the newest of each name)")
     return parser

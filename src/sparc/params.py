@@ -88,6 +88,8 @@ class TrainParams:
     device: str = "auto"
     bf16: bool = False
     tf32: bool = False
+    subset_keep: float = 1.0
+    consistency: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,7 +317,8 @@ def check_extract(e: ExtractParams) -> None:
     check_device_name(e.device, "extract.device")
 
 
-def check_train(t: TrainParams) -> None:
+def check_train(t: TrainParams, topk: str = "global", method: str = "sparc") -> None:
+    """The ``train`` group; ``topk`` and ``method`` (top level) for the Global TopK options."""
     _positive(
         {name: getattr(t, name) for name in (
             "batch_size", "epochs", "k_aux", "dead_steps", "revive_every", "checkpoint_every", "log_every",
@@ -327,6 +330,16 @@ def check_train(t: TrainParams) -> None:
             raise ParamsError(f"train.{name}: must be positive, got {getattr(t, name)}")
     _positive({"aux_coef": t.aux_coef, "cpu_threads": t.cpu_threads, "ram_budget_mb": t.ram_budget_mb}, "train", 0)
     check_device_name(t.device, "train.device")
+    if not 0.0 < t.subset_keep <= 1.0:
+        raise ParamsError(f"train.subset_keep: must be in (0, 1] (1.0 = off), got {t.subset_keep}")
+    if not t.consistency >= 0.0:
+        raise ParamsError(f"train.consistency: must be >= 0 (0.0 = off), got {t.consistency}")
+    for name, off in (("subset_keep", 1.0), ("consistency", 0.0)):
+        if getattr(t, name) != off and (topk != "global" or method != "sparc"):
+            raise ParamsError(
+                f"train.{name}: a Global TopK training option (method sparc, topk global), "
+                f"but method is {method} with topk {topk}; set train.{name}: {off}"
+            )
 
 
 def check_concepts(c: ConceptsParams) -> None:
@@ -360,7 +373,7 @@ def validate(params: Params) -> Params:
     check_data(params.data)
     check_streams(params.streams)
     check_extract(params.extract)
-    check_train(params.train)
+    check_train(params.train, params.topk, params.method)
     check_concepts(params.concepts)
     check_evaluate(params.evaluate)
     check_figures(params.figures)

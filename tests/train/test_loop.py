@@ -84,8 +84,8 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs():
 @pytest.mark.parametrize(
     "spec",
     [make_spec(), make_spec(method="usae", usae_update="source_only"), make_spec(topk="local", lam=0.0),
-     make_spec(method="usae_paper", usae_update="source_only")],
-    ids=["sparc", "usae-source-only", "local-lam0", "usae-paper"],
+     make_spec(method="usae_paper", usae_update="source_only"), make_spec(subset_keep=0.5, consistency=0.5)],
+    ids=["sparc", "usae-source-only", "local-lam0", "usae-paper", "subset-consistency"],
 )
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, spec):
     full_log = MemoryLogger()
@@ -284,3 +284,16 @@ def test_evaluate_loss_uses_running_statistics_and_keeps_the_mode():
     metrics = evaluate_loss(model, FeatureSource(DATA.features), trainer.spec)
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
     assert metrics["loss/total"] > 0 and "cross_nmse/a_to_b" in metrics
+
+
+def test_alignment_options_change_training_and_reduce_to_local_topk_for_one_stream():
+    plain = train_arrays(DATA.features, make_spec(epochs=2))
+    subset = train_arrays(DATA.features, make_spec(epochs=2, subset_keep=0.5))
+    consistent = train_arrays(DATA.features, make_spec(epochs=2, consistency=1.0))
+    assert weights(subset.model) != weights(plain.model)
+    assert weights(consistent.model) != weights(plain.model)
+    assert "loss/consistency" in consistent.metrics and "loss/consistency" not in plain.metrics
+    assert subset.model.cfg == plain.model.cfg  # inference keeps Global TopK over the streams given
+    one = {"a": DATA.features["a"]}
+    alone = train_arrays(one, make_spec(epochs=2, topk="local"))
+    assert weights(train_arrays(one, make_spec(epochs=2, subset_keep=0.3)).model) == weights(alone.model)

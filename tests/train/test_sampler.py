@@ -85,3 +85,22 @@ def test_first_nonfinite_row_across_blocks(dtype, value, monkeypatch):
     assert sampler.first_nonfinite_row(x, np.array([17, 5])) is None
     assert sampler.first_nonfinite_row(x, np.array([19, 4, 13])) == 4
     assert sampler.first_nonfinite_row(x, np.array([], dtype=np.int64)) is None
+
+
+def test_stream_subset_draw_is_non_empty_seeded_and_has_the_conditional_keep_rate():
+    from sparc.train.sampler import stream_subset
+
+    p, n = 0.3, 3
+    a = stream_subset(0, 7, 20000, n, p)
+    assert a.shape == (20000, n) and a.dtype == bool
+    assert a.any(axis=1).all()
+    assert np.array_equal(a, stream_subset(0, 7, 20000, n, p))  # a pure function of (seed, step)
+    assert not np.array_equal(a, stream_subset(0, 8, 20000, n, p))
+    assert not np.array_equal(a, stream_subset(1, 7, 20000, n, p))
+    # P(kept | non-empty) = p / (1 - (1 - p)^n), the same for every stream
+    expected = p / (1 - (1 - p) ** n)
+    assert np.allclose(a.mean(axis=0), expected, atol=0.015)
+    assert stream_subset(0, 0, 5, 2, 1.0).all()
+    assert stream_subset(0, 0, 5, 1, 0.1).all()  # one stream: always kept
+    with pytest.raises(ValueError, match=r"keep must be in \(0, 1\]"):
+        stream_subset(0, 0, 5, 2, 0.0)

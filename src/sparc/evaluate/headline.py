@@ -14,6 +14,7 @@ stays in ``reports/metrics.json`` (a plain output). Every value is read from tha
     agree, agree_ps   fraction of latents named alike in every stream (joint / per-stream)
     entropy, entropy_ps   mean firing entropy of firing latents (1 = fires equally in every stream)
     nmse_self         self NMSE, joint codes (mean over streams)
+    nmse_self_ps      self NMSE, per-stream codes (each stream encoded alone)
     nmse_cross        cross NMSE, joint codes (the training loss's cross term)
     nmse_cross_lf     cross NMSE, per-stream codes: leak-free
     probe_logloss     1-D probe test log-loss, mean over streams (chance ln 2 = 0.693)
@@ -59,6 +60,7 @@ def headline(metrics: Mapping, inputs: Mapping[str, str]) -> dict[str, float | N
         entropy=metrics["universality"]["joint"]["firing_entropy_mean"],
         entropy_ps=metrics["universality"]["per_stream"]["firing_entropy_mean"],
         nmse_self=rec["joint"]["self_nmse_mean"],
+        nmse_self_ps=rec["per_stream"]["self_nmse_mean"],
         nmse_cross=rec["joint"]["cross_nmse_mean"],
         nmse_cross_lf=rec["per_stream"]["cross_nmse_mean"],
         probe_logloss=_mean(list(metrics["probes"]["mean_test_logloss"].values())),

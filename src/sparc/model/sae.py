@@ -96,7 +96,7 @@ from torch import Tensor, nn
 from sparc.model.losses import NMSE_EPS, LossOutput, nmse, nmse_sources
 from sparc.model.matmul import linear
 from sparc.model.sparse import decode_rows, gather_logits, row_dots, sparse_decode
-from sparc.model.topk import aux_topk, global_topk, local_topk
+from sparc.model.topk import aux_topk, global_topk, local_topk, subset_topk
 
 __all__ = ["Code", "LatentBatchNorm", "LossOutput", "MultiStreamSAE", "SAEConfig", "normalise_rows"]
 
@@ -396,18 +396,26 @@ class MultiStreamSAE(nn.Module):
     # ------------------------------------------------------------------ training
 
     def _encode_train(
-        self, xn: dict[str, Tensor], mode: str, dead: dict[str, Tensor]
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
-        """Training-path encode: ``(idx, z, aux)`` with ``aux[s] = (aux_idx, aux_values)``.
+        self, xn: dict[str, Tensor], mode: str, dead: dict[str, Tensor],
+        keep: Tensor | None = None, consistency: bool = False,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, tuple[Tensor, Tensor]], Tensor | None]:
+        """Training-path encode: ``(idx, z, aux, consistency)`` with ``aux[s] = (aux_idx, aux_values)``.
 
         Logits are computed once without a graph; gathered logits get the sparse backward.
+        ``keep [B, n]`` (Global TopK only): the streams whose logits choose each sample's index
+        set (:func:`~sparc.model.topk.subset_topk`). ``consistency``: also return the
+        :meth:`consistency_term` of the streams' own top-k against that index set (else None).
         """
         k = self.cfg.k
         with torch.no_grad():
             h = {s: self._logits(s, v) for s, v in xn.items()}
-            idx = self._select(h, mode)
+            if keep is not None and mode == "global":
+                shared = subset_topk(list(h.values()), keep, k)
+                idx = {s: shared for s in h}
+            else:
+                idx = self._select(h, mode)
             aux_sel = {s: aux_topk(h[s], dead[s], self.cfg.k_aux) for s in h if s in dead}
-        z, aux = {}, {}
+        z, aux, terms = {}, {}, []
         for s in h:
             cols = idx[s] if s not in aux_sel else torch.cat([idx[s], aux_sel[s][0]], dim=1)
             pre = gather_logits(h[s], xn[s], self.b_pre[s], self.W_enc[s], self.b_lat[s], cols, split=k)
@@ -415,7 +423,39 @@ class MultiStreamSAE(nn.Module):
             if s in aux_sel:
                 aux_idx, valid = aux_sel[s]
                 aux[s] = (aux_idx, F.relu(pre[:, k:]) * valid)
-        return idx, z, aux
+            if consistency:
+                terms.append(self.consistency_term(s, h[s], xn[s], idx[s], pre[:, :k]))
+        return idx, z, aux, (torch.stack(terms).mean() if terms else None)
+
+    def consistency_term(self, s: str, h: Tensor, xn: Tensor, idx: Tensor, pre: Tensor) -> Tensor:
+        """Hinge between stream ``s``'s own top-k and the shared index set (training only).
+
+        ``h [B, L]``: the stream's logits (no graph); ``idx [B, k]``: the index set the sample
+        uses; ``pre [B, k]``: ``h`` at ``idx`` with the sparse backward. With ``T`` the stream's own
+        top-k and the detached threshold ``tau_b = (h_(k) + h_(k+1)) / 2`` (midway between its
+        k-th and (k+1)-th largest logits), the term is the batch mean of
+
+        ``(sum_{i in idx - T} relu(tau - h_i) + sum_{j in T - idx} relu(h_j - tau)) / k``:
+
+        zero when the stream alone would pick the shared set, and otherwise pushing the shared
+        latents up and the stream's intruders down, until its own top-k is the shared one.
+        Zero (with a graph) when ``k == L``.
+        """
+        k, L = self.cfg.k, self.cfg.L
+        if k >= L:
+            return pre.sum() * 0.0
+        with torch.no_grad():
+            top = torch.topk(h, k + 1, dim=1)
+            own = top.indices[:, :k]
+            tau = top.values[:, k - 1 : k + 1].mean(1, keepdim=True)
+            own_mask = torch.zeros_like(h, dtype=torch.bool).scatter_(1, own, True)
+            shared_mask = torch.zeros_like(h, dtype=torch.bool).scatter_(1, idx, True)
+            missing = ~own_mask.gather(1, idx)  # shared latents the stream would not pick
+            intruder = ~shared_mask.gather(1, own)  # the stream's picks outside the shared set
+        pre_own = gather_logits(h, xn, self.b_pre[s], self.W_enc[s], self.b_lat[s], own)
+        up = (F.relu(tau - pre) * missing).sum(1)
+        down = (F.relu(pre_own - tau) * intruder).sum(1)
+        return ((up + down) / k).mean()
 
     def _aux_term(self, s: str, e: Tensor, xn: Tensor, xhat_self: Tensor, dead: Tensor) -> Tensor:
         """AuxK term of one stream: NMSE of ``e`` against the detached residual; 0 if none dead.
@@ -441,7 +481,7 @@ class MultiStreamSAE(nn.Module):
         return l0, hits > 0
 
     def loss(self, x: dict[str, Tensor], lam: float, dead: dict[str, Tensor] | None = None,
-             aux_coef: float = 1 / 32) -> LossOutput:
+             aux_coef: float = 1 / 32, keep: Tensor | None = None, consistency: float = 0.0) -> LossOutput:
         """SPARC loss (method.md section 2) with the configured TopK rule.
 
         ``total = L_self + aux_coef * L_aux + lam * L_cross`` where ``L_self`` is the mean over
@@ -451,6 +491,12 @@ class MultiStreamSAE(nn.Module):
         NMSE against ``x^s - stopgrad(x^(s->s))``; 0 for a stream with no dead latent or absent
         from ``dead``). Targets are the L2-normalised inputs. With ``lam == 0`` the cross terms
         are only measured (no graph), so they send no gradient anywhere. Linear encoder only.
+
+        Training options of Global TopK (README "Alignment when a stream is encoded alone"):
+        ``keep [B, n]`` bool chooses each sample's index set from the summed logits of its kept
+        streams only (:func:`~sparc.model.topk.subset_topk`; None = all streams, as above);
+        ``consistency > 0`` adds ``consistency * C`` with ``C`` the mean over streams of
+        :meth:`consistency_term` (logged as ``consistency``).
         """
         self._check_encoder(False, "loss")
         streams = self._check_inputs(x, require_all=True)
@@ -458,7 +504,10 @@ class MultiStreamSAE(nn.Module):
         lam = float(lam)
         xn = {s: self._prepare(s, x[s]) for s in streams}
         mode = self.cfg.topk
-        idx, z, aux = self._encode_train(xn, mode, dead_m)
+        if (keep is not None or consistency) and mode != "global":
+            raise ValueError("loss: keep and consistency apply to Global TopK only")
+        consistency = float(consistency)
+        idx, z, aux, c_term = self._encode_train(xn, mode, dead_m, keep, consistency > 0)
         n = len(streams)
         cols, aux_terms = [], []
         for t in streams:
@@ -491,6 +540,8 @@ class MultiStreamSAE(nn.Module):
         total = l_self + aux_coef * l_aux
         if lam != 0.0:
             total = total + lam * l_cross
+        if c_term is not None:
+            total = total + consistency * c_term
 
         Md = M.detach()
         terms: dict[str, Tensor] = {}
@@ -504,6 +555,8 @@ class MultiStreamSAE(nn.Module):
         for s, a in zip([s for s in streams if s in aux], aux_terms, strict=True):
             terms[f"aux/{s}"] = a.detach()
         terms.update(self_nmse=l_self.detach(), cross_nmse=l_cross.detach(), aux=l_aux.detach())
+        if c_term is not None:
+            terms["consistency"] = c_term.detach()
         return LossOutput(total=total, terms=terms, fired=fired)
 
     def usae_loss(self, x: dict[str, Tensor], source: str, dead: dict[str, Tensor] | None = None,
@@ -529,7 +582,7 @@ class MultiStreamSAE(nn.Module):
         lam = float(lam)
         dead_m = {s: m for s, m in self._check_dead(dead).items() if s == source}
         xn = {s: self._prepare(s, x[s]) for s in streams}
-        idx, z, aux = self._encode_train({source: xn[source]}, "local", dead_m)
+        idx, z, aux, _ = self._encode_train({source: xn[source]}, "local", dead_m)
         code, ids = z[source].unsqueeze(1), idx[source]
         terms: dict[str, Tensor] = {}
         per_target, weighted, cross_terms = [], [], []

@@ -28,6 +28,27 @@ def global_topk(logits: Sequence[Tensor], k: int) -> Tensor:
     return torch.topk(agg, k, dim=1).indices
 
 
+def subset_topk(logits: Sequence[Tensor], keep: Tensor, k: int) -> Tensor:
+    """Global TopK over a per-sample subset of streams (the stream-subset training rule).
+
+    ``logits``: ``n`` tensors ``h^s [B, L]``; ``keep [B, n]`` bool, at least one True per row.
+    Returns ``top-k(sum_s keep[b, s] h^s_b)`` ``[B, k]`` int64: every stream then uses the index
+    set that the kept streams of the sample choose together. All rows kept equals
+    :func:`global_topk`; a row keeping one stream gets that stream's :func:`local_topk`.
+    """
+    if len(logits) == 0 or keep.shape != (logits[0].shape[0], len(logits)):
+        raise ValueError(
+            f"subset_topk: keep must be [B, n] = [{logits[0].shape[0] if logits else '?'}, {len(logits)}], "
+            f"got {tuple(keep.shape)}"
+        )
+    if keep.device.type == "cpu" and not bool(keep.any(1).all()):  # no host read on accelerators
+        raise ValueError("subset_topk: every sample must keep at least one stream")
+    agg = torch.where(keep[:, :1], logits[0], 0.0)
+    for s, h in enumerate(logits[1:], start=1):
+        agg = agg + torch.where(keep[:, s : s + 1], h, 0.0)
+    return torch.topk(agg, k, dim=1).indices
+
+
 def local_topk(logits: Tensor, k: int) -> Tensor:
     """Local TopK: the stream's own top-k latent ids, ``[B, L] -> [B, k]`` int64."""
     return torch.topk(logits, k, dim=1).indices

@@ -36,6 +36,17 @@ ABLATION: dict[str, dict[str, object]] = {
     "usae": {"topk": "local", "lambda": 1.0, "method": "usae"},
     "usae-paper": {"topk": "local", "lambda": 1.0, "method": "usae_paper"},
 }
+# Per-stream alignment options of SPARC (README "Alignment when a stream is encoded alone"): the
+# stream-subset rule's keep probability and the consistency term's weight, each against SPARC.
+ALIGNMENT: dict[str, dict[str, object]] = {
+    "sparc": {"train.subset_keep": 1.0, "train.consistency": 0.0},
+    "subset-0.25": {"train.subset_keep": 0.25, "train.consistency": 0.0},
+    "subset-0.5": {"train.subset_keep": 0.5, "train.consistency": 0.0},
+    "subset-0.75": {"train.subset_keep": 0.75, "train.consistency": 0.0},
+    "consistency-1": {"train.subset_keep": 1.0, "train.consistency": 1.0},
+    "consistency-10": {"train.subset_keep": 1.0, "train.consistency": 10.0},
+}
+GRIDS: dict[str, dict[str, dict[str, object]]] = {"ablation": ABLATION, "alignment": ALIGNMENT}
 COLUMN_TITLES = {
     "sparc": "Global, λ=1 (SPARC)",
     "global-lam0": "Global, λ=0",
@@ -43,18 +54,36 @@ COLUMN_TITLES = {
     "local-lam0": "Local, λ=0",
     "usae": "USAE",
     "usae-paper": "USAE (paper variant)",
+    "subset-0.25": "subset, keep 0.25",
+    "subset-0.5": "subset, keep 0.5",
+    "subset-0.75": "subset, keep 0.75",
+    "consistency-1": "consistency 1",
+    "consistency-10": "consistency 10",
 }
-README_BEGIN, README_END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
+def readme_markers(grid: str) -> tuple[str, str]:
+    """The README lines that enclose the generated block of ``grid``: ``<!-- grid:begin -->`` ..."""
+    return f"<!-- {grid}:begin -->", f"<!-- {grid}:end -->"
+
+
+README_BEGIN, README_END = readme_markers("ablation")
+
+
+def grid_of(prefix: str) -> str:
+    """The grid of :data:`GRIDS` that experiments named ``prefix`` run: the longest grid name
+    that starts ``prefix`` (``alignment-clipart`` -> ``alignment``), else ``ablation``."""
+    names = [g for g in GRIDS if prefix == g or prefix.startswith(g + "-")]
+    return max(names, key=len) if names else "ablation"
 
 
 def grid_overrides(
-    configs: dict[str, dict[str, object]], seeds: Sequence[int], prefix: str
+    configs: dict[str, dict[str, object]], seeds: Sequence[int], prefix: str, extra: Sequence[str] = ()
 ) -> list[tuple[str, list[str]]]:
-    """``[(experiment name, ["key=value", ...])]``, one per configuration and seed."""
+    """``[(experiment name, ["key=value", ...])]``, one per configuration and seed; ``extra``
+    overrides (``"data.dataset=clipart"``) go to every run."""
     runs = []
     for name, overrides in configs.items():
         for seed in seeds:
-            sets = [f"{k}={override_literal(v)}" for k, v in overrides.items()] + [f"seed={seed}"]
+            sets = [f"{k}={override_literal(v)}" for k, v in overrides.items()] + list(extra) + [f"seed={seed}"]
             runs.append((f"{prefix}-{name}-s{seed}", sets))
     return runs
 
@@ -206,6 +235,26 @@ TABLE_ROWS: list[tuple[str, Callable[[Record], float | None], str]] = [
 ]
 
 
+# Rows of the alignment grid's table: the per-stream metrics that decide, and reconstruction.
+ALIGNMENT_ROWS: list[tuple[str, Callable[[Record], float | None], str]] = [
+    ("Jaccard deepest level, all latents (per-stream)", _key("jaccard_ps"), ".3f"),
+    ("Jaccard deepest level, live latents (per-stream)", _key("jaccard_ps_live"), ".3f"),
+    ("mixed latents (per-stream)", _key("mixed_ps"), ".1%"),
+    ("named alike in all streams (per-stream)", _key("agree_ps"), ".1%"),
+    ("firing entropy (per-stream)", _key("entropy_ps"), ".3f"),
+    ("retrieval R@1 caption→image (per-stream codes)", _key("r1_cap2img"), ".3f"),
+    ("retrieval R@1 image→caption (per-stream codes)", _key("r1_img2cap"), ".3f"),
+    ("self NMSE (per-stream)", _key("nmse_self_ps"), ".3f"),
+    ("cross NMSE (per-stream, leak-free)", _key("nmse_cross_lf"), ".3f"),
+    ("Jaccard deepest level, live latents (joint)", _key("jaccard_live"), ".3f"),
+    ("alive in all streams (joint)", _key("alive"), ".1%"),
+    ("self NMSE (joint)", _key("nmse_self"), ".3f"),
+    ("cross NMSE (joint, the training loss's)", _key("nmse_cross"), ".3f"),
+    ("1-D probe test log-loss, mean of streams (chance 0.693)", _key("probe_logloss"), ".3f"),
+]
+ROWS = {"ablation": TABLE_ROWS, "alignment": ALIGNMENT_ROWS}
+
+
 def config_name(name: str, prefix: str) -> str | None:
     """``"<prefix>-<config>-s<seed>"`` -> ``"<config>"``; None for other names."""
     m = re.fullmatch(rf"{re.escape(prefix)}-(.+)-s\d+", name)
@@ -213,13 +262,15 @@ def config_name(name: str, prefix: str) -> str | None:
 
 
 def group_records(records: Iterable[Record], prefix: str) -> dict[str, list[Record]]:
-    """Experiments of the grid ``prefix`` by configuration, in :data:`ABLATION` order first."""
+    """Experiments of the grid ``prefix`` by configuration, in the order of its grid in
+    :data:`GRIDS` first."""
     groups: dict[str, list[Record]] = {}
     for rec in records:
         cfg = config_name(rec.name, prefix)
         if cfg is not None:
             groups.setdefault(cfg, []).append(rec)
-    order = [c for c in ABLATION if c in groups] + sorted(c for c in groups if c not in ABLATION)
+    known = GRIDS[grid_of(prefix)]
+    order = [c for c in known if c in groups] + sorted(c for c in groups if c not in known)
     return {c: sorted(groups[c], key=lambda r: r.name) for c in order}
 
 
@@ -241,12 +292,12 @@ def _cell(values: list[float], fmt: str) -> str:
     return f"{mean:{fmt}}" if len(values) == 1 else f"{mean:{fmt}} ± {std:{fmt}}"
 
 
-def summarise(groups: dict[str, list[Record]]) -> dict[str, dict[str, list[float]]]:
+def summarise(groups: dict[str, list[Record]], rows: Sequence = TABLE_ROWS) -> dict[str, dict[str, list[float]]]:
     """config -> row label -> the values over seeds (runs where the metric exists)."""
     out: dict[str, dict[str, list[float]]] = {}
     for cfg, recs in groups.items():
         out[cfg] = {}
-        for label, read, _ in TABLE_ROWS:
+        for label, read, _ in rows:
             vals = [read(r) for r in recs]
             out[cfg][label] = [v for v in vals if v is not None and math.isfinite(v)]
     return out
@@ -257,11 +308,12 @@ def each_experiment(records: Iterable[Record]) -> dict[str, list[Record]]:
     return {r.name: [r] for r in sorted(records, key=lambda r: r.name)}
 
 
-def ablation_table(groups: dict[str, list[Record]]) -> str:
-    """Markdown table: one column per group (mean ± std over its runs, e.g. seeds), one row per metric."""
+def ablation_table(groups: dict[str, list[Record]], rows: Sequence = TABLE_ROWS) -> str:
+    """Markdown table: one column per group (mean ± std over its runs, e.g. seeds), one row per
+    metric of ``rows`` (:data:`TABLE_ROWS` or :data:`ALIGNMENT_ROWS`)."""
     if not groups:
         return "_no matching experiments in `dvc exp show`_\n"
-    values = summarise(groups)
+    values = summarise(groups, rows)
     cols = list(groups)
     seeds = {c: len(groups[c]) for c in cols}
     averaged = any(n > 1 for n in seeds.values())
@@ -269,7 +321,7 @@ def ablation_table(groups: dict[str, list[Record]]) -> str:
         f"{COLUMN_TITLES.get(c, c)}{f' (n={seeds[c]})' if averaged else ''}" for c in cols
     ) + " |"
     lines = [head, "|---" * (len(cols) + 1) + "|"]
-    for label, _, fmt in TABLE_ROWS:
+    for label, _, fmt in rows:
         lines.append(f"| {label} | " + " | ".join(_cell(values[c][label], fmt) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
@@ -313,12 +365,33 @@ def verdict(a: list[float], b: list[float]) -> str:
     return "within noise"
 
 
-def claims(groups: dict[str, list[Record]]) -> str:
-    """Markdown list: each claim of :data:`CLAIMS`, its verdict and the two means."""
-    values = summarise(groups)
-    fmt = {label: f for label, _, f in TABLE_ROWS}
+def alignment_claims(configs: Iterable[str]) -> list[tuple[str, str, str, str]]:
+    """The questions of the alignment grid, for each option against SPARC: does it raise
+    per-stream alignment (Jaccard, mixed latents, retrieval) and does it keep reconstruction?"""
+    out = []
+    for c in configs:
+        if c == "sparc":
+            continue
+        title = COLUMN_TITLES.get(c, c)
+        out += [
+            (f"{title} raises per-stream Jaccard (live latents)", "Jaccard deepest level, live latents (per-stream)", c, "sparc"),
+            (f"{title} leaves fewer mixed latents per stream", "mixed latents (per-stream)", "sparc", c),
+            (f"{title} retrieves captions→images better", "retrieval R@1 caption→image (per-stream codes)", c, "sparc"),
+            (f"{title} lowers per-stream self NMSE (within noise = kept)", "self NMSE (per-stream)", "sparc", c),
+            (f"{title} lowers joint self NMSE (within noise = kept)", "self NMSE (joint)", "sparc", c),
+            (f"{title} lowers leak-free cross NMSE", "cross NMSE (per-stream, leak-free)", "sparc", c),
+        ]
+    return out
+
+
+def claims(groups: dict[str, list[Record]], grid: str = "ablation") -> str:
+    """Markdown list: each claim of the grid (:data:`CLAIMS`, or :func:`alignment_claims`), its
+    verdict and the two means."""
+    rows = ROWS[grid]
+    values = summarise(groups, rows)
+    fmt = {label: f for label, _, f in rows}
     lines = []
-    for text, label, high, low in CLAIMS:
+    for text, label, high, low in (CLAIMS if grid == "ablation" else alignment_claims(groups)):
         if high not in values or low not in values:
             continue
         a, b = values[high][label], values[low][label]
@@ -356,7 +429,7 @@ def comparison_figure(groups: dict[str, list[Record]], path: str | Path) -> Path
 
     from sparc.report.figures import save_png
 
-    values = summarise(groups)
+    values = summarise(groups, TABLE_ROWS)
     cols = list(groups)
     fig = Figure(figsize=(3.2 * len(FIGURE_ROWS), 3.4 + 0.12 * max(len(c) for c in cols)), layout="constrained")
     axes = fig.subplots(1, len(FIGURE_ROWS))

@@ -8,7 +8,10 @@ One step (global step t, 0-based):
    and their counters restart at 0 (a revived latent is a new latent). Reviving before a step, never after the last one, keeps freshly
    re-initialised encoder rows out of the final model and out of the logged dead fractions;
 2. batch = :class:`~sparc.train.sampler.EpochSampler` ``.batch(t)`` gathered from the source;
-3. loss: ``model.loss(x, lam, dead)`` (SPARC, Global or Local TopK from the spec); for the USAE
+3. loss: ``model.loss(x, lam, dead)`` (SPARC, Global or Local TopK from the spec; with
+   ``train.subset_keep < 1`` each sample's Global TopK index set is chosen by the streams of
+   ``stream_subset(seed, t, B, n, subset_keep)``, and ``train.consistency`` weighs the
+   consistency term, see ``MultiStreamSAE.loss``); for the USAE
    methods one source stream is drawn from ``counter_rng(seed, USAE_SOURCE, t)`` and the loss is
    ``model.usae_loss(x, source, dead, lam=lam)`` (``method == "usae"``, this project's variant:
    linear encoder, NMSE, AuxK on dead latents) or ``model.usae_paper_loss(x, source, lam=lam)``
@@ -75,6 +78,7 @@ from sparc.train.sampler import (
     FeatureSource,
     counter_rng,
     counter_seed,
+    stream_subset,
 )
 
 # TrainParams fields that do not change the trained weights or the logged history.
@@ -116,7 +120,7 @@ class TrainSpec:
         """Raise ParamsError (a ValueError) naming the first out-of-range parameter: the same
         checks as params.yaml's validation (sparc.params)."""
         check_top_level(self.k, self.L, self.lam, self.topk, self.method)
-        check_train(self.train)
+        check_train(self.train, self.topk, self.method)
 
     def sae_config(self, dims: dict[str, int]) -> SAEConfig:
         """Model config for streams ``dims``; ``k_aux`` is capped at ``L``; ``usae_paper`` gets the
@@ -220,7 +224,13 @@ class Trainer:
                 out = self.model.usae_paper_loss(x, src, lam=spec.lam)
         else:
             src = None
-            out = self.model.loss(x, spec.lam, dead=dead, aux_coef=t.aux_coef)
+            keep = None
+            if t.subset_keep < 1.0:
+                n_rows = next(iter(x.values())).shape[0]
+                draw = stream_subset(spec.seed, step, n_rows, len(self.streams), t.subset_keep)
+                keep = torch.from_numpy(draw).to(self.device)
+            out = self.model.loss(x, spec.lam, dead=dead, aux_coef=t.aux_coef, keep=keep,
+                                  consistency=t.consistency)
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
         if self.frozen is not None and src is not None:

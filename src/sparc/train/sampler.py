@@ -23,6 +23,7 @@ from sparc.features.store import FeatureStoreError
 PERMUTATION = 1
 USAE_SOURCE = 2
 REVIVE = 3
+STREAM_SUBSET = 4
 # Bytes of features read per block when scanning for non-finite values (stays in the CPU caches).
 SCAN_BYTES = 4 * 2**20
 
@@ -68,6 +69,26 @@ def counter_seed(seed: int, purpose: int, counter: int) -> int:
     """A 63-bit integer seed for ``(seed, purpose, counter)`` (e.g. for ``torch.Generator``)."""
     state = np.random.SeedSequence([int(seed), int(purpose), int(counter)]).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
+
+
+def stream_subset(seed: int, step: int, batch: int, n_streams: int, keep: float) -> np.ndarray:
+    """The stream-subset rule's draw for global step ``step``: bool ``[batch, n_streams]``.
+
+    Each stream of each sample is kept independently with probability ``keep``; rows that keep
+    no stream are drawn again (from the same generator) until they keep one, so every row is a
+    non-empty subset with probability proportional to ``keep^|S| (1 - keep)^(n - |S|)``. A pure
+    function of ``(seed, step)`` and the shape (``counter_rng(seed, STREAM_SUBSET, step)``): a
+    resumed run draws the same subsets, and processes that split the batch slice the same draw.
+    """
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"stream_subset: keep must be in (0, 1], got {keep}")
+    rng = counter_rng(seed, STREAM_SUBSET, step)
+    mask = rng.random((batch, n_streams)) < keep
+    empty = ~mask.any(axis=1)
+    while empty.any():
+        mask[empty] = rng.random((int(empty.sum()), n_streams)) < keep
+        empty = ~mask.any(axis=1)
+    return mask
 
 
 class EpochSampler:
