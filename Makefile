@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.sparc-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system repro test lint bench paper clean-venv
+.PHONY: setup system repro test lint bench paper coco usae clean-venv
 
 setup: $(STAMP) system
 	@git rev-parse --verify -q HEAD >/dev/null || { echo "error: DVC experiments need a git commit; run 'git commit' first" >&2; exit 1; }
@@ -41,7 +41,18 @@ bench: setup
 clean-venv:
 	rm -rf $(VENV)
 
-# The paper setting as a DVC experiment: make paper CSV=/path/to/captions.csv [HIERARCHY=...]
+# The paper setting as a DVC experiment (README "The paper setting"): on Open Images (downloaded
+# by the pipeline; MAX_IMAGES=N: the first N images of each split, a quick look), or on your
+# folder-format CSV: make paper [MAX_IMAGES=N] | make paper CSV=/path/to/captions.csv [HIERARCHY=...]
 paper: setup
-	@test -n "$(CSV)" || { echo "usage: make paper CSV=/path/to/captions.csv [HIERARCHY=/path/to/hierarchy.json]" >&2; exit 2; }
-	$(BIN)/python -m sparc paper --csv "$(CSV)" --hierarchy "$(HIERARCHY)"
+	$(BIN)/python -m sparc paper --csv "$(CSV)" --hierarchy "$(HIERARCHY)" --max-images "$(or $(MAX_IMAGES),0)"
+
+# The COCO setting as a DVC experiment: the paper's models and sizes on MS-COCO 2017 [MAX_IMAGES=N]
+coco: setup
+	$(BIN)/python -m sparc coco --max-images "$(or $(MAX_IMAGES),0)"
+
+# The USAE paper's setting as a DVC experiment (README "The USAE setting"): ViT-B/16, DINOv2-S/14
+# with registers and SigLIP-B/16, L 6144, k 32, on Open Images or a CSV, as make paper:
+# make usae [MAX_IMAGES=N] | make usae CSV=/path/to/captions.csv [HIERARCHY=...]
+usae: setup
+	$(BIN)/python -m sparc usae --csv "$(CSV)" --hierarchy "$(HIERARCHY)" --max-images "$(or $(MAX_IMAGES),0)"

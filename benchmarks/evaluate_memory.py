@@ -1,4 +1,4 @@
-"""Time and peak memory of the evaluation metrics at the paper's scale, on synthetic codes.
+"""Time and peak memory of every evaluation metric at the paper's scale, on synthetic codes.
 
 Default sizes: N = 126,020 test samples, L = 8192, k = 64, 3 streams (dims 1024/768/768 for the
 reconstruction phase), 600 labels in a depth-5 hierarchy with 1-6 labels per sample.
@@ -9,13 +9,20 @@ each stream's per-stream codes; activations are exponential, and 10% of each str
 entries are set to 0 (ReLU cuts). Labels follow a Zipf law over the 600 labels. The codes carry no
 signal: time and memory depend on sizes and latent frequencies, not on what the codes mean.
 
-Phases run one after the other in this process, each through the same functions the `evaluate`
-stage calls. After each phase the script prints its wall time and the process's peak resident
-memory so far (``ru_maxrss``, which never decreases: the last line is the peak of the whole run,
-data generation included).
+Phases run one after the other in this process, each through the functions the stages call, on
+both kinds of codes where the `evaluate` stage uses both (joint and per-stream: jaccard, patterns,
+universality, reconstruction), the joint codes for the probes (all classes with more than
+``--probe-min-positives`` positives, as the paper preset), the per-stream codes for retrieval (the
+6 ordered stream pairs). Per phase the script prints wall time, CPU time of the process (all
+threads; on a shared machine it is the steadier number) and the phase's own peak resident memory
+(Linux VmHWM, reset before each phase; the process's ``ru_maxrss`` where that is unavailable).
+``concepts`` is the `concepts` stage (not part of `evaluate`); ``evaluate`` sums the phases of the
+`evaluate` stage, its peak is the largest phase peak. ``--compare-dense`` also runs the previous
+retrieval computation (dense similarity blocks) and checks that every rank count is identical.
 
-    python benchmarks/evaluate_memory.py --probe-classes 600  # paper scale: about 30 min on 2 CPU cores
-    python benchmarks/evaluate_memory.py --n 20000 --probe-classes 20   # a quicker look
+    python benchmarks/evaluate_memory.py                    # paper scale, the whole evaluate stage
+    python benchmarks/evaluate_memory.py --n 20000          # a quicker look
+    python benchmarks/evaluate_memory.py --only retrieval --compare-dense   # retrieval before / after
 """
 
 from __future__ import annotations
@@ -44,25 +51,56 @@ from sparc.evaluate.metrics import (
 )
 from sparc.evaluate.probes import run_probes
 from sparc.evaluate.reconstruction import reconstruction_matrix
-from sparc.evaluate.retrieval import pair_rank_counts
+from sparc.evaluate.retrieval import dense_pair_rank_counts, pair_rank_counts
 from sparc.model.codes import SparseCodes
+
+# the phases of the `evaluate` stage (sparc.evaluate.stage.run_evaluate)
+EVALUATE_PHASES = ("load", "jaccard", "patterns", "universality", "reconstruction", "probes", "retrieval")
+PHASES = ("concepts", *EVALUATE_PHASES, "retrieval_dense")
+
+
+def reset_peak() -> bool:
+    """Reset this process's peak resident memory (Linux >= 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_rss_gib() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """Peak resident memory since the last :func:`reset_peak` (VmHWM), else of the whole run."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def draw_indices(n: int, L: int, k: int, gen: torch.Generator, chunk: int = 2048) -> np.ndarray:
-    """``[n, k]`` int32 distinct latent ids per row, P(latent) ~ rank^-0.5 (Gumbel top-k)."""
-    logp = torch.log(torch.arange(1, L + 1, dtype=torch.float32) ** -0.5)
-    perm = torch.randperm(L, generator=gen)  # frequent latents spread over the index range
+def draw_indices(n: int, L: int, k: int, rng: np.random.Generator, chunk: int = 16384) -> np.ndarray:
+    """``[n, k]`` int32 distinct latent ids per row, drawn one after another with P(latent) ~ rank^-0.5
+    among the latents not drawn yet (the law of a Gumbel top-k): draws with replacement, repeats
+    skipped; a row with fewer than k distinct ids among its 2k draws is drawn again."""
+    cdf = np.cumsum(np.arange(1, L + 1, dtype=np.float64) ** -0.5)
+    cdf /= cdf[-1]
+    perm = rng.permutation(L)  # frequent latents spread over the index range
     out = np.empty((n, k), dtype=np.int32)
     for start in range(0, n, chunk):
-        b = min(chunk, n - start)
-        u = torch.rand(b, L, generator=gen).clamp_min_(1e-20)
-        keys = logp - torch.log(-torch.log(u))
-        out[start : start + b] = perm[keys.topk(k, dim=1).indices].numpy()
+        pending = np.arange(start, min(start + chunk, n))
+        while pending.size:
+            draws = np.minimum(np.searchsorted(cdf, rng.random((pending.size, 2 * k)), side="right"), L - 1)
+            order = np.argsort(draws, axis=1, kind="stable")
+            ranked = np.take_along_axis(draws, order, axis=1)
+            first_ranked = np.ones(ranked.shape, dtype=bool)
+            first_ranked[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
+            first = np.empty_like(first_ranked)
+            np.put_along_axis(first, order, first_ranked, axis=1)  # first occurrence, in draw order
+            enough = first.sum(axis=1) >= k
+            keep = np.argsort(~first[enough], axis=1, kind="stable")[:, :k]
+            out[pending[enough]] = perm[np.take_along_axis(draws[enough], keep, axis=1)]
+            pending = pending[~enough]
     return out
 
 
@@ -98,8 +136,11 @@ def main() -> None:
     ap.add_argument("--L", type=int, default=8192)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--dims", type=int, nargs="+", default=[1024, 768, 768])
-    ap.add_argument("--probe-classes", type=int, default=50, help="probe only the first classes (time is per class)")
-    ap.add_argument("--skip", nargs="*", default=[], help="phases to leave out (e.g. retrieval reconstruction)")
+    ap.add_argument("--probe-min-positives", type=int, default=51, help="as the paper preset")
+    ap.add_argument("--probe-classes", type=int, default=0, help="probe only the first classes (0 = all, as the stage)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=PHASES, help="phases to leave out")
+    ap.add_argument("--only", nargs="*", default=[], choices=PHASES, help="run only these phases (and load)")
+    ap.add_argument("--compare-dense", action="store_true", help="also time the dense retrieval and compare counts")
     ap.add_argument("--device", default="cpu", help="device for retrieval and reconstruction")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -107,11 +148,15 @@ def main() -> None:
     N, L, k = args.n, args.L, args.k
     print(f"N={N} L={L} k={k} streams={len(streams)} dims={args.dims} device={args.device} "
           f"torch threads={torch.get_num_threads()}")
+    wanted = set(args.only or PHASES) | {"load"}
+    wanted -= set(args.skip)
+    if not args.compare_dense:
+        wanted.discard("retrieval_dense")
+    per_phase_peak = reset_peak()
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    joint_idx = draw_indices(N, L, k, gen)
+    joint_idx = draw_indices(N, L, k, rng)
     joint_vals = {}
     for s in streams:
         v = rng.exponential(size=(N, k)).astype(np.float32)
@@ -120,64 +165,46 @@ def main() -> None:
     joint = SparseCodes([str(i) for i in range(N)], L, {s: joint_idx for s in streams}, joint_vals)
     local = SparseCodes(
         joint.ids, L,
-        {s: draw_indices(N, L, k, gen) for s in streams},
+        {s: draw_indices(N, L, k, rng) for s in streams},
         {s: rng.exponential(size=(N, k)).astype(np.float32) for s in streams},
     )
     hierarchy = make_hierarchy(rng, [10, 40, 100, 200, 250])
     sample_labels = make_labels(rng, hierarchy.labels, N)
-    print(f"{'generate':<16}{time.perf_counter() - t0:9.1f} s   peak RSS {peak_rss_gib():6.2f} GiB")
+    print(f"{'phase':<16}{'wall s':>9}{'cpu s':>9}{'peak GiB':>10}")
+    print(f"{'generate':<16}{time.perf_counter() - t0:9.1f}{'':>9}{peak_rss_gib():10.2f}")
 
-    timings: dict[str, float] = {}
+    timings: dict[str, tuple[float, float, float]] = {}  # phase -> wall, cpu, peak
 
     def run(name: str, fn):
-        """Run one phase unless skipped; print its time and the peak RSS so far."""
-        if name in args.skip:
+        """Run one phase unless left out; print its wall and CPU time and its peak memory."""
+        if name not in wanted:
             return None
-        start = time.perf_counter()
+        reset_peak()
+        wall, cpu = time.perf_counter(), time.process_time()
         result = fn()
-        timings[name] = time.perf_counter() - start
-        print(f"{name:<16}{timings[name]:9.1f} s   peak RSS {peak_rss_gib():6.2f} GiB", flush=True)
+        timings[name] = (time.perf_counter() - wall, time.process_time() - cpu, peak_rss_gib())
+        print(f"{name:<16}{timings[name][0]:9.1f}{timings[name][1]:9.1f}{timings[name][2]:10.2f}", flush=True)
         return result
 
     # what run_evaluate holds for the whole run: CSR codes of the split and the label matrix
     space = LabelSpace(hierarchy)
-    joint_t, local_t, labels = run("load", lambda: (
-        {s: code_matrix(joint.indices[s], joint.values[s], L) for s in streams},
-        {s: code_matrix(local.indices[s], local.values[s], L) for s in streams},
-        space.matrix(sample_labels),
-    ))
-    run("concepts", lambda: assign_concepts(joint_t, labels, space, top_n=50, threshold=0.3))
-    run("jaccard", lambda: hierarchical_jaccard(joint_t, labels, space))
-    run("patterns", lambda: activation_patterns({s: firing_counts(m) > 0 for s, m in joint_t.items()}))
+    csr = run("load", lambda: {
+        "joint": {s: code_matrix(joint.indices[s], joint.values[s], L) for s in streams},
+        "per_stream": {s: code_matrix(local.indices[s], local.values[s], L) for s in streams},
+        "labels": space.matrix(sample_labels),
+    })
+    labels = csr["labels"]
+    kinds = {"joint": csr["joint"], "per_stream": csr["per_stream"]}
+    run("concepts", lambda: [assign_concepts(c, labels, space, top_n=50, threshold=0.3) for c in kinds.values()])
+    run("jaccard", lambda: [hierarchical_jaccard(c, labels, space) for c in kinds.values()])
+    run("patterns", lambda: [activation_patterns({s: firing_counts(m) > 0 for s, m in c.items()}) for c in kinds.values()])
 
     def universality() -> None:
-        for codes in (joint_t, local_t):
+        for codes in kinds.values():
             firing_entropy(np.stack([firing_counts(m) for m in codes.values()]))
             cofire_proportion(*cofire_counts(codes))
 
     run("universality", universality)
-    probes = run("probes", lambda: run_probes(
-        joint_t, labels, space, min_positives=50, n_candidates=20, seed=0, max_classes=args.probe_classes,
-    ))
-    if probes is not None:
-        n_classes = len({r.label for r in probes})
-        print(f"  probes: {n_classes} classes x {len(streams)} streams, "
-              f"{timings['probes'] / max(n_classes, 1):.2f} s per class")
-
-    def retrieval() -> dict:
-        out = {}
-        for a, s in enumerate(streams):
-            for t in streams[a + 1 :]:
-                start = time.perf_counter()
-                fwd, rev = pair_rank_counts(local_t[s], local_t[t], device=args.device)
-                out[f"{s}->{t}"] = retrieval_metrics(*fwd)
-                out[f"{t}->{s}"] = retrieval_metrics(*rev)
-                print(f"  pair {s}<->{t}: {time.perf_counter() - start:.1f} s", flush=True)
-        return out
-
-    ret = run("retrieval", retrieval)
-    if ret is not None:
-        print(f"  R@1 {ret['s0->s1']['R@1']:.2e} (chance {1 / N:.2e})")
 
     def reconstruction() -> None:
         from sparc.model.sae import MultiStreamSAE, SAEConfig
@@ -195,10 +222,48 @@ def main() -> None:
                 arr.flush()
                 del arr
                 feats[s] = np.load(path, mmap_mode="r")
-            reconstruction_matrix(model, feats, np.arange(N), joint, batch_size=1024, device=args.device)
+            for codes in (joint, local):
+                reconstruction_matrix(model, feats, np.arange(N), codes, batch_size=1024, device=args.device)
 
     run("reconstruction", reconstruction)
-    print(f"total {sum(timings.values()):.1f} s (without generation); peak RSS {peak_rss_gib():.2f} GiB")
+    probes = run("probes", lambda: run_probes(
+        kinds["joint"], labels, space, min_positives=args.probe_min_positives, n_candidates=20, seed=0,
+        max_classes=args.probe_classes or None,
+    ))
+    if probes is not None:
+        n_classes = len({r.label for r in probes})
+        print(f"  probes: {n_classes} classes x {len(streams)} streams, "
+              f"{timings['probes'][0] / max(n_classes, 1):.2f} s per class")
+
+    def retrieval(rank_counts) -> dict:
+        out = {}
+        for a, s in enumerate(streams):
+            for t in streams[a + 1 :]:
+                wall, cpu = time.perf_counter(), time.process_time()
+                out[(s, t)] = rank_counts(kinds["per_stream"][s], kinds["per_stream"][t])
+                print(f"  pair {s}<->{t}: {time.perf_counter() - wall:.1f} s wall, "
+                      f"{time.process_time() - cpu:.1f} s cpu", flush=True)
+        return out
+
+    ret = run("retrieval", lambda: retrieval(lambda q, g: pair_rank_counts(q, g, device=args.device)))
+    if ret is not None:
+        pair = next(iter(ret))
+        print(f"  R@1 {retrieval_metrics(*ret[pair][0])['R@1']:.2e} (chance {1 / N:.2e})")
+    dense = run("retrieval_dense", lambda: retrieval(lambda q, g: dense_pair_rank_counts(q, g, device=args.device)))
+    if ret is not None and dense is not None:
+        same = all(
+            np.array_equal(ret[p][d][c], dense[p][d][c]) for p in ret for d in (0, 1) for c in (0, 1)
+        )
+        print(f"  dense vs inverted index: rank counts {'identical' if same else 'DIFFERENT'}; "
+              f"{timings['retrieval_dense'][0] / timings['retrieval'][0]:.1f}x the wall time")
+
+    stage = [name for name in EVALUATE_PHASES if name in timings]
+    wall = sum(timings[name][0] for name in stage)
+    cpu = sum(timings[name][1] for name in stage)
+    peak = max(timings[name][2] for name in stage)
+    print(f"{'evaluate':<16}{wall:9.1f}{cpu:9.1f}{peak:10.2f}   ({' + '.join(stage)})")
+    if not per_phase_peak:
+        print("(peak memory: of the whole run so far; this system cannot reset it per phase)")
 
 
 if __name__ == "__main__":

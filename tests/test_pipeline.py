@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,58 +16,15 @@ from pathlib import Path
 import pytest
 
 from sparc.params import read_yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from tests.e2e import BIN, copy_repo, ran_stages, run
 
 pytestmark = pytest.mark.slow
 
 
-def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("DVCLIVE_TEST", None)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def tracked_files() -> list[str]:
-    out = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout
-    return [line for line in out.splitlines() if line and (ROOT / line).is_file()]
-
-
-def tiny_params(raw: dict) -> dict:
-    """The repository's params with a handful of samples and a tiny SAE."""
-    raw["data"]["max_samples"] = 40
-    raw["k"] = 4
-    raw["L"] = 32
-    raw["extract"]["batch_size"] = 8
-    raw["extract"]["num_workers"] = 0
-    if "train" in raw:
-        raw["train"].update(batch_size=16, epochs=3, checkpoint_every=2)
-    return raw
-
-
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("repo")
-    for rel in tracked_files():
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dst / rel)
-    from ruamel.yaml import YAML
-
-    yaml = YAML()
-    raw = tiny_params(read_yaml(dst / "params.yaml"))
-    with (dst / "params.yaml").open("w") as fh:
-        yaml.dump(raw, fh)
-    run(["git", "init", "-q", "-b", "main"], dst)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dst)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], dst)
-    run(["dvc", "repro"], dst)
-    return dst
+def repo(pipeline_run, tmp_path_factory) -> Path:
+    """This module's copy of the session's pipeline run (tests/conftest.py)."""
+    return copy_repo(pipeline_run, tmp_path_factory.mktemp("repo"))
 
 
 def test_repro_builds_aligned_features(repo):
@@ -107,6 +63,16 @@ def test_repro_reaches_the_evaluation(repo):
     assert len(concepts) == params["L"] + 1
     headline = json.loads((repo / "reports/headline.json").read_text())
     assert headline["jaccard_d0"] == metrics["jaccard"]["joint"]["depth_0"]["all"]
+
+
+def test_repro_localises_the_text_queries(repo):
+    """The localise stage scored its composite queries for every image stream and the chance map."""
+    metrics = json.loads((repo / "reports/localise/metrics.json").read_text())
+    assert set(metrics) == {f"{m}_{s}" for m in ("ap", "miou") for s in ("effnet", "vit", "chance")}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    details = json.loads((repo / "reports/localise/details.json").read_text())
+    assert details["n_queries"] == 4 and details["text_stream"] == "minilm"
+    assert (repo / "reports/localise/overlays.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_repro_ends_with_figures_and_the_browser(repo):
@@ -148,15 +114,10 @@ def test_misspelt_parameter_fails_the_repro(repo):
     assert ran_stages(proc.stdout) == {"check"}, proc.stdout
 
 
-def ran_stages(output: str) -> set[str]:
-    """Names of the stages a `dvc repro` / `dvc exp run` output says it ran."""
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
-
-
 def test_seed_experiment_reruns_only_training_and_after(repo):
     """`dvc exp run -S seed=1` reuses the prepared data and the features (last: it changes params)."""
     out = run(["dvc", "exp", "run", "-n", "seed1", "-S", "seed=1"], repo).stdout
-    assert ran_stages(out) == {"check", "train", "encode", "concepts", "evaluate", "figures", "browser"}, out
+    assert ran_stages(out) == {"check", "train", "encode", "concepts", "evaluate", "localise", "figures", "browser"}, out
     assert "seed1" in run(["dvc", "exp", "list", "--name-only"], repo).stdout.split()
     assert read_yaml(repo / "params.yaml")["seed"] == 1
 
@@ -177,7 +138,8 @@ def test_ablation_grid_compare_and_exp_show(repo):
         f"ablation-{c}-s0" for c in configs.split(",")
     )
     metrics = next(r["data"]["metrics"] for c in show for e in (c.get("experiments") or []) for r in e["revs"])
-    assert list(metrics) == ["reports/headline.json"]  # the only DVC metrics: what exp show lists
+    # the only DVC metrics: what exp show lists
+    assert sorted(metrics) == ["reports/headline.json", "reports/localise/metrics.json"]
     env = dict(os.environ, COLUMNS="200", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     proc = subprocess.run([sys.executable, "-m", "sparc", "show"], cwd=repo, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

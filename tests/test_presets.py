@@ -1,4 +1,5 @@
-"""The paper preset, applied by DVC's own --set-param code, gives the paper setting of method.md."""
+"""The paper presets (Open Images, a folder CSV, COCO), applied by DVC's own --set-param code,
+give the paper setting of method.md."""
 
 import shutil
 from pathlib import Path
@@ -7,7 +8,7 @@ import pytest
 from dvc.utils.hydra import apply_overrides
 
 from sparc.params import Params, load_params
-from sparc.presets import PAPER_MODELS, paper_command, paper_overrides
+from sparc.presets import PAPER_MODELS, coco_overrides, paper_command, paper_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,3 +75,121 @@ def test_paper_command_is_an_experiment():
     cmd = paper_command("/x.csv")
     assert cmd[:5] == ["dvc", "exp", "run", "-n", "paper"]
     assert cmd[5::2] == ["-S"] * len(paper_overrides("/x.csv"))
+
+
+def applied_overrides(tmp_path, overrides: list[str]) -> Params:
+    path = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", path)
+    apply_overrides(path, overrides)
+    return load_params(path)
+
+
+@pytest.fixture(scope="module", params=["paper", "coco"])
+def dataset_preset(request, tmp_path_factory) -> Params:
+    """`make paper` (Open Images, no CSV) or `make coco` applied to params.yaml."""
+    overrides = paper_overrides() if request.param == "paper" else coco_overrides()
+    return applied_overrides(tmp_path_factory.mktemp(request.param), overrides)
+
+
+@pytest.mark.parametrize(("name", "read", "value"), PAPER_TABLE, ids=[row[0] for row in PAPER_TABLE])
+def test_dataset_presets_set_the_paper_setting(dataset_preset, name, read, value):
+    """method.md's model setting, every value, in both dataset presets."""
+    params = dataset_preset
+    assert read(params) == pytest.approx(value) if isinstance(value, float) else read(params) == value
+    assert {n: (s.model, s.input) for n, s in params.streams.items()} == PAPER_MODELS
+
+
+def test_paper_preset_without_csv_is_open_images_as_method_md_says(tmp_path):
+    """method.md section 6: Open Images V7, the official splits, every image and narrative."""
+    params = applied_overrides(tmp_path, paper_overrides())
+    assert params.data.dataset == "openimages"
+    assert params.data.openimages.splits == ["train", "validation", "test"]
+    assert params.data.openimages.max_images == 0 and params.data.max_samples == 0
+
+
+def test_coco_preset_joins_the_captions_as_the_reference(tmp_path):
+    """method.md section 6: MS-COCO 2017, the reference joins an image's five captions."""
+    params = applied_overrides(tmp_path, coco_overrides())
+    assert params.data.dataset == "coco"
+    assert params.data.coco.captions == "join"
+    assert params.data.coco.splits == ["train2017", "val2017"]
+    assert params.data.coco.max_images == 0 and params.data.max_samples == 0
+
+
+def test_cli_prints_the_dataset_presets(capsys):
+    from sparc.cli import main
+
+    assert main(["paper", "--dry"]) == 0
+    assert "data.dataset=openimages" in capsys.readouterr().out
+    assert main(["coco", "--dry"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dvc exp run -n coco ") and "data.coco.captions=join" in out
+    assert main(["paper", "--dry", "--hierarchy", "h.json"]) == 2
+    assert "--hierarchy goes with --csv" in capsys.readouterr().err
+
+
+# The USAE paper's setting as method.md states it (section 3): parameter, reader, value.
+USAE_TABLE = [
+    ("6144 latents", lambda p: p.L, 6144),
+    ("k", lambda p: p.k, 32),
+    ("the paper's BatchNorm SAE", lambda p: p.method, "usae_paper"),
+    ("each model its own top-k", lambda p: p.topk, "local"),
+    ("every decoder reconstructs the source's code", lambda p: p.lam, 1.0),
+    ("only the source model updates (reference code)", lambda p: p.train.usae_update, "source_only"),
+]
+
+
+@pytest.fixture(scope="module")
+def usae(tmp_path_factory) -> Params:
+    from sparc.presets import usae_overrides
+
+    return applied_overrides(tmp_path_factory.mktemp("usae"), usae_overrides("/data/imagenet/images.csv"))
+
+
+@pytest.mark.parametrize(("name", "read", "value"), USAE_TABLE, ids=[row[0] for row in USAE_TABLE])
+def test_usae_preset_sets_the_usae_setting(usae, name, read, value):
+    assert read(usae) == value
+
+
+def test_usae_preset_streams_are_the_papers_three_models_on_images(usae):
+    """ViT-B/16, DINOv2-S/14 with registers, SigLIP-B/16, by their hub names, all reading images;
+    the specs pass `check` (load_params validated them) without any weights here."""
+    from sparc.features.registry import parse_spec
+
+    specs = {name: parse_spec(s.model) for name, s in usae.streams.items()}
+    assert {name: s.input for name, s in usae.streams.items()} == {"vit": "image", "dino": "image", "siglip": "image"}
+    assert {name: (s.family, s.name) for name, s in specs.items()} == {
+        "vit": ("transformers", "google/vit-base-patch16-224"),
+        "dino": ("transformers", "facebook/dinov2-with-registers-small"),
+        "siglip": ("transformers", "google/siglip-base-patch16-224"),
+    }
+    assert usae.data.dataset == "folder" and usae.data.folder.csv == "/data/imagenet/images.csv"
+    # The training schedule and evaluation protocol are the paper setting's (method.md gives none for USAE).
+    assert (usae.train.batch_size, usae.train.epochs, usae.seed, usae.concepts.top_n) == (256, 50, 42, 50)
+
+
+def test_usae_is_one_command(capsys):
+    from sparc.cli import main
+    from sparc.presets import usae_command, usae_overrides
+
+    assert usae_command()[:5] == ["dvc", "exp", "run", "-n", "usae"]
+    assert usae_command()[5::2] == ["-S"] * len(usae_overrides())
+    assert main(["usae", "--dry"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dvc exp run -n usae ") and "L=6144" in out and "data.dataset=openimages" in out
+    assert main(["usae", "--dry", "--max-images", "200"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dvc exp run -n usae-200 ") and "data.openimages.max_images=200" in out
+    assert main(["usae", "--dry", "--hierarchy", "h.json"]) == 2
+    assert "--hierarchy goes with --csv" in capsys.readouterr().err
+    assert "usae:" in (ROOT / "Makefile").read_text()
+
+
+def test_quick_look_is_a_separate_experiment_on_the_first_images(tmp_path):
+    from sparc.presets import coco_command, paper_command
+
+    assert paper_command(max_images=100)[:5] == ["dvc", "exp", "run", "-n", "paper-100"]
+    assert coco_command(max_images=20)[4] == "coco-20"
+    assert applied_overrides(tmp_path, paper_overrides(max_images=100)).data.openimages.max_images == 100
+    with pytest.raises(ValueError, match="max_images applies to Open Images"):
+        paper_overrides("/x.csv", max_images=5)

@@ -27,6 +27,16 @@ def cmd_check(params: Params, args: argparse.Namespace) -> None:
         print(f"  {line}")
 
 
+def cmd_download(params: Params, args: argparse.Namespace) -> None:
+    """Fetch the raw files of data.dataset into data/raw/<dataset> (sparc.data.download)."""
+    from sparc.data.download import run_download
+
+    dataset = params.data.dataset
+    out = run_download(dataset, base_url=params.download.base_url, workers=params.download.workers,
+                       options=getattr(params.data, dataset, None))
+    print(f"downloaded {dataset} -> {out}")
+
+
 def cmd_prepare(params: Params, args: argparse.Namespace) -> None:
     from sparc.data.prepared import prepare_dataset
 
@@ -34,18 +44,38 @@ def cmd_prepare(params: Params, args: argparse.Namespace) -> None:
     print(f"prepared {params.data.dataset} -> {out}")
 
 
+def relaunched(nproc: int, argv: list[str]) -> bool:
+    """With ``nproc > 1`` (or several machines) and not yet under torchrun: run ``python -m sparc
+    *argv`` as ``nproc`` processes under torchrun, wait, and return True (sparc.distributed)."""
+    from sparc.distributed import launch, needs_launch
+
+    if not needs_launch(nproc):
+        return False
+    launch(nproc, argv)
+    return True
+
+
 def cmd_extract(params: Params, args: argparse.Namespace) -> None:
+    from sparc.distributed import World
     from sparc.features.extract import run_extract
 
+    if relaunched(params.extract.nproc, ["--params", args.params, "extract", args.stream]):
+        return
     ds = params.data.dataset
     out = run_extract(params, args.stream, paths.prepared_dir(ds), paths.features_dir(ds, args.stream))
-    print(f"extracted {args.stream} -> {out}")
+    if World.from_env().main:
+        print(f"extracted {args.stream} -> {out}")
 
 
 def cmd_train(params: Params, args: argparse.Namespace) -> None:
+    from sparc.distributed import World
     from sparc.train.stage import run_train
 
-    print(f"trained SAE -> {run_train(params)}")
+    if relaunched(params.train.nproc, ["--params", args.params, "train"]):
+        return
+    out = run_train(params)
+    if World.from_env().main:
+        print(f"trained SAE -> {out}")
 
 
 def cmd_encode(params: Params, args: argparse.Namespace) -> None:
@@ -66,6 +96,12 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
     print(f"metrics -> {run_evaluate(params)}")
 
 
+def cmd_localise(params: Params, args: argparse.Namespace) -> None:
+    from sparc.evaluate.localise_stage import run_localise
+
+    print(f"localisation -> {run_localise(params)}")
+
+
 def cmd_figures(params: Params, args: argparse.Namespace) -> None:
     from sparc.report.figures_stage import run_figures
 
@@ -80,19 +116,50 @@ def cmd_browser(params: Params, args: argparse.Namespace) -> None:
 
 
 def cmd_paper(params: Params, args: argparse.Namespace) -> None:
-    """Run the paper setting as the DVC experiment ``paper`` (see sparc.presets)."""
-    import shlex
-    import subprocess
-    from pathlib import Path
-
+    """Run the paper setting as the DVC experiment ``paper`` (see sparc.presets): on Open Images,
+    or on a folder-format CSV with --csv."""
     from sparc.presets import paper_command
 
+    _check_preset_files(args)
+    _run_preset(paper_command(args.csv or "", args.hierarchy or "", max_images=args.max_images), args.dry)
+
+
+def cmd_usae(params: Params, args: argparse.Namespace) -> None:
+    """Run the USAE paper's setting as the DVC experiment ``usae`` (see sparc.presets): on Open
+    Images, or on a folder-format CSV with --csv."""
+    from sparc.presets import usae_command
+
+    _check_preset_files(args)
+    _run_preset(usae_command(args.csv or "", args.hierarchy or "", max_images=args.max_images), args.dry)
+
+
+def _check_preset_files(args: argparse.Namespace) -> None:
+    """--csv and --hierarchy of a preset name existing files; --hierarchy only with --csv,
+    --max-images only without it."""
+    from pathlib import Path
+
+    if args.hierarchy and not args.csv:
+        raise ValueError("--hierarchy goes with --csv (Open Images brings its own hierarchy)")
+    if args.max_images and args.csv:
+        raise ValueError("--max-images goes with Open Images (for a CSV, set data.max_samples)")
     for path in (args.csv, args.hierarchy):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such file")
-    cmd = paper_command(args.csv, args.hierarchy or "")
+
+
+def cmd_coco(params: Params, args: argparse.Namespace) -> None:
+    """Run the COCO setting as the DVC experiment ``coco`` (see sparc.presets)."""
+    from sparc.presets import coco_command
+
+    _run_preset(coco_command(max_images=args.max_images), args.dry)
+
+
+def _run_preset(cmd: list[str], dry: bool) -> None:
+    import shlex
+    import subprocess
+
     print(shlex.join(cmd))
-    if not args.dry:
+    if not dry:
         subprocess.run(cmd, check=True)
 
 
@@ -184,13 +251,17 @@ def cmd_show(params: Params, args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "check": (cmd_check, "validate params.yaml"),
+    "download": (cmd_download, "fetch the raw files of data.dataset (openimages, coco) into data/raw"),
     "prepare": (cmd_prepare, "build the dataset named by data.dataset"),
     "extract": (cmd_extract, "extract one stream's features"),
     "train": (cmd_train, "train the multi-stream SAE on the extracted features"),
     "encode": (cmd_encode, "sparse codes of every sample (joint and per-stream inference)"),
     "concepts": (cmd_concepts, "name every latent per stream from its top activating samples"),
-    "paper": (cmd_paper, "run the paper setting (DINOv2 + OpenCLIP, L=8192, k=64) as a DVC experiment"),
+    "paper": (cmd_paper, "run the paper setting (DINOv2 + OpenCLIP, L=8192, k=64) on Open Images as a DVC experiment"),
+    "coco": (cmd_coco, "run the COCO setting (the paper's models and sizes on MS-COCO 2017) as a DVC experiment"),
+    "usae": (cmd_usae, "run the USAE paper's setting (ViT-B/16, DINOv2-S/14-reg, SigLIP-B/16, L=6144, k=32) as a DVC experiment"),
     "evaluate": (cmd_evaluate, "Jaccard, patterns, reconstruction, probes, retrieval, universality"),
+    "localise": (cmd_localise, "text-guided localisation on composite canvases with known masks (reports/localise)"),
     "figures": (cmd_figures, "PNG figures of the evaluation under reports/figures/"),
     "browser": (cmd_browser, "the static HTML concept browser under reports/browser/"),
     "ablation": (cmd_ablation, "run the ablation grid (Global/Local x lambda 0/1, USAE) over seeds as DVC experiments"),
@@ -208,9 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         if name == "extract":
             p.add_argument("stream", help="stream name from params.yaml `streams:`")
-        if name == "paper":
-            p.add_argument("--csv", required=True, help="image-caption CSV in the folder format")
-            p.add_argument("--hierarchy", default="", help="optional label hierarchy JSON")
+        if name in ("paper", "usae"):
+            p.add_argument("--csv", default="", help="image-caption CSV in the folder format (default: Open Images)")
+            p.add_argument("--hierarchy", default="", help="optional label hierarchy JSON (with --csv)")
+        if name in ("paper", "coco", "usae"):
+            p.add_argument("--max-images", type=int, default=0,
+                           help="a quick look: only the first N images of each split (experiment <name>-N)")
+        if name in ("paper", "coco", "usae"):
             p.add_argument("--dry", action="store_true", help="print the dvc command, do not run it")
         if name in ("ablation", "sweep"):
             if name == "sweep":
@@ -242,13 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "show":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.dvc_args = extra  # `show` passes them on to `dvc exp show` (e.g. -A, --rev)
+    from sparc.data.download import DownloadError
     from sparc.features.store import FeatureStoreError
     from sparc.params import ParamsError
 
     try:
         params = load_params(args.params)
         COMMANDS[args.command][0](params, args)
-    except (ParamsError, FeatureStoreError, FileNotFoundError, ValueError) as err:
+    except (ParamsError, FeatureStoreError, FileNotFoundError, ValueError, DownloadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -42,6 +42,30 @@ class FolderOptions:
     strict: bool = False
 
 
+OPENIMAGES_SPLITS = ("train", "validation", "test")
+COCO_SPLITS = ("train2017", "val2017")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenImagesOptions:
+    """``data.openimages``: which official splits, and the first ``max_images`` images of each
+    (Localized Narratives order; 0 = all) with every narrative of those images."""
+
+    splits: list[str] = dataclasses.field(default_factory=lambda: list(OPENIMAGES_SPLITS))
+    max_images: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CocoOptions:
+    """``data.coco``: which 2017 splits, the first ``max_images`` images of each (by image id;
+    0 = all), and the captions: ``join`` (an image's captions joined, as the reference) or
+    ``each`` (one sample per caption)."""
+
+    splits: list[str] = dataclasses.field(default_factory=lambda: list(COCO_SPLITS))
+    max_images: int = 0
+    captions: Literal["join", "each"] = "join"
+
+
 @dataclasses.dataclass(frozen=True)
 class DataParams:
     dataset: str = "emoji"
@@ -52,6 +76,17 @@ class DataParams:
     emoji: EmojiOptions = dataclasses.field(default_factory=EmojiOptions)
     clipart: ClipartOptions = dataclasses.field(default_factory=ClipartOptions)
     folder: FolderOptions = dataclasses.field(default_factory=FolderOptions)
+    openimages: OpenImagesOptions = dataclasses.field(default_factory=OpenImagesOptions)
+    coco: CocoOptions = dataclasses.field(default_factory=CocoOptions)
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadParams:
+    """The `download` stage (openimages, coco): ``base_url`` '' = the real hosts, else a mirror
+    of ``data/raw`` (``<base_url>/<dataset>/<path>``); ``workers`` parallel connections."""
+
+    base_url: str = ""
+    workers: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +101,7 @@ class ExtractParams:
     num_workers: int = 1
     cpu_threads: int = 0
     device: str = "auto"
+    nproc: int = 1  # processes (one per GPU on CUDA); > 1 relaunches under torchrun (sparc.distributed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +122,7 @@ class TrainParams:
     cpu_threads: int = 1
     usae_update: Literal["source_only", "joint"] = "joint"
     device: str = "auto"
+    nproc: int = 1  # data-parallel processes (one per GPU on CUDA); > 1 relaunches under torchrun
     bf16: bool = False
     tf32: bool = False
     subset_keep: float = 1.0
@@ -119,6 +156,24 @@ class FiguresParams:
     thumb_px: int = 64
 
 
+LOCALISE_TARGETS = ("code", "concept")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocaliseParams:
+    """The `localise` stage: the composite benchmark with known masks (README "Localisation")."""
+
+    queries: int = 200     # composite canvases, one text query each
+    grid: int = 2          # items per canvas side (grid x grid items)
+    cell: int = 160        # cell side in pixels
+    scale: float = 0.7     # item side as a fraction of the cell
+    seed: int = 0          # draw of the items and queries
+    split: Literal["train", "val", "test", "all"] = "test"
+    target: Literal["code", "concept"] = "code"  # <z_text, z_image> | sum of the latents named after the class
+    layers: int = 1        # ViT rollout over the last N layers (the paper: 1)
+    overlays: int = 4      # queries drawn in the overlay figure
+
+
 @dataclasses.dataclass(frozen=True)
 class Params:
     """The whole of params.yaml. ``lam`` is the YAML key ``lambda``."""
@@ -130,12 +185,14 @@ class Params:
     topk: Literal["global", "local"] = "global"
     method: Literal["sparc", "usae", "usae_paper"] = "sparc"
     data: DataParams = dataclasses.field(default_factory=DataParams)
+    download: DownloadParams = dataclasses.field(default_factory=DownloadParams)
     streams: dict[str, StreamParams] = dataclasses.field(default_factory=dict)
     extract: ExtractParams = dataclasses.field(default_factory=ExtractParams)
     train: TrainParams = dataclasses.field(default_factory=TrainParams)
     concepts: ConceptsParams = dataclasses.field(default_factory=ConceptsParams)
     evaluate: EvaluateParams = dataclasses.field(default_factory=EvaluateParams)
     figures: FiguresParams = dataclasses.field(default_factory=FiguresParams)
+    localise: LocaliseParams = dataclasses.field(default_factory=LocaliseParams)
 
     @property
     def stream_names(self) -> list[str]:
@@ -280,6 +337,33 @@ def check_data(data: DataParams) -> None:
         )
     check_emoji_options(data.emoji)
     check_clipart_options(data.clipart)
+    check_split_list(data.openimages.splits, OPENIMAGES_SPLITS, "data.openimages.splits")
+    check_split_list(data.coco.splits, COCO_SPLITS, "data.coco.splits")
+    _positive({"max_images": data.openimages.max_images}, "data.openimages", minimum=0)
+    _positive({"max_images": data.coco.max_images}, "data.coco", minimum=0)
+
+
+def check_split_list(splits: list[str], known: tuple[str, ...], param: str) -> None:
+    """A non-empty list of distinct known official splits; "did you mean" for a misspelt one."""
+    if not splits:
+        raise ParamsError(f"{param}: empty; use some of {', '.join(known)}")
+    for split in splits:
+        if split not in known:
+            close = difflib.get_close_matches(str(split), known, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(known)}"
+            raise ParamsError(f"{param}: unknown split {split!r} ({hint})")
+    if len(set(splits)) != len(splits):
+        raise ParamsError(f"{param}: {splits} lists a split twice")
+
+
+def check_download(d: DownloadParams) -> None:
+    """``download``: an http(s) mirror URL or '' (the real hosts), at least one worker."""
+    if d.base_url and not d.base_url.startswith(("http://", "https://")):
+        raise ParamsError(
+            f"download.base_url: {d.base_url!r} is not an http:// or https:// URL "
+            "('' = the real hosts)"
+        )
+    _positive({"workers": d.workers}, "download")
 
 
 def check_emoji_options(options: EmojiOptions) -> None:
@@ -311,10 +395,22 @@ def check_streams(streams: dict[str, StreamParams]) -> None:
             raise ParamsError(f"streams.{name}.model: {err}") from None
 
 
+def check_nproc(nproc: int, device: str, group: str) -> None:
+    """``<group>.nproc`` is at least 1; several processes need a device each: ``auto``, ``cpu`` or
+    ``cuda`` (process i takes GPU i), not one fixed ``cuda:N``."""
+    _positive({"nproc": nproc}, group)
+    if nproc > 1 and device.startswith("cuda:"):
+        raise ParamsError(
+            f"{group}.device: {device!r} would put all {nproc} processes ({group}.nproc) on one GPU; "
+            "use cuda (process i takes GPU i), auto or cpu"
+        )
+
+
 def check_extract(e: ExtractParams) -> None:
     _positive({"batch_size": e.batch_size}, "extract")
     _positive({"num_workers": e.num_workers, "cpu_threads": e.cpu_threads}, "extract", minimum=0)
     check_device_name(e.device, "extract.device")
+    check_nproc(e.nproc, e.device, "extract")
 
 
 def check_train(t: TrainParams, topk: str = "global", method: str = "sparc") -> None:
@@ -330,6 +426,12 @@ def check_train(t: TrainParams, topk: str = "global", method: str = "sparc") -> 
             raise ParamsError(f"train.{name}: must be positive, got {getattr(t, name)}")
     _positive({"aux_coef": t.aux_coef, "cpu_threads": t.cpu_threads, "ram_budget_mb": t.ram_budget_mb}, "train", 0)
     check_device_name(t.device, "train.device")
+    check_nproc(t.nproc, t.device, "train")
+    if t.nproc > 1 and method == "usae_paper":
+        raise ParamsError(
+            "train.nproc: method usae_paper normalises its codes with the whole batch's statistics "
+            "(BatchNorm), which no process of several sees; use train.nproc: 1"
+        )
     if not 0.0 < t.subset_keep <= 1.0:
         raise ParamsError(f"train.subset_keep: must be in (0, 1] (1.0 = off), got {t.subset_keep}")
     if not t.consistency >= 0.0:
@@ -365,18 +467,27 @@ def check_figures(f: FiguresParams) -> None:
             raise ParamsError(f"figures.concepts[{i}]: empty concept name")
 
 
+def check_localise(c: LocaliseParams) -> None:
+    _positive({"grid": c.grid, "layers": c.layers, "queries": c.queries, "overlays": c.overlays}, "localise")
+    _positive({"cell": c.cell}, "localise", minimum=8)
+    if not 0.0 < c.scale <= 1.0:
+        raise ParamsError(f"localise.scale: must be in (0, 1], got {c.scale}")
+
+
 def validate(params: Params) -> Params:
     """Check every value range and name in ``params`` (the one place stages and ``sparc check``
     validate parameters; nothing here touches files or devices). Returns ``params`` or raises
     ParamsError naming the parameter."""
     check_top_level(params.k, params.L, params.lam, params.topk, params.method)
     check_data(params.data)
+    check_download(params.download)
     check_streams(params.streams)
     check_extract(params.extract)
     check_train(params.train, params.topk, params.method)
     check_concepts(params.concepts)
     check_evaluate(params.evaluate)
     check_figures(params.figures)
+    check_localise(params.localise)
     return params
 
 

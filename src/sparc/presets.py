@@ -58,24 +58,129 @@ def override_literal(value: object) -> str:
     return f"{mantissa}e{int(exponent):+d}" if exponent else mantissa
 
 
-def paper_overrides(csv: str, hierarchy: str = "") -> list[str]:
-    """The paper setting (:data:`PAPER_SETTING`, DINOv2 ViT-L/14-reg + OpenCLIP ViT-L-14
-    DataComp-XL image and text towers) on a folder-format dataset ``csv`` (see
-    sparc.data.folder), as DVC ``-S`` overrides."""
-    streams = ",".join(f"{name}:{{model:'{spec}',input:{inp}}}" for name, (spec, inp) in PAPER_MODELS.items())
+# The paper's data (method.md section 6): every Open Images split with every narrative, and
+# COCO 2017 with an image's captions joined (the reference); see sparc.data.openimages / .coco.
+OPENIMAGES_DATA: dict[str, object] = {
+    "data.dataset": "openimages",
+    "data.openimages.splits": ["train", "validation", "test"],
+    "data.openimages.max_images": 0,
+}
+COCO_DATA: dict[str, object] = {
+    "data.dataset": "coco",
+    "data.coco.splits": ["train2017", "val2017"],
+    "data.coco.max_images": 0,
+    "data.coco.captions": "join",
+}
+
+
+def _setting_overrides(
+    data: dict[str, object],
+    models: dict[str, tuple[str, str]] = PAPER_MODELS,
+    setting: dict[str, object] = PAPER_SETTING,
+) -> list[str]:
+    """The streams ``models`` and ``setting`` (default: the paper's), then ``data``, as DVC ``-S``
+    overrides (lists as ``[a,b]``)."""
+    streams = ",".join(f"{name}:{{model:'{spec}',input:{inp}}}" for name, (spec, inp) in models.items())
+
+    def literal(value: object) -> str:
+        if isinstance(value, list):
+            return "[" + ",".join(override_literal(v) for v in value) + "]"
+        return override_literal(value)
+
     return [
         "~streams",
         f"+streams={{{streams}}}",
-        *(f"{key}={override_literal(value)}" for key, value in PAPER_SETTING.items()),
-        "data.dataset=folder",
+        *(f"{key}={literal(value)}" for key, value in {**setting, **data}.items()),
+    ]
+
+
+def _data_overrides(
+    csv: str, hierarchy: str, models: dict[str, tuple[str, str]], setting: dict[str, object],
+    max_images: int = 0,
+) -> list[str]:
+    """``models`` and ``setting`` on the ``openimages`` dataset (:data:`OPENIMAGES_DATA`;
+    ``max_images`` > 0: only the first images of each split, a quick look), or with ``csv`` on a
+    folder-format dataset (see sparc.data.folder), as DVC ``-S`` overrides."""
+    if not csv:
+        return _setting_overrides({**OPENIMAGES_DATA, "data.openimages.max_images": max_images}, models, setting)
+    if max_images:
+        raise ValueError("max_images applies to Open Images, not to a folder CSV (set data.max_samples)")
+    return [
+        *_setting_overrides({"data.dataset": "folder"}, models, setting),
         f"data.folder.csv={hydra_quote(csv)}",
         f"data.folder.hierarchy={hydra_quote(hierarchy)}",
     ]
 
 
-def paper_command(csv: str, hierarchy: str = "", name: str = "paper") -> list[str]:
-    """``dvc exp run -n <name> -S ...`` for the paper setting."""
+def paper_overrides(csv: str = "", hierarchy: str = "", max_images: int = 0) -> list[str]:
+    """The paper setting (:data:`PAPER_SETTING`, DINOv2 ViT-L/14-reg + OpenCLIP ViT-L-14
+    DataComp-XL image and text towers) as DVC ``-S`` overrides: on the ``openimages`` dataset
+    (:data:`OPENIMAGES_DATA`), or with ``csv`` on a folder-format dataset (see
+    sparc.data.folder)."""
+    return _data_overrides(csv, hierarchy, PAPER_MODELS, PAPER_SETTING, max_images)
+
+
+def coco_overrides(max_images: int = 0) -> list[str]:
+    """The COCO setting: the paper's streams and :data:`PAPER_SETTING` on ``coco``
+    (:data:`COCO_DATA`: train2017 to train on, val2017 to evaluate on, captions joined;
+    ``max_images`` > 0: only the first images of each split)."""
+    return _setting_overrides({**COCO_DATA, "data.coco.max_images": max_images})
+
+
+def experiment_command(name: str, overrides: list[str]) -> list[str]:
+    """``dvc exp run -n <name> -S <override> -S ...``."""
     cmd = ["dvc", "exp", "run", "-n", name]
-    for override in paper_overrides(csv, hierarchy):
+    for override in overrides:
         cmd += ["-S", override]
     return cmd
+
+
+def paper_command(csv: str = "", hierarchy: str = "", name: str = "paper", max_images: int = 0) -> list[str]:
+    """``dvc exp run -n <name> -S ...`` for the paper setting (``<name>-<max_images>`` for a
+    quick look at the first images of each split)."""
+    return experiment_command(f"{name}-{max_images}" if max_images else name,
+                              paper_overrides(csv, hierarchy, max_images))
+
+
+def coco_command(name: str = "coco", max_images: int = 0) -> list[str]:
+    """``dvc exp run -n <name> -S ...`` for the COCO setting (``<name>-<max_images>`` likewise)."""
+    return experiment_command(f"{name}-{max_images}" if max_images else name, coco_overrides(max_images))
+
+
+# The USAE paper's setting (method.md section 3): its three vision models, all reading the images
+# (ViT-B/16 supervised on ImageNet, DINOv2 ViT-S/14 with registers, SigLIP ViT-B/16; the
+# transformers family, sparc.features.hf: the final-norm CLS token of ViT and DINOv2, SigLIP's
+# image embedding), 6144 latents, k = 32, the paper's SAE (method usae_paper: Linear ->
+# BatchNorm -> ReLU -> TopK encoders, a row-normalised bias-free dictionary) with each stream's own
+# top-k, a random source model per step whose code every decoder reconstructs (lambda 1.0), and
+# only the source's parameters updated as in the reference code. method.md gives no USAE training
+# schedule or evaluation protocol: those are the paper setting's (PAPER_SETTING).
+USAE_MODELS = {
+    "vit": ("transformers:google/vit-base-patch16-224?pool=cls", "image"),
+    "dino": ("transformers:facebook/dinov2-with-registers-small?pool=cls", "image"),
+    "siglip": ("transformers:google/siglip-base-patch16-224?pool=embed", "image"),
+}
+USAE_SETTING: dict[str, object] = {
+    **PAPER_SETTING,
+    "L": 6144,
+    "k": 32,
+    "lambda": 1.0,
+    "topk": "local",
+    "method": "usae_paper",
+    "train.usae_update": "source_only",
+    "train.subset_keep": 1.0,  # the Global TopK training options, off (USAE has no shared top-k)
+    "train.consistency": 0.0,
+}
+
+
+def usae_overrides(csv: str = "", hierarchy: str = "", max_images: int = 0) -> list[str]:
+    """The USAE paper's setting (:data:`USAE_MODELS`, :data:`USAE_SETTING`) as DVC ``-S``
+    overrides, on Open Images or with ``csv`` on a folder-format dataset (as :func:`paper_overrides`)."""
+    return _data_overrides(csv, hierarchy, USAE_MODELS, USAE_SETTING, max_images)
+
+
+def usae_command(csv: str = "", hierarchy: str = "", name: str = "usae", max_images: int = 0) -> list[str]:
+    """``dvc exp run -n <name> -S ...`` for the USAE paper's setting (``<name>-<max_images>`` for
+    a quick look at the first images of each split)."""
+    return experiment_command(f"{name}-{max_images}" if max_images else name,
+                              usae_overrides(csv, hierarchy, max_images))

@@ -257,3 +257,26 @@ def test_closed_quotes_may_span_lines(folder: Path, tmp_path: Path) -> None:
     assert [(s.id, s.caption) for s in build.samples] == [
         ("cat1", 'Three lines:\na grey cat, asleep, on a sofa\nand a "quote",'), ("dog1", "A dog")
     ]
+
+
+def test_group_column_keeps_an_images_captions_in_one_split(folder: Path, tmp_path: Path) -> None:
+    """Rows of one group (captions of one image) share a split; the split hashes the group."""
+    rows = [{"id": f"cat_{i}", "image": "images/cat.png", "caption": f"cat caption {i}", "labels": "",
+             "group": "cat-photo"} for i in range(5)]
+    rows += [{"id": f"dog_{i}", "image": "images/dog.jpg", "caption": f"dog {i}", "labels": "", "group": ""}
+             for i in range(3)]
+    csv_path = write_csv(folder / "grouped.csv", rows, ["id", "image", "caption", "labels", "group"])
+    build = build_folder(FolderOptions(csv=str(csv_path)), tmp_path)
+    assert [s.group_key for s in build.samples] == ["cat-photo"] * 5 + ["dog_0", "dog_1", "dog_2"]
+    assert build.info["n_groups"] == 4
+    params = DataParams(dataset="folder", folder=FolderOptions(csv=str(csv_path)), val_fraction=0.3, test_fraction=0.3)
+    data = load_prepared(prepare_dataset(params, tmp_path / "prep"))
+    assert len(set(data.splits[:5])) == 1 and data.groups[:5] == ["cat-photo"] * 5
+    assert data.groups[5:] == ["dog_0", "dog_1", "dog_2"]
+    # Without the column nothing changes: no group column, the id is the group.
+    plain = write_csv(folder / "plain.csv", rows)
+    plain_data = load_prepared(prepare_dataset(DataParams(dataset="folder", folder=FolderOptions(csv=str(plain))),
+                                               tmp_path / "plain"))
+    assert plain_data.groups == plain_data.ids
+    assert "group" not in (tmp_path / "plain" / "samples.csv").read_text().splitlines()[0]
+    assert "n_groups" not in plain_data.meta["info"]

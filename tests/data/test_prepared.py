@@ -14,6 +14,7 @@ import sparc.data
 from sparc.data.base import DatasetBuild, Sample
 from sparc.data.hierarchy import Hierarchy
 from sparc.data.prepared import (
+    load_annotations,
     load_prepared,
     prepare_dataset,
     split_of,
@@ -221,3 +222,76 @@ def test_load_prepared_names_missing_file(tmp_path: Path) -> None:
     (out / "hierarchy.json").unlink()
     with pytest.raises(FileNotFoundError, match="hierarchy.json is missing"):
         load_prepared(out)
+
+
+def grouped_build(root: Path, n_images: int = 40, per_image: int = 3) -> DatasetBuild:
+    """``per_image`` captions of each of ``n_images`` images (one group per image)."""
+    samples = []
+    for g in range(n_images):
+        img = make_image(root / f"img{g:03d}.png", (g * 6 % 256, 40, 0))
+        samples += [Sample(f"g{g:03d}_{c}", img, f"image {g} caption {c}", ("b",), group=f"g{g:03d}")
+                    for c in range(per_image)]
+    return DatasetBuild(samples, HIER)
+
+
+def test_split_is_by_group_so_an_image_never_straddles_splits(tmp_path: Path) -> None:
+    data = load_prepared(write(grouped_build(tmp_path / "img"), tmp_path / "prep", val_fraction=0.3, test_fraction=0.3))
+    by_group: dict[str, set[str]] = {}
+    for group, split in zip(data.groups, data.splits, strict=True):
+        by_group.setdefault(group, set()).add(str(split))
+    assert all(len(s) == 1 for s in by_group.values())
+    assert {split_of(g, 0, 0.3, 0.3) for g in by_group} == {"train", "val", "test"}
+    assert all(by_group[g] == {split_of(g, 0, 0.3, 0.3)} for g in by_group)
+    with (data.root / "samples.csv").open(newline="") as fh:
+        assert next(csv.reader(fh))[-1] == "group"
+    assert json.loads((data.root / "meta.json").read_text())["n_groups"] == 40
+    # One caption per image for retrieval: the first row of each group.
+    rows = data.indices("test")
+    assert [data.ids[i] for i in data.one_per_group(rows)] == sorted(
+        {data.ids[i].split("_")[0] + "_0" for i in rows})
+
+
+def test_without_groups_the_split_and_columns_are_unchanged(tmp_path: Path) -> None:
+    """Datasets without groups (emoji, clipart, folder without a group column) keep their bytes:
+    no group column, the split hashes the sample id exactly as before."""
+    build = make_build(tmp_path / "img", 30)
+    same_group = DatasetBuild([Sample(s.id, s.image, s.caption, s.labels, group=s.id) for s in build.samples],
+                              HIER, skipped=build.skipped, info=build.info)
+    out = write(build, tmp_path / "prep")
+    assert (out / "samples.csv").read_text().splitlines()[0] == "id,image,caption,labels,split,image_sha256"
+    assert write(same_group, tmp_path / "prep2").joinpath("samples.csv").read_bytes() == (
+        out / "samples.csv").read_bytes()
+    data = load_prepared(out)
+    assert list(data.splits) == [split_of(i, 0, 0.1, 0.2) for i in data.ids]
+    assert data.groups == data.ids and "n_groups" not in json.loads((out / "meta.json").read_text())
+    assert list(data.one_per_group(data.indices("test"))) == list(data.indices("test"))
+    assert not (out / "annotations.jsonl").exists()
+
+
+def test_official_and_trainval_splits(tmp_path: Path) -> None:
+    build = make_build(tmp_path / "img", 40)
+    fixed = [Sample(s.id, s.image, s.caption, s.labels, split="test" if i < 10 else "trainval")
+             for i, s in enumerate(build.samples)]
+    data = load_prepared(write(DatasetBuild(fixed, HIER), tmp_path / "prep", val_fraction=0.25, test_fraction=0.5))
+    assert set(data.splits[:10]) == {"test"}
+    assert set(data.splits[10:]) == {"train", "val"}
+    assert list(data.splits[10:]) == [split_of(i, 0, 0.25, 0.0) for i in data.ids[10:]]
+    bad = [Sample("x", fixed[0].image, "c", (), split="validation")]
+    with pytest.raises(ValueError, match="sample 'x' has split 'validation'"):
+        write(DatasetBuild(bad, HIER), tmp_path / "bad")
+
+
+def test_portable_paths_and_annotations(tmp_path: Path) -> None:
+    """Downloaded images are named relative to the prepared directory; annotations of kept groups
+    are written in row order."""
+    build = grouped_build(tmp_path / "raw" / "ds", n_images=6, per_image=2)
+    build.portable_paths = True
+    build.annotations = {f"g{g:03d}": {"width": 8, "instances": [{"category": "b"}]} for g in range(6)}
+    out = write(build, tmp_path / "prepared" / "ds", max_samples=4)
+    with (out / "samples.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["image"] == "../../raw/ds/img000.png"
+    assert all(p.is_file() for p in load_prepared(out).images)
+    kept = list(dict.fromkeys(r["group"] for r in rows))
+    assert list(load_annotations(out)) == kept
+    assert load_annotations(out)[kept[0]] == {"width": 8, "instances": [{"category": "b"}]}

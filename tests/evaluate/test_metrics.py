@@ -140,6 +140,21 @@ def test_reconstruction_accumulator_matches_whole_batch() -> None:
     assert res["fvu"] == pytest.approx(m.fvu(xhat, x), rel=1e-9)
 
 
+def test_reconstruction_accumulator_given_row_norms_is_bit_identical() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(37, 5)).astype(np.float32)
+    xhat = (x + rng.normal(scale=0.3, size=x.shape)).astype(np.float32)
+    plain, given = m.ReconstructionErrors(), m.ReconstructionErrors()
+    for start in range(0, 37, 10):
+        part = x[start : start + 10]
+        x64 = part.astype(np.float64)
+        for acc in (plain, given):
+            acc.add_target("t", part)
+        plain.add("s", "t", xhat[start : start + 10], part)
+        given.add("s", "t", xhat[start : start + 10], x64, (x64**2).sum(axis=1))
+    assert given.result() == plain.result()
+
+
 # ---------------------------------------------------------------- retrieval
 
 

@@ -14,7 +14,7 @@ from sparc.evaluate.concepts import assign_concepts, concept_rows, concept_summa
 from sparc.evaluate.jaccard import hierarchical_jaccard, jaccard_summary
 from sparc.evaluate.labels import LabelSpace
 from sparc.evaluate.probes import probe_classes, probe_summary, run_probes
-from sparc.evaluate.retrieval import pair_rank_counts, shares_space
+from sparc.evaluate.retrieval import dense_pair_rank_counts, pair_rank_counts, shares_space
 
 
 @pytest.fixture
@@ -141,7 +141,7 @@ def test_code_retrieval_matches_brute_force_in_blocks() -> None:
     want = brute_force(q.toarray(), g.toarray())
     assert (want[0][1] > 0).any()  # the fixture has ties
     for block_bytes in (4 * N, 4 * N * 7, 1 << 20):  # 1 row, 7 rows, all rows per block
-        got = pair_rank_counts(q, g, block_bytes=block_bytes)
+        got = dense_pair_rank_counts(q, g, block_bytes=block_bytes)
         for direction in (0, 1):
             np.testing.assert_array_equal(got[direction][0], want[direction][0])
             np.testing.assert_array_equal(got[direction][1], want[direction][1])

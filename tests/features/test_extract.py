@@ -62,6 +62,13 @@ def test_extraction_is_byte_deterministic(request, prepared, extracted, tmp_path
     assert torch.get_num_threads() == threads
 
 
+def test_text_streams_count_truncated_captions(extracted):
+    """meta.json of a text stream counts the captions cut to the model's limit (none of the short
+    shape captions); image streams count nothing."""
+    assert open_stream(extracted / "txt").meta["counts"] == {"truncated_captions": 0}
+    assert "counts" not in open_stream(extracted / "img").meta
+
+
 def test_streams_from_one_dataset_are_aligned(prepared, extracted):
     streams = load_streams(extracted, ["img", "txt"])
     assert streams["img"].dim == 1280 and streams["txt"].dim == 384

@@ -122,3 +122,11 @@ def test_preprocessing_is_recorded(effnet, imgfocus, minilm):
     assert effnet.preprocessing()["mean"] == [0.5, 0.5, 0.5] and effnet.preprocessing()["center_crop"] == 224
     assert imgfocus.preprocessing()["output"].startswith(IMGFOCUS_TAP)
     assert minilm.preprocessing()["max_length"] == 256
+
+
+def test_minilm_counts_truncated_captions(minilm):
+    """Captions over 256 tokens ([CLS] and [SEP] included) are counted; the batch is collate's."""
+    captions = ["word " * 254, "word " * 255, "short", "word " * 1000]  # 256, 257, 3, 1002 tokens
+    batch, counts = minilm.collate_counted(captions)
+    assert counts == {"truncated_captions": 2}
+    assert torch.equal(batch["input_ids"], minilm.collate(captions)["input_ids"])

@@ -141,3 +141,30 @@ def test_pretrained_tag_resolves_from_hub_cache_without_network(tmp_path, monkey
     assert name == "ViT-L-14"
     assert pretrained == str(repo / "snapshots" / commit / "open_clip_pytorch_model.bin")
     assert overrides["image_interpolation"] == "bicubic" and len(overrides["image_mean"]) == 3
+
+
+def test_text_tower_counts_truncated_captions(towers):
+    """A caption is counted when its tokens with start and end exceed the context (12): ten
+    one-token words fit exactly, eleven do not; the tokens are the tokenizer's at every length
+    around the context (SimpleTokenizer: tokenised once at context 13), and as the generic path
+    (two tokenisations) gives them."""
+    from sparc.features.openclip import tokenize_counted
+
+    _, text = towers
+    captions = [" ".join("abcdefghijklmno"[:n]) for n in range(1, 15)] + ["a red circle", "word " * 200]
+    assert [len(text.tokenizer.encode(c)) + 2 for c in captions[8:12]] == [11, 12, 13, 14]
+    tokens, counts = text.collate_counted(captions)
+    assert counts == {"truncated_captions": 5}  # 11 to 14 letters, and the 200 words
+    assert torch.equal(tokens, text.tokenizer(captions)) and torch.equal(tokens, text.collate(captions))
+
+    class Generic:  # any other open_clip tokenizer (HFTokenizer, SigLipTokenizer): the generic path
+        def __init__(self, inner):
+            self.inner, self.context_length = inner, inner.context_length
+
+        def __call__(self, texts, context_length=None):
+            return self.inner(texts, context_length=context_length)
+
+    generic_tokens, generic_cut = tokenize_counted(Generic(text.tokenizer), captions)
+    assert generic_cut == 5 and torch.equal(generic_tokens, tokens)
+    image, _ = towers
+    assert image.collate_counted([torch.zeros(3, 32, 32)])[1] == {}

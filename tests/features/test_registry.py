@@ -60,3 +60,73 @@ def test_check_spec_rejects_unreadable_input():
         check_spec("minilm:all-MiniLM-L6-v2", "image")
     with pytest.raises(ValueError, match="'efficientnet' reads image, not 'caption'"):
         build_extractor("efficientnet:lite0", "caption")
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("transformers:google/siglip-base-patch16-224", ModelSpec("transformers", "google/siglip-base-patch16-224")),
+        ("transformers:bert-base-uncased?max_length=64", ModelSpec("transformers", "bert-base-uncased", None, (("max_length", "64"),))),
+        (
+            "transformers:/models/vit?layer=8&norm=true&pool=mean",
+            ModelSpec("transformers", "/models/vit", None, (("layer", "8"), ("norm", "true"), ("pool", "mean"))),
+        ),
+        ("python:my_pkg.extractors:Colour?size=4", ModelSpec("python", "my_pkg.extractors:Colour", None, (("size", "4"),))),
+        ("python:mod:Cls@/w/weights.pt", ModelSpec("python", "mod:Cls", "/w/weights.pt")),
+    ],
+)
+def test_new_families_parse_and_round_trip(spec, expected):
+    parsed = check_spec(spec, "caption" if "max_length" in spec else "image")
+    assert parsed == expected and str(parsed) == spec
+
+
+def test_integer_options():
+    spec = parse_spec("transformers:m/x?layer=0")
+    assert spec.int_option("layer") == 0 and spec.int_option("max_length") is None
+    assert spec.option("pool") == "auto" and spec.option("norm") == "false"
+    with pytest.raises(TypeError, match="is an integer: use int_option"):
+        spec.option("layer")
+    with pytest.raises(TypeError, match="not an integer option"):
+        spec.int_option("pool")
+
+
+@pytest.mark.parametrize(
+    "spec, input, message",
+    [
+        ("transformers:m/x?layer=-1", "image", "layer='-1' is not an integer >= 0"),
+        ("transformers:m/x?layer=08", "image", "layer='08' is not an integer >= 0 \\(decimal digits, no leading zeros\\)"),
+        ("transformers:m/x?layer=eight", "image", "layer='eight' is not an integer"),
+        ("transformers:m/x?max_length=0", "caption", "max_length='0' is not an integer >= 1"),
+        ("transformers:m/x?pool=max", "image", "pool='max' is not one of auto, cls, mean, pooler, embed"),
+        ("transformers:m/x?norm=true", "image", "norm=true applies to layer=N"),
+        ("transformers:m/x?layer=3&pool=embed", "image", "pool=embed reads the model's final output and takes no layer"),
+        ("transformers:m/x?max_length=32", "image", "max_length applies to caption streams, not 'image'"),
+        ("transformers:my model", "image", "neither a Hugging Face hub id"),
+        ("transformers:org/a--b", "image", "neither a Hugging Face hub id"),
+        ("transformers:m/x@rev", "image", "takes no @weights"),
+        ("python:my_extractors.Colour", "image", "is not of the form package.module:Class"),
+        ("python:my-pkg:Colour", "image", "is not of the form package.module:Class"),
+        ("python:/path/to/file.py:Colour", "image", "is not of the form package.module:Class"),
+    ],
+)
+def test_new_family_spec_errors(spec, input, message):
+    with pytest.raises(ValueError, match=message):
+        check_spec(spec, input)
+
+
+def test_check_spec_imports_no_model_library():
+    """Validating specs (what `python -m sparc check` does for every stream) imports neither torch,
+    transformers nor the python: module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from sparc.features.registry import check_spec\n"
+        "check_spec('transformers:google/vit-base-patch16-224?layer=8&pool=mean', 'image')\n"
+        "check_spec('transformers:./models/bert?max_length=64', 'caption')\n"
+        "check_spec('python:not_imported_module:Extractor', 'image')\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'not_imported_module') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -120,6 +120,22 @@ def test_row_dots_chunks(monkeypatch):
     torch.testing.assert_close(row_dots(a, b), (a * b).sum(1))
 
 
+def test_row_wise_kernels_equal_the_whole_matrix_ops_to_the_bit(monkeypatch):
+    monkeypatch.setattr(sparse, "_CPU_ROW_BLOCK_BYTES", 3 * D * 4)  # blocks of 3 rows, 1 left over
+    gen = torch.Generator().manual_seed(4)
+    W = torch.randn(L, D, generator=gen)
+    W[5] = 0.0  # a zero row: the eps guards
+    g = torch.randn(L, D, generator=gen)
+    sq = torch.linalg.vector_norm(W, dim=1).square().clamp_min(1e-8)
+    want_g = g.clone().addcmul_(W, ((g * W).sum(1) / sq).unsqueeze(1), value=-1.0)  # whole matrix
+    want_W = W / torch.linalg.vector_norm(W, dim=1, keepdim=True).clamp_min(1e-8)
+    got_g, got_W = g.clone(), W.clone()
+    sparse.remove_parallel_(got_g, got_W, 1e-8)
+    sparse.normalise_rows_(got_W, 1e-8)
+    assert torch.equal(got_g, want_g) and torch.equal(got_W, want_W)
+    assert torch.allclose((got_g * W).sum(1), torch.zeros(L), atol=1e-5)
+
+
 def test_buffer_pool_reuses_only_unreferenced_buffers():
     pool = CpuBufferPool(max_per_shape=2)
     a = pool.take((4, 3), torch.float32)

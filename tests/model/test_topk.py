@@ -25,6 +25,19 @@ def test_global_topk_uses_the_sum_of_raw_logits():
     assert as_sets(relu_sum.topk(2, dim=1).indices)[0] == {0, 1}
 
 
+def test_global_topk_sums_in_a_reused_buffer_without_touching_the_inputs(monkeypatch):
+    monkeypatch.setattr(sparse, "CPU_BUFFERS", sparse.CpuBufferPool())
+    gen = torch.Generator().manual_seed(0)
+    h = [torch.randn(5, 40, generator=gen, requires_grad=True) for _ in range(3)]  # as in encode()
+    before = [t.detach().clone() for t in h]
+    for scale in (1.0, -1.0):  # the second call reuses the first call's buffer
+        logits = [t * scale for t in h]
+        want = torch.topk(logits[0] + logits[1] + logits[2], 7, dim=1).indices
+        assert torch.equal(global_topk(logits, 7), want)
+    assert all(torch.equal(t.detach(), b) for t, b in zip(h, before, strict=True))
+    assert len(sparse.CPU_BUFFERS._arrays[((5, 40), torch.float32)]) == 1
+
+
 def test_local_topk_per_stream():
     assert as_sets(local_topk(H_A, 2)) == [{0, 3}, {1, 2}]
     assert as_sets(local_topk(H_B, 2)) == [{1, 2}, {2, 3}]

@@ -11,12 +11,26 @@ from sparc.data.hierarchy import Hierarchy
 
 @dataclass(frozen=True)
 class Sample:
-    """One aligned sample: an image file, its caption and its label ids (leaves or inner nodes)."""
+    """One aligned sample: an image file, its caption and its label ids (leaves or inner nodes).
+
+    ``group`` names what samples sharing an image have in common (the image id); samples of one
+    group always fall in the same split. Empty = the sample is its own group (its id).
+    ``split`` is the dataset's own split where it has one: ``train``, ``val`` or ``test`` as is,
+    ``trainval`` for "train or val, never test" (hashed with ``data.val_fraction``); empty = hashed
+    into all three (see :func:`sparc.data.prepared.split_of`).
+    """
 
     id: str
     image: Path
     caption: str
     labels: tuple[str, ...]
+    group: str = ""
+    split: str = ""
+
+    @property
+    def group_key(self) -> str:
+        """The key the split hashes: the group, or the id when there is none."""
+        return self.group or self.id
 
 
 @dataclass
@@ -25,12 +39,18 @@ class DatasetBuild:
 
     ``skipped`` lists ``(id, reason)`` for every source item that was left out, so the prepare
     stage can report them; ``info`` is free-form provenance written to the prepared metadata.
+    ``annotations`` maps a group (image id) to JSON-able per-image annotations kept with the
+    prepared data (``annotations.jsonl``; COCO's instance masks). ``portable_paths``: images
+    outside the prepared directory are written relative to it (downloaded data under
+    ``data/raw``), so the prepared data moves with the repository.
     """
 
     samples: list[Sample]
     hierarchy: Hierarchy
     skipped: list[tuple[str, str]] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    annotations: dict[str, dict] = field(default_factory=dict)
+    portable_paths: bool = False
 
 
 class DatasetBuilder(Protocol):

@@ -20,6 +20,11 @@ least these columns, in any order (other columns are ignored)::
   Labels are used for the concept and retrieval evaluations; a label may be a leaf or an inner
   node of the hierarchy.
 
+An optional ``group`` column names what rows have in common when several captions describe one
+image (an image id; usually the same for rows with the same ``image``): rows of one group always
+fall in the same split (the split hashes the group, not the row id), and retrieval evaluates one
+caption per group. Empty or absent = the row is its own group.
+
 ``data.folder.hierarchy`` optionally names a JSON file with the label tree::
 
     {"labels": [
@@ -84,6 +89,7 @@ from sparc.data.hierarchy import ROOT, Hierarchy
 from sparc.params import FolderOptions
 
 REQUIRED_COLUMNS = ("id", "image", "caption", "labels")
+GROUP_COLUMN = "group"  # optional: the image a row shows, shared by its other captions
 LABEL_SEP = "|"
 SUMMARY_LINES = 20
 # Bytes that are not UTF-8 decode to lone surrogates with errors="surrogateescape".
@@ -271,11 +277,14 @@ def build_folder(options: FolderOptions, work_dir: Path) -> DatasetBuild:
         n_rows += 1
         row = {c: fields[index[c]] if index[c] < len(fields) else "" for c in REQUIRED_COLUMNS}
         row["id"] = row["id"].strip()
+        group = fields[index[GROUP_COLUMN]].strip() if index.get(GROUP_COLUMN, len(fields)) < len(fields) else ""
         problem = quoting or _format_problem(fields, header, row)
+        if problem is None and _bad_byte(group) is not None:
+            problem = f"{_bad_byte(group)} in column {GROUP_COLUMN}: save the CSV as UTF-8"
         if problem is None:
             image, labels, problem = _row_problem(row, base, first_line, hierarchy)
             if problem is None:
-                samples.append(Sample(row["id"], image.resolve(), row["caption"].strip(), labels))
+                samples.append(Sample(row["id"], image.resolve(), row["caption"].strip(), labels, group=group))
         if row["id"] and row["id"] not in first_line:
             first_line[row["id"]] = start_line
         if problem is not None:
@@ -304,4 +313,6 @@ def build_folder(options: FolderOptions, work_dir: Path) -> DatasetBuild:
         "n_kept": len(samples),
         "n_skipped": len(skipped),
     }
+    if GROUP_COLUMN in index:
+        info["n_groups"] = len({s.group_key for s in samples})
     return DatasetBuild(samples=samples, hierarchy=hierarchy, skipped=skipped, info=info)

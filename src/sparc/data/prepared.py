@@ -3,14 +3,21 @@
 Layout of ``data/prepared/<dataset>/``::
 
     samples.csv      id, image, caption, labels ('|'-joined label ids), split, image_sha256
+                     [, group: only for datasets whose samples share images]
     hierarchy.json   the label tree (see sparc.data.hierarchy)
     meta.json        dataset name, options, counts, skipped items, fingerprint
+    annotations.jsonl  only where the dataset has per-image annotations (COCO's instances): one
+                     JSON object per group of the kept samples, ``{"group": ..., ...}``
     images/          images the builder rendered (emoji); other datasets point at files in place
+                     (absolute paths, or relative to this directory for downloaded data)
 
 Rows are in the builder's order, optionally reduced to an evenly spread subset. The split is a
-pure function of (split_seed, sample id), so it does not move when other samples come or go.
-The fingerprint is the SHA-256 of ``samples.csv`` (which holds every image's hash), so it changes
-whenever any id, caption, label, split or image byte does.
+pure function of (split_seed, group), the group being the image a sample shows (the sample id
+when the dataset has no groups), so samples sharing an image never fall on both sides of a
+split, and a split does not move when other samples come or go. Datasets with official splits
+(Open Images, COCO) keep them (:func:`assign_split`). The fingerprint is the SHA-256 of
+``samples.csv`` (which holds every image's hash), so it changes whenever any id, caption,
+label, split or image byte does.
 """
 
 from __future__ import annotations
@@ -18,30 +25,62 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sparc.data.base import DatasetBuild
+from sparc.data.base import DatasetBuild, Sample
 from sparc.data.hierarchy import Hierarchy
 from sparc.params import DataParams
 
 SPLITS = ("train", "val", "test")
 LABEL_SEP = "|"
+ANNOTATIONS = "annotations.jsonl"
 
 
-def split_of(sample_id: str, split_seed: int, val_fraction: float, test_fraction: float) -> str:
-    """Deterministic split: u = first 8 bytes of sha256(f"{seed}:{id}") / 2**64 in [0, 1);
+def split_of(key: str, split_seed: int, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split of a group key (the image id; the sample id when the dataset has no
+    groups): u = first 8 bytes of sha256(f"{seed}:{key}") / 2**64 in [0, 1);
     test if u < test_fraction, val if u < test_fraction + val_fraction, else train."""
-    digest = hashlib.sha256(f"{split_seed}:{sample_id}".encode()).digest()
+    digest = hashlib.sha256(f"{split_seed}:{key}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2.0**64
     if u < test_fraction:
         return "test"
     if u < test_fraction + val_fraction:
         return "val"
     return "train"
+
+
+FIXED_SPLITS = (*SPLITS, "trainval")
+
+
+def assign_split(sample: Sample, split_seed: int, val_fraction: float, test_fraction: float) -> str:
+    """The split of ``sample``: its dataset's own split (``sample.split``) when it has one,
+    ``trainval`` hashed into train/val only (``split_of(group, seed, val_fraction, 0)``), and
+    an empty split hashed into all three by its group (:func:`split_of`)."""
+    if sample.split == "":
+        return split_of(sample.group_key, split_seed, val_fraction, test_fraction)
+    if sample.split == "trainval":
+        return split_of(sample.group_key, split_seed, val_fraction, 0.0)
+    if sample.split not in SPLITS:
+        raise ValueError(
+            f"sample {sample.id!r} has split {sample.split!r} (known: {', '.join(FIXED_SPLITS)} or empty)"
+        )
+    return sample.split
+
+
+def _image_field(image: Path, tmp: Path, out_dir: Path, portable: bool) -> str:
+    """How samples.csv names an image: relative to the prepared directory when rendered into it
+    (or, with ``portable``, wherever it lies), else absolute."""
+    try:
+        return image.resolve().relative_to(tmp.resolve()).as_posix()
+    except ValueError:
+        if portable:
+            return Path(os.path.relpath(image.resolve(), out_dir.resolve())).as_posix()
+        return str(image.resolve())
 
 
 def spread_subset(n: int, max_samples: int) -> np.ndarray:
@@ -72,9 +111,11 @@ def write_prepared(
 ) -> Path:
     """Write the prepared dataset atomically to ``out_dir`` (``out_dir.tmp`` then rename).
 
-    Images under ``out_dir.tmp`` (rendered by the builder) are stored relative to ``out_dir``.
-    Raises ValueError for duplicate ids, no samples, or a label missing from the hierarchy; the
-    checks run before anything is written.
+    Images under ``out_dir.tmp`` (rendered by the builder) are stored relative to ``out_dir``,
+    like every image when ``build.portable_paths``. The ``group`` column is written only when some
+    sample's group differs from its id (so datasets without groups keep their bytes).
+    Raises ValueError for duplicate ids, no samples, an unknown split, or a label missing from
+    the hierarchy; the checks run before anything is written.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -86,6 +127,7 @@ def write_prepared(
     if not samples:
         raise ValueError(f"{dataset}: no usable samples")
     keep = spread_subset(len(samples), max_samples)
+    grouped = any(s.group_key != s.id for s in samples)
     known = set(build.hierarchy.labels)
     rows = []
     for i in keep:
@@ -96,21 +138,17 @@ def write_prepared(
             if LABEL_SEP in label:
                 raise ValueError(f"{dataset}: sample {s.id!r} has label {label!r} containing {LABEL_SEP!r}")
         image = Path(s.image)
-        try:
-            rel = image.resolve().relative_to(tmp.resolve())
-            image_field = rel.as_posix()
-        except ValueError:
-            image_field = str(image.resolve())
-        rows.append(
-            {
-                "id": s.id,
-                "image": image_field,
-                "caption": s.caption,
-                "labels": LABEL_SEP.join(s.labels),
-                "split": split_of(s.id, split_seed, val_fraction, test_fraction),
-                "image_sha256": file_sha256(image),
-            }
-        )
+        row = {
+            "id": s.id,
+            "image": _image_field(image, tmp, out_dir, build.portable_paths),
+            "caption": s.caption,
+            "labels": LABEL_SEP.join(s.labels),
+            "split": assign_split(s, split_seed, val_fraction, test_fraction),
+            "image_sha256": file_sha256(image),
+        }
+        if grouped:
+            row["group"] = s.group_key
+        rows.append(row)
     tmp.mkdir(parents=True, exist_ok=True)
     # Rendered images that did not make the subset are removed.
     kept_images = {r["image"] for r in rows}
@@ -122,6 +160,12 @@ def write_prepared(
         writer.writeheader()
         writer.writerows(rows)
     build.hierarchy.save(tmp / "hierarchy.json")
+    kept_groups = list(dict.fromkeys(samples[i].group_key for i in keep))
+    if build.annotations:
+        with (tmp / ANNOTATIONS).open("w", encoding="utf-8") as fh:
+            for group in kept_groups:
+                if group in build.annotations:
+                    fh.write(json.dumps({"group": group, **build.annotations[group]}, ensure_ascii=False) + "\n")
     counts = {sp: sum(r["split"] == sp for r in rows) for sp in SPLITS}
     meta = {
         "dataset": dataset,
@@ -136,6 +180,8 @@ def write_prepared(
         "info": build.info,
         "fingerprint": file_sha256(tmp / "samples.csv"),
     }
+    if grouped:
+        meta["n_groups"] = len(kept_groups)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
     # Swap in: the old output is moved aside first, so a crash never leaves out_dir half-written.
     old = out_dir.with_name(out_dir.name + ".old")
@@ -161,6 +207,7 @@ class PreparedData:
     splits: np.ndarray  # [N] str: train | val | test
     hierarchy: Hierarchy
     meta: dict
+    groups: list[str]  # the image each row shows (its id when the dataset has no groups)
 
     @property
     def fingerprint(self) -> str:
@@ -174,6 +221,18 @@ class PreparedData:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
         return np.flatnonzero(self.splits == split)
+
+    def one_per_group(self, rows: np.ndarray) -> np.ndarray:
+        """The subset of ``rows`` (ascending row indices) that are the first row of their group:
+        one caption per image. Equals ``rows`` when no two rows share a group."""
+        seen: set[str] = set()
+        keep = []
+        for i in rows:
+            group = self.groups[int(i)]
+            if group not in seen:
+                seen.add(group)
+                keep.append(int(i))
+        return np.asarray(keep, dtype=np.asarray(rows).dtype if len(rows) else np.int64)
 
 
 def load_prepared(root: str | Path) -> PreparedData:
@@ -196,7 +255,24 @@ def load_prepared(root: str | Path) -> PreparedData:
         splits=np.array([r["split"] for r in rows]),
         hierarchy=Hierarchy.load(root / "hierarchy.json"),
         meta=json.loads((root / "meta.json").read_text()),
+        groups=[r.get("group") or r["id"] for r in rows],
     )
+
+
+def load_annotations(root: str | Path) -> dict[str, dict]:
+    """``annotations.jsonl`` of a prepared dataset as ``group -> annotations`` (empty when the
+    dataset has none), e.g. COCO's ``{"width", "height", "instances": [{"category",
+    "segmentation", "bbox", "iscrowd", ...}]}`` (sparc.data.coco)."""
+    path = Path(root) / ANNOTATIONS
+    if not path.is_file():
+        return {}
+    out: dict[str, dict] = {}
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                entry = json.loads(line)
+                out[entry.pop("group")] = entry
+    return out
 
 
 def prepare_dataset(data: DataParams, out_dir: str | Path) -> Path:

@@ -258,14 +258,20 @@ class ReconstructionErrors:
         self.x_sq[target] = self.x_sq.get(target, 0.0) + float((x**2).sum())
         self.x_n[target] = self.x_n.get(target, 0) + len(x)
 
-    def add(self, source: str, target: str, xhat: np.ndarray, x: np.ndarray) -> None:
-        """Record reconstructions ``xhat`` ``[B, d_t]`` of target inputs ``x`` ``[B, d_t]``."""
-        xhat = np.asarray(xhat, dtype=np.float64)
+    def add(
+        self, source: str, target: str, xhat: np.ndarray, x: np.ndarray, x_sq: np.ndarray | None = None
+    ) -> None:
+        """Record reconstructions ``xhat`` ``[B, d_t]`` of target inputs ``x`` ``[B, d_t]``.
+        ``x_sq`` ``[B]``: ``(x**2).sum(axis=1)`` of the float64 ``x`` when the caller already has it
+        (one computation per target and batch instead of one per source; the same numbers)."""
         x = np.asarray(x, dtype=np.float64)
-        err = ((xhat - x) ** 2).sum(axis=1)
+        sq = np.subtract(xhat, x, dtype=np.float64)  # (xhat - x)^2 in float64, one array
+        np.square(sq, out=sq)
+        err = sq.sum(axis=1)
         key = (source, target)
         self.sq_err[key] = self.sq_err.get(key, 0.0) + float(err.sum())
-        self.nmse_sum[key] = self.nmse_sum.get(key, 0.0) + float((err / (x**2).sum(axis=1)).sum())
+        norms = (x**2).sum(axis=1) if x_sq is None else x_sq
+        self.nmse_sum[key] = self.nmse_sum.get(key, 0.0) + float((err / norms).sum())
         self.n[key] = self.n.get(key, 0) + len(x)
 
     def result(self) -> dict[tuple[str, str], dict[str, float]]:

@@ -45,10 +45,12 @@ def reconstruction_matrix(
     with torch.no_grad():
         for start in range(0, rows.size, batch_size):
             sel = rows[start : start + batch_size]
+            # float64 inputs and their squared row norms, once per target (add() would redo both per source)
             x = {
-                t: normalise_rows(torch.from_numpy(np.asarray(features[t][sel], dtype=np.float32))).numpy()
+                t: normalise_rows(torch.from_numpy(np.asarray(features[t][sel], dtype=np.float32))).numpy().astype(np.float64)
                 for t in streams
             }
+            x_sq = {t: (x[t] ** 2).sum(axis=1) for t in streams}
             for t in streams:
                 acc.add_target(t, x[t])
             for s in streams:
@@ -58,7 +60,7 @@ def reconstruction_matrix(
                 )
                 for t in streams:
                     xhat = model.decode(code, t).float().cpu().numpy()
-                    acc.add(s, t, xhat, x[t])
+                    acc.add(s, t, xhat, x[t], x_sq[t])
     return acc.result()
 
 

@@ -61,7 +61,7 @@ evaluate (``run_evaluate``) computes everything on the test split and writes ``r
     probes.mean_test_logloss.<s>, probes.mean_test_accuracy.<s>, probes.n_classes,
     probes.chance (= ln 2), probes.reason (why there are no probes; null when they ran)
                                  1-D probes on the joint codes (the paper's protocol)
-    retrieval.n                  gallery size (all test samples)
+    retrieval.n                  gallery size (the test samples, one caption per image)
     retrieval.chance.{R@1,R@5,R@10,median_rank,MRR}
     retrieval.<s>-><t>.{R@1,R@5,R@10,median_rank,MRR}       per-stream codes, query s, gallery t
     retrieval.raw.<s>-><t>.{...}  raw features, only for pairs sharing a space (same OpenCLIP
@@ -70,7 +70,9 @@ evaluate (``run_evaluate``) computes everything on the test split and writes ``r
     universality.<kind>.{firing_entropy_mean,cofire_mean,n_firing}   USAE metrics
 
 Undefined values (a mean over nothing) are ``null``. Retrieval and reconstruction run on
-``evaluate.device``; retrieval ranks count ties as a uniformly random order.
+``evaluate.device``; retrieval ranks count ties as a uniformly random order. On the CPU, code
+retrieval runs on an inverted index of the codes, with the counts of the dense computation
+(sparc.evaluate.retrieval).
 
 ``latents.csv``: latent, agreed_name, per stream name_<s>, purity_<s> (from concepts), freq_<s>
 (firing fraction on test, joint codes), jaccard_d<d> per depth, pattern (alive_all | dead_all |
@@ -652,7 +654,14 @@ def run_evaluate(
     if not probes:
         reason = no_probe_reason(labels, space, params.evaluate.probe_min_positives)
         print(f"warning: probes skipped: {reason}", file=sys.stderr)
-    retrieval, retrieval_rows = _retrieval(csr["per_stream"], streams, rows, dev)
+    # Retrieval: one caption per image (the first test row of each group; all rows when no two
+    # rows share an image), so a query's answer is one item and no other row shows its image.
+    ret_rows = prepared.one_per_group(rows)
+    local = csr["per_stream"]
+    if ret_rows.size != rows.size:
+        keep = np.searchsorted(rows, ret_rows)
+        local = {s: m[keep] for s, m in local.items()}
+    retrieval, retrieval_rows = _retrieval(local, streams, ret_rows, dev)
 
     metrics = {
         "n_eval": int(N),

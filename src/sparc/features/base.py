@@ -8,6 +8,11 @@ Extraction runs in two halves so data loading overlaps the model:
   runs in the workers too;
 * :meth:`Extractor.embed` runs the model on one batch and returns ``[B, d]`` float32 features on CPU.
 
+The extract stage calls :meth:`Extractor.collate_counted`, which also returns counts that are summed
+over the stream into the ``counts`` object of its ``meta.json``: every text extractor reports
+``truncated_captions``, the number of captions longer than the model's token limit (cut to it; see
+:func:`count_truncated`).
+
 Everything the forward pass needs lives in ``self.model``; it is left out when the extractor is
 pickled for worker processes (spawn / forkserver start methods), so workers only carry the
 preprocessing state (transforms, tokenizers).
@@ -59,6 +64,51 @@ def hub_offline() -> bool:
         os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
         for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     )
+
+
+def hub_source(name: str, family: str) -> tuple[str, bool]:
+    """``(source, local_files_only)`` for ``from_pretrained`` of model ``name`` of ``family``.
+
+    A directory loads as it is; a hub name loads from the local Hugging Face cache when its
+    ``config.json`` is cached there or ``HF_HUB_OFFLINE`` is set, and is downloaded otherwise.
+    ValueError naming ``family`` for a missing directory or a malformed hub name.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path), True
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise ValueError(f"{family}: model directory {name!r} does not exist")
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError as err:  # huggingface_hub rejects malformed repository ids
+        raise ValueError(f"{family}: {name!r} is neither a directory nor a valid hub name: {err}") from None
+    return name, cached or hub_offline()
+
+
+def source_description(source: str, local_only: bool) -> str:
+    """Where :func:`hub_source`'s result loads from, for error messages."""
+    if Path(source).is_dir():
+        return "the directory"
+    return "the local Hugging Face cache" if local_only else "the cache or the hub"
+
+
+TRUNCATED = "truncated_captions"
+
+
+def count_truncated(tokenizer, texts: list[str], encoded, max_length: int) -> int:
+    """How many of ``texts`` have more than ``max_length`` tokens (special tokens included), i.e.
+    were cut when ``tokenizer`` encoded them into ``encoded`` with ``truncation=True``.
+
+    A tokenizers-backed (fast) tokenizer keeps what it cut in ``encoded.encodings[i].overflowing``,
+    so nothing is tokenised twice; otherwise the texts are encoded again without truncation.
+    """
+    encodings = getattr(encoded, "encodings", None)
+    if encodings is not None and len(encodings) == len(texts):
+        return sum(1 for encoding in encodings if encoding.overflowing)
+    full = tokenizer(list(texts), truncation=False, padding=False, verbose=False)["input_ids"]
+    return sum(len(ids) > max_length for ids in full)
 
 
 def package_file(distribution: str, relpath: str) -> Path:
@@ -147,6 +197,11 @@ class Extractor(ABC):
         if self.input == "caption":
             return list(items)
         return torch.stack(items)
+
+    def collate_counted(self, items: list[Any]) -> tuple[Any, dict[str, int]]:
+        """:meth:`collate`, plus counts the extract stage sums over the stream into its metadata
+        (e.g. ``{"truncated_captions": 2}``; text extractors override this). Default: no counts."""
+        return self.collate(items), {}
 
     @abstractmethod
     def embed(self, batch: Any) -> torch.Tensor:

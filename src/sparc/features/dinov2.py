@@ -31,7 +31,8 @@ from sparc.features.base import (
     Extractor,
     center_crop_transform,
     describe_center_crop,
-    hub_offline,
+    hub_source,
+    source_description,
 )
 from sparc.features.registry import ModelSpec
 
@@ -40,23 +41,8 @@ RESIZE, CROP = 256, 224
 
 
 def model_source(name: str) -> tuple[str, bool]:
-    """``(source, local_files_only)`` for ``from_pretrained``.
-
-    A directory loads as it is; a hub name loads from the local Hugging Face cache when its
-    ``config.json`` is cached there or ``HF_HUB_OFFLINE`` is set, and is downloaded otherwise.
-    """
-    from huggingface_hub import try_to_load_from_cache
-
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path), True
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
-        raise ValueError(f"dinov2: model directory {name!r} does not exist")
-    try:
-        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except ValueError as err:  # huggingface_hub rejects malformed repository ids
-        raise ValueError(f"dinov2: {name!r} is neither a directory nor a valid hub name: {err}") from None
-    return name, cached or hub_offline()
+    """``(source, local_files_only)`` for ``from_pretrained`` (:func:`sparc.features.base.hub_source`)."""
+    return hub_source(name, "dinov2")
 
 
 class Dinov2Extractor(Extractor):
@@ -67,9 +53,7 @@ class Dinov2Extractor(Extractor):
         from transformers import AutoConfig, AutoModel
 
         source, local_only = model_source(spec.name)
-        where = "the directory" if Path(source).is_dir() else (
-            "the local Hugging Face cache" if local_only else "the cache or the hub"
-        )
+        where = source_description(source, local_only)
         try:
             config = AutoConfig.from_pretrained(source, local_files_only=local_only)
         except Exception as err:  # transformers / huggingface_hub raise many types here

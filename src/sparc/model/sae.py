@@ -95,7 +95,13 @@ from torch import Tensor, nn
 
 from sparc.model.losses import NMSE_EPS, LossOutput, nmse, nmse_sources
 from sparc.model.matmul import linear
-from sparc.model.sparse import decode_rows, gather_logits, row_dots, sparse_decode
+from sparc.model.sparse import (
+    decode_rows,
+    gather_logits,
+    normalise_rows_,
+    remove_parallel_,
+    sparse_decode,
+)
 from sparc.model.topk import aux_topk, global_topk, local_topk, subset_topk
 
 __all__ = ["Code", "LatentBatchNorm", "LossOutput", "MultiStreamSAE", "SAEConfig", "normalise_rows"]
@@ -689,7 +695,7 @@ class MultiStreamSAE(nn.Module):
     def normalise_decoder(self) -> None:
         """Rescale every decoder direction (row of ``W_dec[s]``) to unit L2 norm, in place."""
         for W in self.W_dec.values():
-            W.div_(torch.linalg.vector_norm(W, dim=1, keepdim=True).clamp_min(INPUT_EPS))
+            normalise_rows_(W, INPUT_EPS)
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:
@@ -702,8 +708,7 @@ class MultiStreamSAE(nn.Module):
             g = W.grad
             if g is None:
                 continue
-            sq = torch.linalg.vector_norm(W, dim=1).square().clamp_min(INPUT_EPS)
-            g.addcmul_(W, (row_dots(g, W) / sq).unsqueeze(1), value=-1.0)
+            remove_parallel_(g, W, INPUT_EPS)
 
     @torch.no_grad()
     def revive(self, stream: str, latents: Tensor, generator: torch.Generator,

@@ -29,12 +29,18 @@ the MKL CSR ``torch.addmm`` written into a reusable buffer (outputs of ``POOL_MI
 more); elsewhere, or with ``CPU_KERNELS = False``, portable ops are used (``embedding_bag`` with
 one bag per latent, and gathered rows with a batched matmul).
 
+Row-wise maintenance of ``[L, d]`` matrices (:func:`remove_parallel_`, :func:`normalise_rows_`,
+the decoder's projected gradient and unit rows, every step) runs on CPU block by block, each block
+of rows read from memory once and worked on while it stays in the caches; row by row the
+operations are those on the whole matrix, so the results are the same to the bit.
+
 CPU memory: glibc serves large allocations (always from 32 MiB, e.g. the ``[8192, 1024]`` float32
 gradient of a 1024-d stream) with fresh pages, i.e. ~8k page faults (~15 ms) per gradient per step.
 Large ``[L, d]`` gradients are therefore written into buffers from :class:`CpuBufferPool`, which
 hands a buffer out again only once no tensor refers to it any more (the trainer's
-``zero_grad(set_to_none=True)`` releases it). On accelerators nothing here synchronises with the
-host.
+``zero_grad(set_to_none=True)`` releases it; :func:`sparc.model.topk.global_topk` takes its
+``[B, L]`` sum of the streams' logits from the pool too). On accelerators nothing here
+synchronises with the host.
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ POOL_MIN_BYTES = 8 * 1024 * 1024
 _CPU_GATHER_BYTES = 1024 * 1024
 # Rows per chunk of the CPU row-wise dot products (keeps the temporary in cache).
 _CPU_DOT_ROWS = 2048
+# Bytes of one [rows, d] block of the CPU row-wise kernels (remove_parallel_, normalise_rows_):
+# each block is read from memory once and worked on while it stays in the L2 cache.
+_CPU_ROW_BLOCK_BYTES = 1024 * 1024
 
 
 class CpuBufferPool:
@@ -123,6 +132,36 @@ def row_dots(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+def _row_blocks(W: Tensor) -> list[slice]:
+    """Row ranges of ``W [L, d]`` for the row-wise kernels: one block on accelerators, blocks of
+    about ``_CPU_ROW_BLOCK_BYTES`` on CPU."""
+    L = W.shape[0]
+    if not cpu_path(W):
+        return [slice(0, L)]
+    rows = max(1, _CPU_ROW_BLOCK_BYTES // max(1, W.shape[1] * W.element_size()))
+    return [slice(start, min(L, start + rows)) for start in range(0, L, rows)]
+
+
+def remove_parallel_(g: Tensor, W: Tensor, eps: float) -> None:
+    """``g[l] <- g[l] - (<g[l], W[l]> / max(||W[l]||^2, eps)) W[l]`` in place, ``g, W [L, d]``.
+
+    Row by row the same operations (and float results) as on the whole matrices; on CPU block by
+    block (:func:`_row_blocks`), so ``g`` and ``W`` are read once and ``g`` written once.
+    """
+    for rows in _row_blocks(W):
+        w, gb = W[rows], g[rows]
+        sq = torch.linalg.vector_norm(w, dim=1).square().clamp_min(eps)
+        gb.addcmul_(w, (row_dots(gb, w) / sq).unsqueeze(1), value=-1.0)
+
+
+def normalise_rows_(W: Tensor, eps: float) -> None:
+    """``W[l] <- W[l] / max(||W[l]||, eps)`` in place, ``W [L, d]`` (block by block on CPU, as
+    :func:`remove_parallel_`; the same float results as on the whole matrix)."""
+    for rows in _row_blocks(W):
+        w = W[rows]
+        w.div_(torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(eps))
+
+
 class LatentPlan:
     """The occurrences of latent ids in several groups, sorted by latent: a sparse ``[L, R]`` pattern.
 
@@ -147,23 +186,23 @@ class LatentPlan:
         key = torch.cat(keys) if len(keys) > 1 else keys[0]
         self.L, self.R, self.nnz = L, base, key.numel()
         self.idx = list(idx)
-        self.order = torch.argsort(key, stable=True)
+        # int32 keys sort faster; a stable sort gives the same order whatever the key dtype
+        self.order = torch.argsort(key.to(torch.int32) if L < 2**31 else key, stable=True)
         if cpu_path(key):
             counts = torch.bincount(key, minlength=L)
         else:  # bincount synchronises with the host on accelerators; a scatter does not
             counts = torch.zeros(L, dtype=torch.long, device=key.device).index_add_(0, key, torch.ones_like(key))
         self.crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-        self.cols = (torch.cat(rows) if len(rows) > 1 else rows[0])[self.order]
+        self.cols = (torch.cat(rows) if len(rows) > 1 else rows[0]).index_select(0, self.order)
 
     def sort(self, per_group: Sequence[Tensor]) -> Tensor:
         """Per-occurrence values ``[n, S, m]`` of every group -> ``[nnz]`` in CSR order."""
         flat = torch.cat([v.reshape(-1) for v in per_group]) if len(per_group) > 1 else per_group[0].reshape(-1)
-        return flat[self.order]
+        return flat.index_select(0, self.order)
 
     def unsort(self, sorted_values: Tensor) -> list[Tensor]:
         """Inverse of :meth:`sort`: ``[nnz]`` in CSR order -> ``[n, S, m]`` per group."""
-        flat = torch.empty_like(sorted_values)
-        flat[self.order] = sorted_values
+        flat = torch.empty_like(sorted_values).index_copy_(0, self.order, sorted_values)
         return [p.view(shape) for p, shape in zip(flat.split([a * b * c for a, b, c in self.shapes]), self.shapes, strict=True)]
 
     def csr(self, sorted_values: Tensor) -> Tensor:

@@ -23,8 +23,13 @@ def global_topk(logits: Sequence[Tensor], k: int) -> Tensor:
     if len(logits) == 0:
         raise ValueError("global_topk needs the logits of at least one stream")
     agg = logits[0]
-    for h in logits[1:]:
-        agg = agg + h
+    if len(logits) > 1:
+        with torch.no_grad():  # the same sums, added in place in one buffer (reused on CPU)
+            first = logits[0]
+            out = sparse.CPU_BUFFERS.take(tuple(first.shape), first.dtype) if sparse.cpu_path(first) else None
+            agg = torch.add(first, logits[1], out=out)
+            for h in logits[2:]:
+                agg.add_(h)
     return torch.topk(agg, k, dim=1).indices
 
 

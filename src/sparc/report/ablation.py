@@ -44,7 +44,6 @@ ALIGNMENT: dict[str, dict[str, object]] = {
     "subset-0.5": {"train.subset_keep": 0.5, "train.consistency": 0.0},
     "subset-0.75": {"train.subset_keep": 0.75, "train.consistency": 0.0},
     "consistency-1": {"train.subset_keep": 1.0, "train.consistency": 1.0},
-    "consistency-10": {"train.subset_keep": 1.0, "train.consistency": 10.0},
 }
 GRIDS: dict[str, dict[str, dict[str, object]]] = {"ablation": ABLATION, "alignment": ALIGNMENT}
 COLUMN_TITLES = {
@@ -58,7 +57,6 @@ COLUMN_TITLES = {
     "subset-0.5": "subset, keep 0.5",
     "subset-0.75": "subset, keep 0.75",
     "consistency-1": "consistency 1",
-    "consistency-10": "consistency 10",
 }
 def readme_markers(grid: str) -> tuple[str, str]:
     """The README lines that enclose the generated block of ``grid``: ``<!-- grid:begin -->`` ..."""

@@ -46,6 +46,11 @@ One step (global step t, 0-based):
 Every random choice is counter based (see :mod:`sparc.train.sampler`), so a checkpoint stores the
 step and the run resumes exactly; the logged history is stored in the checkpoint and replayed into
 the logger, so the resumed run's logs equal an uninterrupted run's logs.
+
+Several processes (``train.nproc``, :mod:`sparc.train.distributed`): each trains on its slice of
+the same global batch (and of any per-sample draw for it) under DistributedDataParallel; the
+``fired`` flags and the logged terms of step 6 and 7 are the global batch's (one all-reduce),
+so every process holds the same weights, counters and history, and rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
@@ -64,12 +69,14 @@ from sparc.features.base import resolve_device
 from sparc.model.sae import MultiStreamSAE, SAEConfig
 from sparc.params import USAE_METHODS, Params, TrainParams, check_top_level, check_train
 from sparc.train.checkpoint import (
+    PREFIX,
     latest_checkpoint,
     load_checkpoint,
     optimizer_tensors,
     restore_optimizer,
     save_checkpoint,
 )
+from sparc.train.distributed import Ranks
 from sparc.train.live import MetricLogger
 from sparc.train.sampler import (
     REVIVE,
@@ -81,8 +88,9 @@ from sparc.train.sampler import (
     stream_subset,
 )
 
-# TrainParams fields that do not change the trained weights or the logged history.
-NOT_IN_KEY = ("device", "checkpoint_every", "ram_budget_mb", "cpu_threads")
+# TrainParams fields that do not change the trained weights or the logged history beyond float
+# rounding (device, nproc: summation order), so a checkpoint resumes under any of their values.
+NOT_IN_KEY = ("device", "checkpoint_every", "ram_budget_mb", "cpu_threads", "nproc")
 # Revival noise (see README "Differences from the reference code"): a re-initialised encoder row
 # has norm REVIVE_ROW_NORM, or with REVIVE_ENTRY_STD set N(0, REVIVE_ENTRY_STD^2) entries (the SPARC
 # reference: 0.01, a row norm of 0.01 sqrt(d_s)).
@@ -178,13 +186,17 @@ class Trainer:
     ``since[s]`` ``[L]`` int64: training steps since latent l last fired in stream s (only
     :meth:`train_step` and :meth:`revive` change it); ``window_fired[s]`` ``[L]`` bool: fired since
     the last log; ``sums``/``counts``: loss terms accumulated on the device since the last log;
-    ``history``: every logged ``(step, metrics)``; ``step``: completed global steps.
+    ``history``: every logged ``(step, metrics)``; ``step``: completed global steps. ``ranks``:
+    the processes sharing each batch (:mod:`sparc.train.distributed`; default one process).
     """
 
-    def __init__(self, source: FeatureSource, spec: TrainSpec, device: torch.device) -> None:
+    def __init__(self, source: FeatureSource, spec: TrainSpec, device: torch.device,
+                 ranks: Ranks | None = None) -> None:
         self.source, self.spec, self.device = source, spec, device
         t = spec.train
         self.sampler = EpochSampler(len(source), t.batch_size, spec.seed)
+        self.ranks = ranks or Ranks()
+        self.ranks.check(spec.method, self.sampler)
         self.total_steps = t.epochs * self.sampler.steps_per_epoch
         self.model = MultiStreamSAE(
             spec.sae_config(source.dims), seed=spec.seed, bf16=t.bf16, tf32=t.tf32
@@ -193,6 +205,7 @@ class Trainer:
         self.param_by_name = dict(self.model.named_parameters())
         self.name_of = {p: n for n, p in self.param_by_name.items()}
         self.optimizer = make_adam(self.model.parameters(), lr=t.lr, eps=t.adam_eps)
+        self.objective = self.ranks.objective(self.model, spec.method)  # the model, or its DDP wrapper
         self.streams = list(source.dims)
         L = spec.L
         self.since = {s: torch.zeros(L, dtype=torch.int64, device=device) for s in self.streams}
@@ -214,41 +227,46 @@ class Trainer:
         spec, t, step = self.spec, self.spec.train, self.step
         if step > 0 and step % t.revive_every == 0:
             self.revive()
-        x = self.source.gather(self.sampler.batch(step))
+        batch = self.sampler.batch(step)  # the global batch; this process trains on batch[part]
+        part = self.ranks.part(len(batch))
+        x = self.source.gather(batch[part])
+        if step + 1 < self.total_steps:  # a store read batch by batch reads the next one meanwhile
+            following = self.sampler.batch(step + 1)
+            self.source.prefetch(following[self.ranks.part(len(following))])
         dead = {s: self.since[s] > t.dead_steps for s in self.streams}
         if spec.method in USAE_METHODS:
             src = self.streams[int(counter_rng(spec.seed, USAE_SOURCE, step).integers(len(self.streams)))]
             if spec.method == "usae":
-                out = self.model.usae_loss(x, src, dead=dead, aux_coef=t.aux_coef, lam=spec.lam)
+                out = self.objective.usae_loss(x, src, dead=dead, aux_coef=t.aux_coef, lam=spec.lam)
             else:
-                out = self.model.usae_paper_loss(x, src, lam=spec.lam)
+                out = self.objective.usae_paper_loss(x, src, lam=spec.lam)
         else:
             src = None
             keep = None
-            if t.subset_keep < 1.0:
-                n_rows = next(iter(x.values())).shape[0]
-                draw = stream_subset(spec.seed, step, n_rows, len(self.streams), t.subset_keep)
-                keep = torch.from_numpy(draw).to(self.device)
-            out = self.model.loss(x, spec.lam, dead=dead, aux_coef=t.aux_coef, keep=keep,
-                                  consistency=t.consistency)
+            if t.subset_keep < 1.0:  # drawn for the global batch, sliced as the rows
+                draw = stream_subset(spec.seed, step, len(batch), len(self.streams), t.subset_keep)
+                keep = torch.from_numpy(draw[part]).to(self.device)
+            out = self.objective.loss(x, spec.lam, dead=dead, aux_coef=t.aux_coef, keep=keep,
+                                      consistency=t.consistency)
         self.optimizer.zero_grad(set_to_none=True)
-        out.total.backward()
+        self.ranks.backward(out.total, len(batch))
         if self.frozen is not None and src is not None:
             for p in self.frozen[src]:
                 p.grad = None
         self.model.remove_parallel_grad()
         self.optimizer.step()
         self.model.normalise_decoder()
+        terms = {"loss/total": out.total.detach(), **{metric_name(k): v for k, v in out.terms.items()}}
+        terms, fired_by_stream = self.ranks.reduce(terms, out.fired, len(batch))  # global-batch values
         for s in self.streams:
-            fired = out.fired.get(s)
+            fired = fired_by_stream.get(s)
             if fired is not None:
                 self.since[s] = torch.where(fired, torch.zeros_like(self.since[s]), self.since[s] + 1)
                 self.window_fired[s] |= fired
             elif spec.method == "usae_paper":  # global-step counters (module docstring, step 6)
                 self.since[s] = self.since[s] + 1
-        self._accumulate("loss/total", out.total.detach().float())
-        for term, value in out.terms.items():
-            self._accumulate(metric_name(term), value.float())
+        for name, value in terms.items():
+            self._accumulate(name, value.float())
         self.step += 1
 
     def _accumulate(self, name: str, value: torch.Tensor) -> None:
@@ -325,6 +343,9 @@ class Trainer:
         }
 
     def save(self, run_dir: Path) -> Path:
+        """Write a checkpoint (rank 0 alone; the other processes return the path it writes)."""
+        if not self.ranks.main:
+            return run_dir / f"{PREFIX}{self.step:08d}"
         return save_checkpoint(run_dir, self.step, self.state_tensors(), self.state_json())
 
     def load(self, path: Path) -> None:
@@ -363,6 +384,7 @@ def train_sae(
     max_steps: int | None = None,
     callback: Callable[[int, MultiStreamSAE], None] | None = None,
     progress: bool = False,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """Train a multi-stream SAE on ``source`` (see the module docstring for one step).
 
@@ -371,25 +393,31 @@ def train_sae(
     written there every ``checkpoint_every`` steps. ``max_steps``: stop after this global step
     (a checkpoint is written there), e.g. to split a run; the epoch schedule is unchanged.
     ``callback(step, model)`` runs after every completed step (after any checkpoint of that step).
-    Runs ``train.epochs * ceil(N / batch_size)`` steps in total. The model is on the spec's device.
+    Runs ``train.epochs * ceil(N / batch_size)`` steps in total. The model is on the spec's device
+    (with ``ranks``, the process's own: :mod:`sparc.train.distributed`; every process resumes
+    from the same checkpoint, rank 0 alone writes them and shows progress; give the logger to
+    rank 0 only).
     """
     spec.check()
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps: must be >= 1, got {max_steps}")
-    device = resolve_device(spec.train.device, "train.device")
+    ranks = ranks or Ranks()
+    device = ranks.device(resolve_device(spec.train.device, "train.device"))
     if source.device != device:
         raise ValueError(f"the feature source yields tensors on {source.device}, training runs on {device}")
-    trainer = Trainer(source, spec, device)
+    trainer = Trainer(source, spec, device, ranks)
     run_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if run_dir is not None and (last := latest_checkpoint(run_dir)) is not None:
         trainer.load(last)
+    ranks.agree(f"the step to resume from (checkpoints in {run_dir})", trainer.step)
     if logger is not None:
         for step, metrics in trainer.history:
             logger.log(step, metrics)
     stop = trainer.total_steps if max_steps is None else min(max_steps, trainer.total_steps)
     t = spec.train
     last_ckpt: Path | None = None
-    bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc="train", unit="step",
+               disable=not (progress and ranks.main))
     try:
         while trainer.step < stop:
             trainer.train_step()

@@ -19,6 +19,11 @@ Before the first step, everything that would otherwise fail late is checked: the
 the prepared dataset, every train and val row of every stream is finite (one sequential scan per
 stream, naming the sample id), and the model fits the device's memory
 (:func:`sparc.train.memory.check_train_memory`, after the feature rows are loaded).
+
+Several processes (``train.nproc > 1``: ``python -m sparc train`` relaunches itself under
+torchrun, :mod:`sparc.distributed`): every process loads the training rows and trains on its
+slice of each batch (:mod:`sparc.train.distributed`); rank 0 alone clears and publishes the
+reports, logs, writes checkpoints, runs the validation pass and writes the model.
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ import torch
 
 from sparc import paths
 from sparc.data.prepared import PreparedData, load_prepared
+from sparc.distributed import World, process_group, rank_device
 from sparc.features.base import resolve_device
 from sparc.features.store import FeatureStoreError, FeatureStream, load_streams
 from sparc.params import Params
 from sparc.train.checkpoint import checkpoint_key, prune_run
+from sparc.train.distributed import DataParallel, Ranks
 from sparc.train.live import LiveLogger, clear_reports, publish
 from sparc.train.loop import TrainSpec, evaluate_loss, train_sae
 from sparc.train.memory import check_train_memory
@@ -132,7 +139,8 @@ def run_train(
     streams = load_streams(features_root, params.stream_names, check_finite=False)  # rows checked below
     check_matches_prepared(streams, prepared)
     check_finite_splits(streams, prepared, ("train", "val"))
-    device = resolve_device(spec.train.device, "train.device")
+    world = World.from_env()  # several processes under torchrun (train.nproc): sparc.train.distributed
+    device = rank_device(resolve_device(spec.train.device, "train.device"), world)
     arrays = {name: s.features for name, s in streams.items()}
     budget = spec.train.ram_budget_mb * 2**20
     source = FeatureSource(arrays, train_rows, ram_budget_bytes=budget, device=device, check_finite=False)
@@ -143,20 +151,27 @@ def run_train(
     threads = torch.get_num_threads()
     if spec.train.cpu_threads > 0:
         torch.set_num_threads(spec.train.cpu_threads)
-    clear_reports(reports_dir)
-    logger = LiveLogger(run_dir / LIVE_DIR)
+    if world.main:  # rank 0 alone logs, validates and writes outputs
+        clear_reports(reports_dir)
+    logger = LiveLogger(run_dir / LIVE_DIR) if world.main else None
     try:
-        result = train_sae(source, spec, checkpoint_dir=run_dir, logger=logger, max_steps=max_steps, progress=progress)
-        if result.finished and len(val_rows):
+        with process_group(world, device):
+            ranks = DataParallel(world) if world.size > 1 else Ranks()
+            result = train_sae(source, spec, checkpoint_dir=run_dir, logger=logger, max_steps=max_steps,
+                               progress=progress, ranks=ranks)
+        if logger is not None and result.finished and len(val_rows):
             val = FeatureSource(arrays, val_rows, ram_budget_bytes=budget, device=device, check_finite=False)
             metrics = evaluate_loss(result.model, val, spec, batch_size=spec.train.batch_size)
             logger.log(result.step, {f"val/{k}": v for k, v in metrics.items()})
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
         torch.set_num_threads(threads)
     if not result.finished:
         assert result.checkpoint is not None
         return result.checkpoint
+    if not world.main:
+        return out_dir
     save_sae(result.model, out_dir)
     publish(run_dir / LIVE_DIR, reports_dir)
     prune_run(run_dir)

@@ -1,0 +1,197 @@
+"""Retrieval rank counts: the inverted-index path against the score formula and the dense reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from sparc.evaluate import metrics as m
+from sparc.evaluate import retrieval as r
+
+SEEDS = range(4)
+# the sparse path falls back to the dense one with a RuntimeWarning: here that would hide a bug
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
+
+def formula_scores(query: sp.csr_matrix, gallery: sp.csr_matrix) -> np.ndarray:
+    """``[N, N]`` float32 S_ij written from the module docstring alone: rows normalised in float64,
+    stored as float32; float32 products added one by one from the highest latent down."""
+    qd = sp.csr_matrix(m.l2_normalise_rows(query), dtype=np.float32).toarray()
+    gd = sp.csr_matrix(m.l2_normalise_rows(gallery), dtype=np.float32).toarray()
+    S = np.zeros((qd.shape[0], gd.shape[0]), dtype=np.float32)
+    for latent in reversed(range(qd.shape[1])):  # adding the 0 products of unshared latents is exact
+        S += qd[:, latent, None] * gd[None, :, latent]
+    return S
+
+
+def formula_counts(query: sp.csr_matrix, gallery: sp.csr_matrix) -> r.RankCounts:
+    S = formula_scores(query, gallery)
+    answers = np.arange(S.shape[0])
+    return m.rank_counts(S, answers), m.rank_counts(S.T, answers)
+
+
+def assert_counts_equal(got: r.RankCounts, want: r.RankCounts) -> None:
+    for direction in (0, 1):
+        for what in (0, 1):  # greater, ties
+            np.testing.assert_array_equal(got[direction][what], want[direction][what])
+
+
+def random_codes(rng: np.random.Generator, N: int, L: int, k: int, integer: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``[N, k]`` distinct latent ids and values (small integers give many exact ties; 0 = not stored)."""
+    idx = np.stack([rng.choice(L, k, replace=False) for _ in range(N)])
+    val = rng.integers(0, 3, size=(N, k)) if integer else rng.exponential(size=(N, k))
+    return idx, val.astype(np.float32)
+
+
+def hard_pair(seed: int) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Query and gallery codes with every case the tie rule has to get right: answers sharing no
+    latent (score 0, tied with most of the gallery), empty codes, duplicate gallery items and
+    duplicate queries, an answer equal to its query, and (even seeds) integer values."""
+    rng = np.random.default_rng(seed)
+    N, L, k = 80, 24, 4  # k^2 / L = 2/3: pairs sharing none, one and several latents
+    q_idx, q_val = random_codes(rng, N, L, k, integer=seed % 2 == 0)
+    g_idx, g_val = random_codes(rng, N, L, k, integer=seed % 2 == 0)
+    keep = rng.random((N, k)) < 0.5  # answers keep about half of the query's latents
+    for i in range(N):
+        row = np.where(keep[i], q_idx[i], g_idx[i])
+        if len(set(row)) == k:
+            g_idx[i] = row
+    g_idx[3], g_val[3] = g_idx[4], g_val[4]  # two identical gallery items
+    q_idx[5], q_val[5] = q_idx[6], q_val[6]  # two identical queries
+    q_val[7] = 0.0  # an empty query code
+    g_val[8] = 0.0  # an empty gallery code
+    g_idx[9] = rng.choice(np.setdiff1d(np.arange(L), q_idx[9]), k, replace=False)  # answer shares nothing
+    g_idx[10], g_val[10] = q_idx[10], q_val[10]  # answer equal to the query
+    return m.code_matrix(q_idx, q_val, L), m.code_matrix(g_idx, g_val, L)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sparse_counts_equal_formula_and_dense(seed: int) -> None:
+    q, g = hard_pair(seed)
+    S = formula_scores(q, g)
+    want = formula_counts(q, g)
+    diag = np.diag(S)
+    assert (diag == 0).sum() >= 3 and (diag > 0).any()
+    assert ((want[0][1] > 0) & (diag > 0)).any()  # ties above zero too
+    for threads, chunk in ((1, 80), (2, 7), (3, 1)):
+        assert_counts_equal(r.sparse_pair_rank_counts(q, g, threads=threads, chunk=chunk), want)
+    assert_counts_equal(r.dense_pair_rank_counts(q, g), want)
+    assert_counts_equal(r.pair_rank_counts(q, g), want)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sparse_scores_are_bit_identical_to_the_dense_kernel(seed: int) -> None:
+    q, g = hard_pair(seed)
+    qn, gn = r._normalise(q), r._normalise(g)
+    index = r.InvertedIndex(gn)
+    sparse = np.stack([r.query_scores(qn, index, i) for i in range(q.shape[0])])
+    dense = r._Gallery(gn, "cpu").times(r._dense_block_t(qn, slice(0, q.shape[0]), "cpu")).numpy().T
+    np.testing.assert_array_equal(sparse, formula_scores(q, g))
+    np.testing.assert_array_equal(dense, sparse)
+    np.testing.assert_array_equal(r.paired_scores(qn, gn), np.diag(sparse))
+
+
+def test_negative_values_and_unsorted_rows() -> None:
+    rng = np.random.default_rng(7)
+    N, L = 60, 15
+    mats = []
+    for _ in range(2):
+        dense = np.where(rng.random((N, L)) < 0.3, rng.integers(-2, 3, size=(N, L)), 0).astype(np.float32)
+        mat = sp.csr_matrix(dense)
+        for i in range(N):  # each row's entries stored in a random order
+            part = slice(mat.indptr[i], mat.indptr[i + 1])
+            order = rng.permutation(part.stop - part.start)
+            mat.indices[part], mat.data[part] = mat.indices[part][order], mat.data[part][order]
+        mat.has_sorted_indices = False
+        mats.append(mat)
+    q, g = mats
+    assert (q.data < 0).any() and (np.diff(q.indices[q.indptr[0] : q.indptr[1]]) > 0).any()
+    want = formula_counts(q, g)
+    assert_counts_equal(r.sparse_pair_rank_counts(q, g, threads=2, chunk=9), want)
+    assert_counts_equal(r.dense_pair_rank_counts(q, g), want)
+
+
+def test_default_data_shape_all_stream_pairs() -> None:
+    """The default run's test split: N = 374, L = 512, k = 16, three streams whose per-stream codes
+    share part of a sample's latents (retrieval well above chance)."""
+    rng = np.random.default_rng(11)
+    N, L, k = 374, 512, 16
+    base = np.stack([rng.choice(L, 2 * k, replace=False) for _ in range(N)])
+    streams = []
+    for _ in range(3):
+        idx = np.stack([rng.choice(row, k, replace=False) for row in base])
+        noise = rng.random((N, k)) < 0.3
+        idx = np.where(noise, rng.integers(0, L, size=(N, k)), idx)
+        idx = np.stack([row if len(set(row)) == k else rng.choice(L, k, replace=False) for row in idx])
+        streams.append(m.code_matrix(idx, rng.exponential(size=(N, k)).astype(np.float32), L))
+    for a in range(3):
+        for b in range(a + 1, 3):
+            want = formula_counts(streams[a], streams[b])
+            got = r.pair_rank_counts(streams[a], streams[b])
+            assert_counts_equal(got, want)
+            assert_counts_equal(r.dense_pair_rank_counts(streams[a], streams[b]), want)
+            assert m.retrieval_metrics(*got[0])["R@1"] > 10 / N
+
+
+def test_public_scipy_calls_give_the_same_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, g = hard_pair(0)
+    want = formula_counts(q, g)
+    monkeypatch.setattr(r, "FAST_KERNELS", False)
+    assert_counts_equal(r.sparse_pair_rank_counts(q, g, threads=2, chunk=5), want)
+
+
+def test_falls_back_to_dense_when_the_kernels_disagree(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, g = hard_pair(1)
+    formula = r.paired_scores
+
+    def nudged(qn: sp.csr_matrix, gn: sp.csr_matrix) -> np.ndarray:
+        out = formula(qn, gn)
+        out[20] = np.nextafter(out[20], np.float32(2))
+        return out
+
+    monkeypatch.setattr(r, "paired_scores", nudged)
+    with pytest.warns(RuntimeWarning, match="does not round as the score formula"):
+        got = r.sparse_pair_rank_counts(q, g, threads=2, chunk=8)
+    assert_counts_equal(got, formula_counts(q, g))
+
+
+def test_dispatch_and_input_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, g = hard_pair(2)
+    features = np.random.default_rng(0).normal(size=(80, 5)).astype(np.float32)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("CPU codes must not take the dense path")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(r, "dense_pair_rank_counts", refuse)
+        assert_counts_equal(r.pair_rank_counts(q, g), formula_counts(q, g))
+    got = r.pair_rank_counts(features, features + 0.1)
+    assert_counts_equal(got, r.dense_pair_rank_counts(features, features + 0.1))
+    with pytest.raises(ValueError, match="sparse codes"):
+        r.sparse_pair_rank_counts(features, features)
+    with pytest.raises(ValueError, match="differ"):
+        r.sparse_pair_rank_counts(q, g[:5])
+
+
+def test_descending_rows() -> None:
+    mat = sp.csr_matrix(
+        (np.array([1.0, 2.0, 3.0, 4.0, 5.0], dtype=np.float32), np.array([0, 3, 1, 2, 2]), np.array([0, 3, 3, 5])),
+        shape=(3, 4),
+    )  # row 0 unsorted, row 1 empty, row 2 one entry stored twice
+    out = r.descending_rows(mat)
+    assert out.indices.tolist() == [3, 1, 0, 2] and out.data.tolist() == [2.0, 3.0, 1.0, 9.0]
+    np.testing.assert_array_equal(out.toarray(), mat.toarray())
+    assert r.descending_rows(out) is out
+
+
+def test_private_kernels_are_checked_before_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert r._private_kernels_work() == (r._csc_matvec is not None)
+
+    def changed_signature(*args):
+        raise TypeError("csc_matvec() takes 8 arguments")
+
+    monkeypatch.setattr(r, "_csc_matvec", changed_signature)
+    assert not r._private_kernels_work()
+    monkeypatch.setattr(r, "_csc_matvec", None)
+    assert not r._private_kernels_work()
