@@ -193,3 +193,17 @@ def test_quick_look_is_a_separate_experiment_on_the_first_images(tmp_path):
     assert applied_overrides(tmp_path, paper_overrides(max_images=100)).data.openimages.max_images == 100
     with pytest.raises(ValueError, match="max_images applies to Open Images"):
         paper_overrides("/x.csv", max_images=5)
+
+
+def test_paper_and_coco_offer_the_stream_subset_rule_without_changing_the_papers_setting():
+    from sparc.presets import coco_command, paper_command
+
+    plain = paper_command()
+    assert plain[plain.index("-n") + 1] == "paper"
+    assert not any(s.startswith("train.subset_keep=") for s in plain)
+    cmd = paper_command(subset_keep=0.5)
+    assert cmd[cmd.index("-n") + 1] == "paper-subset0.5"
+    assert cmd[-2:] == ["-S", "train.subset_keep=0.5"] and cmd[5:-2] == plain[5:]  # the setting, plus the rule
+    assert coco_command(max_images=8, subset_keep=0.25)[4] == "coco-8-subset0.25"
+    with pytest.raises(ValueError, match=r"--subset-keep: must be in \(0, 1\]"):
+        paper_command(subset_keep=0.0)

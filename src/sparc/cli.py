@@ -121,7 +121,8 @@ def cmd_paper(params: Params, args: argparse.Namespace) -> None:
     from sparc.presets import paper_command
 
     _check_preset_files(args)
-    _run_preset(paper_command(args.csv or "", args.hierarchy or "", max_images=args.max_images), args.dry)
+    _run_preset(paper_command(args.csv or "", args.hierarchy or "", max_images=args.max_images,
+                              subset_keep=args.subset_keep), args.dry)
 
 
 def cmd_usae(params: Params, args: argparse.Namespace) -> None:
@@ -151,7 +152,7 @@ def cmd_coco(params: Params, args: argparse.Namespace) -> None:
     """Run the COCO setting as the DVC experiment ``coco`` (see sparc.presets)."""
     from sparc.presets import coco_command
 
-    _run_preset(coco_command(max_images=args.max_images), args.dry)
+    _run_preset(coco_command(max_images=args.max_images, subset_keep=args.subset_keep), args.dry)
 
 
 def _run_preset(cmd: list[str], dry: bool) -> None:
@@ -287,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a quick look: only the first N images of each split (experiment <name>-N)")
         if name in ("paper", "coco", "usae"):
             p.add_argument("--dry", action="store_true", help="print the dvc command, do not run it")
+        if name in ("paper", "coco"):
+            p.add_argument("--subset-keep", type=float, default=1.0,
+                           help="train with the stream-subset rule at this keep probability (experiment "
+                           "<name>-subset<p>; default 1.0: the paper's SPARC; README \"Alignment when a "
+                           "stream is encoded alone\")")
         if name in ("ablation", "sweep"):
             if name == "sweep":
                 p.add_argument("spec", help="parameter and values, e.g. k=8,16,32 or L=256,512,1024")

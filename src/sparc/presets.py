@@ -135,16 +135,30 @@ def experiment_command(name: str, overrides: list[str]) -> list[str]:
     return cmd
 
 
-def paper_command(csv: str = "", hierarchy: str = "", name: str = "paper", max_images: int = 0) -> list[str]:
+def aligned(name: str, overrides: list[str], subset_keep: float) -> tuple[str, list[str]]:
+    """With ``subset_keep < 1``: the name ``<name>-subset<p>`` and the stream-subset training rule
+    added (README "Alignment when a stream is encoded alone"); else both unchanged (the paper's
+    own SPARC)."""
+    if not 0.0 < subset_keep <= 1.0:
+        raise ValueError(f"--subset-keep: must be in (0, 1], got {subset_keep}")
+    if subset_keep == 1.0:
+        return name, overrides
+    return f"{name}-subset{subset_keep:g}", [*overrides, f"train.subset_keep={override_literal(float(subset_keep))}"]
+
+
+def paper_command(csv: str = "", hierarchy: str = "", name: str = "paper", max_images: int = 0,
+                  subset_keep: float = 1.0) -> list[str]:
     """``dvc exp run -n <name> -S ...`` for the paper setting (``<name>-<max_images>`` for a
-    quick look at the first images of each split)."""
-    return experiment_command(f"{name}-{max_images}" if max_images else name,
-                              paper_overrides(csv, hierarchy, max_images))
+    quick look at the first images of each split; ``subset_keep`` < 1: see :func:`aligned`)."""
+    return experiment_command(*aligned(f"{name}-{max_images}" if max_images else name,
+                                       paper_overrides(csv, hierarchy, max_images), subset_keep))
 
 
-def coco_command(name: str = "coco", max_images: int = 0) -> list[str]:
-    """``dvc exp run -n <name> -S ...`` for the COCO setting (``<name>-<max_images>`` likewise)."""
-    return experiment_command(f"{name}-{max_images}" if max_images else name, coco_overrides(max_images))
+def coco_command(name: str = "coco", max_images: int = 0, subset_keep: float = 1.0) -> list[str]:
+    """``dvc exp run -n <name> -S ...`` for the COCO setting (``<name>-<max_images>`` and
+    ``subset_keep`` likewise)."""
+    return experiment_command(*aligned(f"{name}-{max_images}" if max_images else name,
+                                       coco_overrides(max_images), subset_keep))
 
 
 # The USAE paper's setting (method.md section 3): its three vision models, all reading the images
