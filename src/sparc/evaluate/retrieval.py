@@ -38,10 +38,10 @@ The raw-feature baseline (dense features) applies where two streams share an emb
 same OpenCLIP model reading the image in one stream and the caption in the other.
 
 Cost per stream pair (both directions), at the paper's scale (N = 126k, L = 8192, k = 64):
-dense, nnz(codes) x N multiply-adds (about 8 minutes per pair on 2 CPU cores); sparse, about
-N * k^2 / L * N (128x fewer) scattered adds plus 4 comparisons per score
-(benchmarks/evaluate_memory.py). Memory: the sparse path holds the gallery twice (rows and columns)
-and a few ``[N]`` vectors per thread; the dense path one ``[N, b]`` block.
+dense, nnz(codes) x N multiply-adds (500-1100 CPU seconds per pair); sparse, about
+N * k^2 / L * N scattered adds (128x fewer) plus 4 comparisons per score (40-60 CPU seconds per
+pair; benchmarks/evaluate_memory.py). Memory: the sparse path holds the gallery twice (rows and
+columns) and a few ``[N]`` vectors per thread; the dense path one ``[N, b]`` block.
 """
 
 from __future__ import annotations
