@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from sparc.params import read_yaml
 from tests.e2e import build_pipeline_repo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def raw() -> dict:
+    """The repository's params.yaml as DVC reads it (a fresh dict per test, free to edit)."""
+    return read_yaml(ROOT / "params.yaml")
 
 
 @pytest.fixture(scope="session")

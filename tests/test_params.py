@@ -4,14 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from sparc.params import ParamsError, load_params, params_from_dict, read_yaml
+from sparc.params import ParamsError, load_params, params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture()
-def raw() -> dict:
-    return read_yaml(ROOT / "params.yaml")
 
 
 def test_repository_params_are_valid(raw):

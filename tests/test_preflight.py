@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from sparc import paths
 from sparc.cli import main
-from sparc.params import ParamsError, params_from_dict, read_yaml
+from sparc.params import ParamsError, params_from_dict
 from sparc.preflight import check_devices, check_folder_files, preflight, stream_dims
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture()
-def raw() -> dict:
-    return read_yaml(ROOT / "params.yaml")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

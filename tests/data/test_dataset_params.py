@@ -1,18 +1,10 @@
 """``data.openimages``, ``data.coco`` and ``download`` in params.yaml: defaults and one clear line
 naming a bad value (with "did you mean" for a misspelt split or key)."""
 
-from pathlib import Path
 
 import pytest
 
-from sparc.params import ParamsError, params_from_dict, read_yaml
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture()
-def raw() -> dict:
-    return read_yaml(ROOT / "params.yaml")
+from sparc.params import ParamsError, params_from_dict
 
 
 def test_repository_defaults(raw):
