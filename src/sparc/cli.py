@@ -229,7 +229,7 @@ def cmd_compare(params: Params, args: argparse.Namespace) -> None:
     records = ab.dvc_experiments(all_commits=args.all_commits)
     groups = ab.group_records(records, args.grid) if args.grid else ab.each_experiment(records)
     grid = ab.grid_of(args.grid) if args.grid else "ablation"
-    block = ab.ablation_table(groups, ab.ROWS[grid]) + ("\n" + ab.claims(groups, grid) if args.grid else "")
+    block = ab.ablation_table(groups, ab.rows_for(grid, groups)) + ("\n" + ab.claims(groups, grid) if args.grid else "")
     print(block)
     if groups and args.figure:
         print(f"figure -> {ab.comparison_figure(groups, args.figure)}")
@@ -304,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dry", action="store_true", help="print the dvc commands, do not run them")
             if name == "ablation":
                 p.add_argument("--grid", default="ablation", help="ablation (the paper's: sparc, global-lam0, "
-                               "local-lam1, local-lam0, usae, usae-paper) or alignment (SPARC's per-stream "
-                               "alignment options)")
+                               "local-lam1, local-lam0, usae, usae-paper), alignment (SPARC's per-stream "
+                               "alignment options) or localise (text-guided localisation: sparc, local-lam1, global-lam0)")
                 p.add_argument("--only", default="", help="comma-separated configurations of the grid (default: all)")
         if name == "compare":
             p.add_argument("--grid", default="", help="average the seeds of the grid with this name prefix (e.g. ablation)")

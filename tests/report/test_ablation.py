@@ -193,3 +193,32 @@ def test_alignment_grid_runs_options_on_any_dataset_and_answers_its_questions():
     text = claims(groups, "alignment")
     assert "- subset, keep 0.5 raises per-stream Jaccard (live latents): **holds**" in text
     assert "- subset, keep 0.5 lowers per-stream self NMSE (within noise = kept): **within noise**" in text
+
+
+def test_localise_grid_tabulates_every_scored_method_and_compares_sparc_with_its_ablations():
+    from sparc.report.ablation import LOCALISE, localise_methods, rows_for
+
+    runs = dict(grid_overrides(LOCALISE, [0], "localise"))
+    assert sorted(runs) == ["localise-global-lam0-s0", "localise-local-lam1-s0", "localise-sparc-s0"]
+    assert grid_of("localise") == "localise"
+
+    def run(name: str, seed: int, topk: str, lam: float, ap: float) -> dict:
+        m = metrics(0.8, 0.4, 0.3) | {"ap_vit": ap, "miou_vit": ap / 2, "ap_chance": 0.0, "miou_chance": 0.07}
+        return exp(name, seed, topk, lam, m)
+
+    shown = [{"rev": "abc", "name": "main", "data": {}, "error": None, "experiments": [
+        run("localise-sparc-s0", 0, "global", 1.0, 0.20), run("localise-sparc-s1", 1, "global", 1.0, 0.22),
+        run("localise-local-lam1-s0", 0, "local", 1.0, 0.05), run("localise-local-lam1-s1", 1, "local", 1.0, 0.06),
+        run("localise-global-lam0-s0", 0, "global", 0.0, 0.21), run("localise-global-lam0-s1", 1, "global", 0.0, 0.19),
+    ]}]
+    groups = group_records(experiment_records(shown), "localise")
+    assert list(groups) == ["sparc", "local-lam1", "global-lam0"]
+    assert localise_methods(r for recs in groups.values() for r in recs) == ["vit", "chance"]
+    table = ablation_table(groups, rows_for("localise", groups))
+    assert "| localisation AP@0.2, vit | 0.210 ± 0.014 | 0.055 ± 0.007 | 0.200 ± 0.014 |" in table
+    assert "| localisation mIoU, chance | 0.070 | 0.070 | 0.070 |" not in table  # averaged: mean ± std
+    assert "| localisation mIoU, chance | 0.070 ± 0.000 | 0.070 ± 0.000 | 0.070 ± 0.000 |" in table
+    text = claims(groups, "localise")
+    assert "- SPARC localises better than Local, λ=1 (vit, AP@0.2): **holds**" in text
+    assert "- SPARC localises better than Global, λ=0 (vit, AP@0.2): **within noise**" in text
+    assert "chance (" not in text  # the chance map is a row, not a claim

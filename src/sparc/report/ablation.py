@@ -45,7 +45,9 @@ ALIGNMENT: dict[str, dict[str, object]] = {
     "subset-0.75": {"train.subset_keep": 0.75, "train.consistency": 0.0},
     "consistency-1": {"train.subset_keep": 1.0, "train.consistency": 1.0},
 }
-GRIDS: dict[str, dict[str, dict[str, object]]] = {"ablation": ABLATION, "alignment": ALIGNMENT}
+# Text-guided localisation (the `localise` stage) of SPARC against Local TopK and lambda = 0.
+LOCALISE: dict[str, dict[str, object]] = {c: ABLATION[c] for c in ("sparc", "local-lam1", "global-lam0")}
+GRIDS: dict[str, dict[str, dict[str, object]]] = {"ablation": ABLATION, "alignment": ALIGNMENT, "localise": LOCALISE}
 COLUMN_TITLES = {
     "sparc": "Global, λ=1 (SPARC)",
     "global-lam0": "Global, λ=0",
@@ -251,6 +253,30 @@ ALIGNMENT_ROWS: list[tuple[str, Callable[[Record], float | None], str]] = [
     ("1-D probe test log-loss, mean of streams (chance 0.693)", _key("probe_logloss"), ".3f"),
 ]
 ROWS = {"ablation": TABLE_ROWS, "alignment": ALIGNMENT_ROWS}
+LOCALISE_CHANCE = "chance"
+
+
+def localise_methods(records: Iterable[Record]) -> list[str]:
+    """Methods scored by the `localise` stage in ``records`` (metric keys ``ap_<method>``), the
+    chance map last."""
+    found = {k[3:] for r in records for k in r.metrics if k.startswith("ap_")}
+    return sorted(found - {LOCALISE_CHANCE}) + ([LOCALISE_CHANCE] if LOCALISE_CHANCE in found else [])
+
+
+def localise_rows(records: Iterable[Record]) -> list[tuple[str, Callable[[Record], float | None], str]]:
+    """Rows of the localisation grid: AP at IoU 0.2 and mIoU of every method in ``records``
+    (``reports/localise/metrics.json``), then retrieval R@1 caption->image for context."""
+    rows = []
+    for m in localise_methods(records):
+        rows += [(f"localisation AP@0.2, {m}", _key(f"ap_{m}"), ".3f"), (f"localisation mIoU, {m}", _key(f"miou_{m}"), ".3f")]
+    return rows + [("retrieval R@1 caption→image (per-stream codes)", _key("r1_cap2img"), ".3f")]
+
+
+def rows_for(grid: str, groups: dict[str, list[Record]]) -> list[tuple[str, Callable[[Record], float | None], str]]:
+    """The table rows of ``grid`` (:data:`ROWS`; the localisation grid's depend on the streams)."""
+    if grid == "localise":
+        return localise_rows(r for recs in groups.values() for r in recs)
+    return ROWS[grid]
 
 
 def config_name(name: str, prefix: str) -> str | None:
@@ -382,14 +408,33 @@ def alignment_claims(configs: Iterable[str]) -> list[tuple[str, str, str, str]]:
     return out
 
 
+def localise_claims(groups: dict[str, list[Record]]) -> list[tuple[str, str, str, str]]:
+    """The questions of the localisation grid, for every scored image stream: does SPARC localise
+    better (AP@0.2, mIoU) than Local TopK and than lambda = 0?"""
+    methods = [m for m in localise_methods(r for recs in groups.values() for r in recs) if m != LOCALISE_CHANCE]
+    out = []
+    for m in methods:
+        for other in ("local-lam1", "global-lam0"):
+            title = COLUMN_TITLES.get(other, other)
+            out += [(f"SPARC localises better than {title} ({m}, AP@0.2)", f"localisation AP@0.2, {m}", "sparc", other),
+                    (f"SPARC localises better than {title} ({m}, mIoU)", f"localisation mIoU, {m}", "sparc", other)]
+    return out
+
+
 def claims(groups: dict[str, list[Record]], grid: str = "ablation") -> str:
-    """Markdown list: each claim of the grid (:data:`CLAIMS`, or :func:`alignment_claims`), its
-    verdict and the two means."""
-    rows = ROWS[grid]
+    """Markdown list: each claim of the grid (:data:`CLAIMS`, :func:`alignment_claims` or
+    :func:`localise_claims`), its verdict and the two means."""
+    rows = rows_for(grid, groups)
     values = summarise(groups, rows)
     fmt = {label: f for label, _, f in rows}
+    if grid == "ablation":
+        questions = CLAIMS
+    elif grid == "localise":
+        questions = localise_claims(groups)
+    else:
+        questions = alignment_claims(groups)
     lines = []
-    for text, label, high, low in (CLAIMS if grid == "ablation" else alignment_claims(groups)):
+    for text, label, high, low in questions:
         if high not in values or low not in values:
             continue
         a, b = values[high][label], values[low][label]
