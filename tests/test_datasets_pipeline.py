@@ -1,5 +1,6 @@
 """End to end: `dvc repro` downloads a small Open Images and a small COCO from a local HTTP server
-(the real file formats, ``download.base_url`` pointing at it) and runs through `evaluate`.
+(the real file formats, ``download.base_url`` pointing at it) and runs through `evaluate` (COCO
+then through `localise` on its instance masks).
 
 Each dataset runs once per module in its own copy of the repository with tiny parameters and two
 of the offline streams (EfficientNet-Lite0 and MiniLM).
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sparc.params import read_yaml
-from tests.data.remote_fixtures import coco_files, openimages_files, serve_mirror
+from tests.data.remote_fixtures import coco_files, coco_image_id, openimages_files, serve_mirror
 from tests.e2e import ROOT, ran_stages, run, tiny_params, tracked_files
 
 pytestmark = pytest.mark.slow
@@ -107,3 +108,24 @@ def test_coco_subset_with_one_sample_per_caption_runs_through_evaluate(coco) -> 
     assert sorted(json.loads(line)["group"] for line in annotations) == sorted(by_group)
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert metrics["n_eval"] == 20 and metrics["retrieval"]["n"] == 4
+
+
+def test_coco_localises_each_test_image_and_present_category_on_its_masks(coco) -> None:
+    """`localise` on coco (localise.source auto): one pair per val2017 image and category, the
+    query the prompt, the real EfficientNet-Lite0 and MiniLM (about 35 s on 2 busy cores)."""
+    repo, _ = coco
+    out = run(["dvc", "repro", "localise"], repo).stdout
+    assert ran_stages(out) == {"localise"}, out
+    metrics = json.loads((repo / "reports/localise/metrics.json").read_text())
+    assert sorted(metrics) == ["ap_chance", "ap_effnet", "miou_chance", "miou_effnet"]
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    details = json.loads((repo / "reports/localise/details.json").read_text())
+    assert (details["source"], details["n_images"], details["n_queries"]) == ("masks", 4, 5)
+    with (repo / "reports/localise/pairs.csv").open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["method"] == "effnet"]
+    stem = [f"{coco_image_id('val2017', i):012d}" for i in range(4)]  # the 4 captioned val2017 images
+    assert [(r["image"], r["category"], r["prompt"]) for r in rows] == [
+        (stem[0], "person", "a photo of a person."), (stem[0], "dog", "a photo of a dog."),
+        (stem[1], "bicycle", "a photo of a bicycle."), (stem[2], "car", "a photo of a car."),
+        (stem[3], "dog", "a photo of a dog."),
+    ]

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from sparc.evaluate.overlays import read_overlays
 from sparc.params import read_yaml
+from sparc.report.browser import embedded_data
 from tests.e2e import BIN, copy_repo, ran_stages, run
 
 pytestmark = pytest.mark.slow
@@ -72,16 +74,24 @@ def test_repro_localises_the_text_queries(repo):
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     details = json.loads((repo / "reports/localise/details.json").read_text())
     assert details["n_queries"] == 4 and details["text_stream"] == "minilm"
-    assert (repo / "reports/localise/overlays.png").read_bytes()[:4] == b"\x89PNG"
+    overlays = read_overlays(repo / "reports/localise/overlays.npz")
+    assert set(overlays.methods) == {k[len("ap_"):] for k in metrics if k.startswith("ap_")}
+    assert len(overlays.queries) == 2 and all(q.text for q in overlays.queries)
 
 
 def test_repro_ends_with_figures_and_the_browser(repo):
     figures = json.loads((repo / "reports/figures/index.json").read_text())
-    for name in ("reconstruction.png", "jaccard_depth.png", "patterns.png", "retrieval.png"):
+    for name in ("reconstruction.png", "jaccard_depth.png", "patterns.png", "retrieval.png",
+                 "localisation.png", "localisation_scores.png"):
         assert (repo / "reports/figures" / name).read_bytes()[:4] == b"\x89PNG", name
     assert figures
     html = (repo / "reports/browser/index.html").read_text()
     assert "<script" in html and "http://" not in html and "https://" not in html
+    localisation = embedded_data(repo / "reports/browser/index.html")["localisation"]
+    assert len(localisation["queries"]) == 2 and localisation["metrics"]
+    for q in localisation["queries"]:
+        for img in (q["img"], *(p["img"] for p in q["panels"])):
+            assert (repo / "reports/browser" / img).read_bytes()[:4] == b"\x89PNG", img
 
 
 def test_pull_from_a_remote_restores_outputs_without_recomputing(repo, tmp_path):

@@ -116,6 +116,19 @@ def test_coco_preset_joins_the_captions_as_the_reference(tmp_path):
     assert params.data.coco.max_images == 0 and params.data.max_samples == 0
 
 
+def test_coco_preset_localises_every_val2017_image_and_class_on_its_masks(tmp_path):
+    """method.md section 4: COCO val2017 (the test split), one pair per image and present class."""
+    from sparc.params import localise_source
+
+    params = applied_overrides(tmp_path, coco_overrides(max_images=8))
+    assert (params.localise.source, params.localise.split, params.localise.queries) == ("masks", "test", 0)
+    assert localise_source(params.localise.source, params.data.dataset) == "masks"
+    assert params.localise.prompt == "a photo of a {}."
+    paper = applied_overrides(tmp_path, paper_overrides())  # Open Images: no masks, composites as before
+    assert localise_source(paper.localise.source, paper.data.dataset) == "composite"
+    assert paper.localise.queries == load_params(ROOT / "params.yaml").localise.queries
+
+
 def test_cli_prints_the_dataset_presets(capsys):
     from sparc.cli import main
 

@@ -262,7 +262,7 @@ COMMANDS = {
     "coco": (cmd_coco, "run the COCO setting (the paper's models and sizes on MS-COCO 2017) as a DVC experiment"),
     "usae": (cmd_usae, "run the USAE paper's setting (ViT-B/16, DINOv2-S/14-reg, SigLIP-B/16, L=6144, k=32) as a DVC experiment"),
     "evaluate": (cmd_evaluate, "Jaccard, patterns, reconstruction, probes, retrieval, universality"),
-    "localise": (cmd_localise, "text-guided localisation on composite canvases with known masks (reports/localise)"),
+    "localise": (cmd_localise, "text-guided localisation against known masks: composite canvases, or COCO's instance masks (reports/localise)"),
     "figures": (cmd_figures, "PNG figures of the evaluation under reports/figures/"),
     "browser": (cmd_browser, "the static HTML concept browser under reports/browser/"),
     "ablation": (cmd_ablation, "run the ablation grid (Global/Local x lambda 0/1, USAE) over seeds as DVC experiments"),

@@ -157,13 +157,16 @@ class FiguresParams:
 
 
 LOCALISE_TARGETS = ("code", "concept")
+# Datasets whose prepared data keep instance masks (annotations.jsonl): localise.source auto = masks.
+MASK_DATASETS = ("coco",)
 
 
 @dataclasses.dataclass(frozen=True)
 class LocaliseParams:
-    """The `localise` stage: the composite benchmark with known masks (README "Localisation")."""
+    """The `localise` stage: the composite benchmark with known masks, or a dataset's own instance
+    masks (README "Text-guided localisation")."""
 
-    queries: int = 200     # composite canvases, one text query each
+    queries: int = 200     # composite: canvases, one text query each; masks: images of the split (0 = all)
     grid: int = 2          # items per canvas side (grid x grid items)
     cell: int = 160        # cell side in pixels
     scale: float = 0.7     # item side as a fraction of the cell
@@ -172,6 +175,17 @@ class LocaliseParams:
     target: Literal["code", "concept"] = "code"  # <z_text, z_image> | sum of the latents named after the class
     layers: int = 1        # ViT rollout over the last N layers (the paper: 1)
     overlays: int = 4      # queries drawn in the overlay figure
+    source: Literal["auto", "composite", "masks"] = "auto"  # auto: masks on MASK_DATASETS, else composite
+    prompt: str = "a photo of a {}."  # masks: the query text, {} = the category name
+    device: str = "auto"   # the SAE's and the localisers' device: auto (CUDA when present) | cpu | cuda | cuda:N
+
+
+def localise_source(source: str, dataset: str) -> str:
+    """What ``localise.source`` means on ``dataset``: ``auto`` is ``masks`` on a dataset with
+    instance masks (:data:`MASK_DATASETS`) and ``composite`` otherwise; others are themselves."""
+    if source == "auto":
+        return "masks" if dataset in MASK_DATASETS else "composite"
+    return source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -467,11 +481,26 @@ def check_figures(f: FiguresParams) -> None:
             raise ParamsError(f"figures.concepts[{i}]: empty concept name")
 
 
-def check_localise(c: LocaliseParams) -> None:
-    _positive({"grid": c.grid, "layers": c.layers, "queries": c.queries, "overlays": c.overlays}, "localise")
+def check_localise(c: LocaliseParams, dataset: str) -> None:
+    """Value ranges, and the query source against ``dataset`` (``data.dataset``): ``masks`` needs a
+    dataset with instance masks; ``queries: 0`` (every image) is for ``masks`` only; the prompt
+    holds one ``{}``; ``device`` is a device name (its availability is checked when the stage runs)."""
+    _positive({"grid": c.grid, "layers": c.layers, "overlays": c.overlays}, "localise")
+    _positive({"queries": c.queries}, "localise", minimum=0)
     _positive({"cell": c.cell}, "localise", minimum=8)
     if not 0.0 < c.scale <= 1.0:
         raise ParamsError(f"localise.scale: must be in (0, 1], got {c.scale}")
+    source = localise_source(c.source, dataset)
+    if source == "masks" and dataset not in MASK_DATASETS:
+        raise ParamsError(
+            f"localise.source: masks needs a dataset with instance masks ({', '.join(MASK_DATASETS)}), "
+            f"but data.dataset is {dataset}; use auto or composite"
+        )
+    if source == "composite" and c.queries == 0:
+        raise ParamsError("localise.queries: 0 (every image) is for the masks source; composite canvases need >= 1")
+    if c.prompt.count("{}") != 1 or "{" in c.prompt.replace("{}", "") or "}" in c.prompt.replace("{}", ""):
+        raise ParamsError(f"localise.prompt: must hold one {{}} (the category name) and no other braces, got {c.prompt!r}")
+    check_device_name(c.device, "localise.device")
 
 
 def validate(params: Params) -> Params:
@@ -487,7 +516,7 @@ def validate(params: Params) -> Params:
     check_concepts(params.concepts)
     check_evaluate(params.evaluate)
     check_figures(params.figures)
-    check_localise(params.localise)
+    check_localise(params.localise, params.data.dataset)
     return params
 
 

@@ -18,8 +18,8 @@ from sparc.params import Params, ParamsError
 
 
 def check_devices(params: Params) -> dict[str, str]:
-    """Resolve ``extract.device``, ``train.device`` and ``evaluate.device``; ParamsError when one
-    names CUDA on a machine without it. Returns parameter -> resolved device."""
+    """Resolve ``extract.device``, ``train.device``, ``evaluate.device`` and ``localise.device``;
+    ParamsError when one names CUDA on a machine without it. Returns parameter -> resolved device."""
     from sparc.features.base import resolve_device
 
     out = {}
@@ -27,6 +27,7 @@ def check_devices(params: Params) -> dict[str, str]:
         ("extract.device", params.extract.device),
         ("train.device", params.train.device),
         ("evaluate.device", params.evaluate.device),
+        ("localise.device", params.localise.device),
     ):
         try:
             out[param] = str(resolve_device(device, param))

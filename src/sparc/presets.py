@@ -71,6 +71,13 @@ COCO_DATA: dict[str, object] = {
     "data.coco.max_images": 0,
     "data.coco.captions": "join",
 }
+# Localisation on COCO (method.md section 4): every val2017 image (the test split), one pair per
+# image and present class, mask = the union of its instances (sparc.evaluate.queries).
+COCO_LOCALISE: dict[str, object] = {
+    "localise.source": "masks",
+    "localise.split": "test",
+    "localise.queries": 0,
+}
 
 
 def _setting_overrides(
@@ -123,8 +130,9 @@ def paper_overrides(csv: str = "", hierarchy: str = "", max_images: int = 0) -> 
 def coco_overrides(max_images: int = 0) -> list[str]:
     """The COCO setting: the paper's streams and :data:`PAPER_SETTING` on ``coco``
     (:data:`COCO_DATA`: train2017 to train on, val2017 to evaluate on, captions joined;
-    ``max_images`` > 0: only the first images of each split)."""
-    return _setting_overrides({**COCO_DATA, "data.coco.max_images": max_images})
+    ``max_images`` > 0: only the first images of each split), localised on every val2017 image
+    and present class (:data:`COCO_LOCALISE`)."""
+    return _setting_overrides({**COCO_DATA, "data.coco.max_images": max_images, **COCO_LOCALISE})
 
 
 def experiment_command(name: str, overrides: list[str]) -> list[str]:

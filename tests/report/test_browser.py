@@ -36,7 +36,14 @@ from sparc.model.codes import SparseCodes
 from sparc.model.io import save_sae
 from sparc.model.sae import MultiStreamSAE, SAEConfig
 from sparc.params import Params, params_from_dict
-from sparc.report.browser import build_browser, embedded_data, search_matches
+from sparc.report.browser import (
+    build_browser,
+    embedded_data,
+    localisation_section,
+    read_localisation,
+    search_matches,
+)
+from tests.report.localise_fixtures import METHODS, METRICS, TEXTS, write_localise_outputs
 
 CLIP = "openclip:ViT-B-32@laion2b_s34b_b79k"
 STREAMS = {
@@ -138,6 +145,12 @@ def browser(run: Run) -> Path:
 @pytest.fixture(scope="module")
 def data(browser: Path) -> dict:
     return embedded_data(browser / "index.html")
+
+
+@pytest.fixture(scope="module")
+def loc_browser(run: Run) -> Path:
+    """The browser with the localise stage's outputs (tiny ones made in code)."""
+    return run.build(run.root / "browser_loc", localise_dir=write_localise_outputs(run.root / "localise"))
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -300,6 +313,37 @@ def test_refuses_stale_evaluation(run: Run, tmp_path: Path) -> None:
         run.build(tmp_path / "out", reports_dir=stale)
 
 
+def test_localisation_section_and_images(loc_browser: Path) -> None:
+    loc = embedded_data(loc_browser / "index.html")["localisation"]
+    assert loc["ap_label"] == "AP@0.2" and loc["notes"] == []
+    assert [(r["method"], r["ap"], r["miou"], r["chance"]) for r in loc["metrics"]] == [
+        (m, METRICS[f"ap_{m}"], METRICS[f"miou_{m}"], m == "chance") for m in METHODS]
+    assert [q["text"] for q in loc["queries"]] == TEXTS
+    images = []
+    for q in loc["queries"]:
+        assert [p["method"] for p in q["panels"]] == METHODS
+        images += [q["img"], *(p["img"] for p in q["panels"])]
+    assert sorted(images) == sorted(p.relative_to(loc_browser).as_posix() for p in loc_browser.glob("localise/*"))
+    for rel in images:
+        data = (loc_browser / rel).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(loc_browser / rel) as im:
+            assert im.mode == "RGB" and 16 <= max(im.size) <= 160
+
+
+def test_localisation_absent_is_a_note(browser: Path, data: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert data["localisation"] is None and not (browser / "localise").exists()
+    write_localise_outputs(tmp_path, overlays=False)
+    metrics, overlays, notes = read_localisation(tmp_path)
+    assert overlays is None and notes == [
+        f"no localisation overlays: {tmp_path / 'overlays.npz'} is missing "
+        "(run `dvc repro localise` or `python -m sparc localise`)"]
+    assert capsys.readouterr().out == f"browser: {notes[0]}\n"
+    section = localisation_section(metrics, overlays, notes)
+    assert section["ap_label"] == "AP" and section["queries"] == [] and len(section["metrics"]) == 3
+    assert localisation_section(None, None, []) is None
+
+
 # --------------------------------------------------------------------------- in a real browser
 
 
@@ -412,5 +456,23 @@ def test_page_in_headless_chromium(chrome, browser: Path, data: dict, tmp_path: 
     assert any(u.endswith(".jpg") for u in requested), requested
     # (chrome:// are the browser's own new-tab resources, before the page opens)
     assert not [u for u in requested if not u.startswith(("file://", "data:", "chrome://", "about:"))], requested
+    errors = [m for m in chrome.get_log("browser") if m["level"] == "SEVERE"]
+    assert not errors, errors
+
+
+def test_localisation_in_headless_chromium(chrome, loc_browser: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    chrome.get((loc_browser / "index.html").resolve().as_uri())
+    chrome.find_element(By.ID, "nav-localisation").click()
+    assert _wait(lambda: chrome.execute_script("return location.hash") == "#localisation")
+    rows = chrome.find_elements(By.CSS_SELECTOR, "#localisation-table tr[data-method]")
+    assert [r.get_attribute("data-method") for r in rows] == METHODS
+    assert rows[0].find_elements(By.TAG_NAME, "td")[1].text == f"{METRICS['ap_vit']:.3f}"
+    queries = chrome.find_elements(By.CSS_SELECTOR, "#localisation-queries .query")
+    assert [q.find_element(By.TAG_NAME, "b").text for q in queries] == [f"\u201c{t}\u201d" for t in TEXTS]
+    imgs = chrome.find_elements(By.CSS_SELECTOR, "#localisation-queries img")
+    assert len(imgs) == len(TEXTS) * (1 + len(METHODS))
+    assert all(_wait(lambda i=i: chrome.execute_script("return arguments[0].naturalWidth", i)) for i in imgs)
     errors = [m for m in chrome.get_log("browser") if m["level"] == "SEVERE"]
     assert not errors, errors

@@ -22,7 +22,13 @@ from sparc.model.io import save_sae
 from sparc.model.sae import MultiStreamSAE, SAEConfig
 from sparc.params import Params, params_from_dict
 from sparc.report import figures as F
-from sparc.report.figures_stage import choose_latents, concept_matches, run_figures
+from sparc.report.figures_stage import (
+    choose_latents,
+    concept_matches,
+    localisation_figures,
+    run_figures,
+)
+from tests.report.localise_fixtures import METHODS, TEXTS, write_localise_outputs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CLIP = "openclip:ViT-B-32@laion2b_s34b_b79k"
@@ -367,6 +373,48 @@ def test_run_figures_skips_latents_that_never_fire(mixed: Run, mixed_figures: Pa
     out = mixed_figures
     shown = {lat["latent"] for lat in json.loads((out / "index.json").read_text())["latents"]}
     assert shown and not shown & {int(r["latent"]) for r in dead}
+
+
+def test_run_figures_draws_the_localisation(mixed: Run, tmp_path: Path) -> None:
+    localise = write_localise_outputs(tmp_path / "localise")
+    out = run_figures(mixed.params, prepared_dir=mixed.prepared, codes_dir=mixed.codes, concepts_dir=mixed.concepts,
+                      reports_dir=mixed.reports, out_dir=tmp_path / "figures", localise_dir=localise)
+    index = json.loads((out / "index.json").read_text())
+    entries = {f["file"]: f for f in index["figures"]}
+    assert entries["localisation.png"]["queries"] == TEXTS and entries["localisation.png"]["methods"] == METHODS
+    assert entries["localisation_scores.png"]["methods"] == ["vit", "effnet", "chance"]
+    w, h = assert_png(out / "localisation.png")
+    assert (w, h) == (round(1.9 * (1 + len(METHODS)) * F.DPI), round(2.1 * len(TEXTS) * F.DPI))
+    w, h = assert_png(out / "localisation_scores.png")
+    assert 300 <= w <= 1000 and 200 <= h <= 400
+    assert not [n for n in index["notes"] if "localisation" in n]
+
+
+def test_run_figures_skips_the_localisation_without_its_outputs(mixed_figures: Path) -> None:
+    index = json.loads((mixed_figures / "index.json").read_text())  # the fixture has no reports/localise
+    assert not list(mixed_figures.glob("localisation*.png"))
+    assert [n for n in index["notes"] if n.startswith("no localisation")] == [
+        f"no localisation.png: {mixed_figures.parent / 'localise' / 'overlays.npz'} is missing "
+        "(run `dvc repro localise` or `python -m sparc localise`)",
+        f"no localisation_scores.png: {mixed_figures.parent / 'localise' / 'metrics.json'} is missing "
+        "(run `dvc repro localise` or `python -m sparc localise`)",
+    ]
+
+
+def test_localisation_figures_with_part_of_the_outputs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    saved, notes = [], []
+
+    def save(fig, name: str, what: str, **extra) -> None:
+        saved.append((name, fig.axes[0].get_legend().get_texts()[0].get_text() if name.endswith("scores.png") else ""))
+
+    localisation_figures(write_localise_outputs(tmp_path / "m", overlays=False), save, notes)
+    assert saved == [("localisation_scores.png", "AP")]  # the threshold is stored with the overlays
+    assert notes == [f"no localisation.png: {tmp_path / 'm' / 'overlays.npz'} is missing "
+                     "(run `dvc repro localise` or `python -m sparc localise`)"]
+    assert capsys.readouterr().out == f"figures: {notes[0]}\n"
+    saved.clear()
+    localisation_figures(write_localise_outputs(tmp_path / "o", metrics=False), save, notes)
+    assert saved == [("localisation.png", "")]
 
 
 def test_run_figures_captions_only(tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -162,7 +162,13 @@ def score_pairs(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], scores:
     "ious": per-pair IoUs}`` of heat maps against ground-truth masks (Otsu binarisation)."""
     if len(maps) != len(masks) or len(maps) != len(scores):
         raise ValueError(f"score_pairs: {len(maps)} maps, {len(masks)} masks, {len(scores)} scores")
-    ious = [iou(binarise(m), g) for m, g in zip(maps, masks, strict=True)]
+    return summarise_ious([iou(binarise(m), g) for m, g in zip(maps, masks, strict=True)], scores, threshold)
+
+
+def summarise_ious(ious: Sequence[float], scores: Sequence[float], threshold: float = 0.2) -> dict:
+    """:func:`score_pairs`'s dict from per-pair IoUs (``iou(binarise(map), mask)``) and scores, for
+    callers that score one map at a time instead of holding them all."""
+    ious = [float(v) for v in ious]
     return {
         "ap": average_precision(ious, scores, threshold),
         "miou": float(np.mean(ious)) if ious else 0.0,

@@ -349,9 +349,9 @@ def _device(params: Params, device: str | None) -> str:
     from sparc.features.base import resolve_device
 
     try:
-        return str(resolve_device(device or params.evaluate.device))
+        return str(resolve_device(device or params.evaluate.device, "evaluate.device"))
     except ValueError as err:
-        raise ParamsError(f"evaluate.device: {err}") from None
+        raise ParamsError(str(err)) from None
 
 
 # --------------------------------------------------------------------------- encode

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sparc.npz import save_npz
+
 
 @dataclass(frozen=True)
 class SparseCodes:
@@ -51,7 +53,7 @@ class SparseCodes:
         path.mkdir(parents=True, exist_ok=True)
         arrays = {f"{s}__indices": a.astype(np.int32) for s, a in self.indices.items()}
         arrays.update({f"{s}__values": a.astype(np.float32) for s, a in self.values.items()})
-        np.savez(path / "codes.npz", **arrays)
+        save_npz(path / "codes.npz", arrays)
         (path / "codes.json").write_text(json.dumps({"L": self.L, "streams": self.streams, "ids": self.ids}))
 
     @classmethod

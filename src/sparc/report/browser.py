@@ -6,6 +6,9 @@
                    ``<script type="application/json">``); no server, no network, no CDN, no fonts
     thumbs/<row>.jpg   one small JPEG (side <= ``figures.thumb_px``, white background) per image
                    the page shows, written once whatever the number of latents showing it
+    localise/q<i>.png, localise/q<i>_m<j>.png   per overlay query of the localise stage, its
+                   image with the mask outlined, and per method j the heat map blended over it
+                   (side <= :data:`LOCALISE_PX`; only when reports/localise/overlays.npz exists)
 
 It reads the prepared dataset (captions, labels, images), the codes (``data/codes/{joint,
 per_stream}``), the concepts stage's tables and summary, and the evaluate stage's
@@ -35,6 +38,11 @@ The page:
   ``figures.queries`` test captions (evenly spread over the test split), per caption stream and
   image stream, the top images by cosine similarity of the per-stream codes (the correct image
   outlined, and its rank).
+* **Text-guided localisation** (linked from the header): the localise stage's AP@0.2 and mIoU per
+  method and the chance baseline (``reports/localise/metrics.json``), and its overlay queries
+  (``overlays.npz``): the query text, the image with the ground-truth mask (green), per method the
+  heat map blended over the image with its Otsu mask (white) and its IoU. Absent localise outputs
+  (a run of part of the pipeline) leave the section with a note, printed too, not an error.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ from sparc import paths
 from sparc.data.prepared import PreparedData, load_prepared
 from sparc.evaluate.labels import LabelSpace
 from sparc.evaluate.metrics import firing_counts, firing_matrix, top_activating
+from sparc.evaluate.overlays import CHANCE, Overlays, read_overlays
 from sparc.evaluate.retrieval import cosine_scores, spread_picks
 from sparc.evaluate.stage import (
     CODE_KINDS,
@@ -66,12 +75,15 @@ from sparc.evaluate.stage import (
     split_rows,
 )
 from sparc.params import Params, check_figures
+from sparc.report import localise_figure as LF
 
 INDEX = "index.html"
 THUMBS = "thumbs"
 N_DIST_LABELS = 8  # labels listed per label distribution (the rest are summed as "other")
 N_RETRIEVED = 5  # gallery images shown per retrieval query
 FREQ_TOLERANCE = 1e-6  # latents.csv rounds to 6 decimals
+LOCALISE = "localise"  # the localise stage's folder under reports/, and the images' folder here
+LOCALISE_PX = 160  # longer side of the localisation images
 
 
 # --------------------------------------------------------------------------- inputs
@@ -388,7 +400,68 @@ def search_matches(data: dict, query: str) -> list[int]:
     return [e["l"] for e in data["latents"] if not q or q in e["search"]]
 
 
+def localisation_image(i: int, j: int | None = None) -> str:
+    """Page-relative path of overlay query ``i``'s image (``j`` None) or of method ``j``'s panel."""
+    return f"{LOCALISE}/q{i}.png" if j is None else f"{LOCALISE}/q{i}_m{j}.png"
+
+
+def localisation_section(metrics: dict | None, overlays: Overlays | None, notes: list[str]) -> dict | None:
+    """The page's localisation data (module docstring): ``metrics`` the localise stage's flat
+    metrics.json, ``overlays`` its overlay data, either None when absent (``notes`` says why);
+    None when both are."""
+    if metrics is None and overlays is None:
+        return None
+    table = []
+    if metrics is not None:
+        for m, (ap, miou) in LF.localisation_scores(metrics).items():
+            table.append({"method": m, "ap": ap, "miou": miou, "chance": m == CHANCE})
+    queries = []
+    for i, q in enumerate(overlays.queries if overlays else []):
+        queries.append({
+            "text": q.text, "img": localisation_image(i),
+            "panels": [{"method": m, "iou": round(q.ious[m], 4), "img": localisation_image(i, j)}
+                       for j, m in enumerate(overlays.methods)],
+        })
+    return {
+        "ap_label": LF.ap_label(overlays.iou_threshold if overlays else None),
+        "metrics": table,
+        "queries": queries,
+        "notes": list(notes),
+    }
+
+
 # --------------------------------------------------------------------------- writing
+
+
+def write_localisation_images(overlays: Overlays, out: Path, px: int = LOCALISE_PX) -> list[Path]:
+    """The PNGs of :func:`localisation_section` under ``out`` (:func:`localisation_image` names,
+    :func:`sparc.report.localise_figure.overlay_image` panels); returns their paths."""
+    from PIL import Image
+
+    (out / LOCALISE).mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, q in enumerate(overlays.queries):
+        panels = [(localisation_image(i), None), *((localisation_image(i, j), q.heats[m])
+                                                   for j, m in enumerate(overlays.methods))]
+        for name, heat in panels:
+            Image.fromarray(LF.overlay_image(q.image, q.mask, heat, px)).save(out / name, "PNG", optimize=True)
+            written.append(out / name)
+    return written
+
+
+def read_localisation(localise: Path) -> tuple[dict | None, Overlays | None, list[str]]:
+    """``(metrics, overlays, notes)`` of the localise stage's outputs in ``localise``; a missing
+    file gives None and a note (printed), a corrupt one raises."""
+    hint = "run `dvc repro localise` or `python -m sparc localise`"
+    notes = []
+    metrics_path, overlays_path = localise / "metrics.json", localise / "overlays.npz"
+    metrics = read_json_object(metrics_path, "localise", "localisation outputs") if metrics_path.is_file() else None
+    overlays = read_overlays(overlays_path) if overlays_path.is_file() else None
+    for path, value, what in ((metrics_path, metrics, "scores"), (overlays_path, overlays, "overlays")):
+        if value is None:
+            notes.append(f"no localisation {what}: {path} is missing ({hint})")
+            print(f"browser: {notes[-1]}")
+    return metrics, overlays, notes
 
 
 def make_thumb(src: Path, dst: Path, px: int) -> bool:
@@ -441,10 +514,12 @@ def build_browser(
     concepts_dir: str | Path | None = None,
     reports_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
+    localise_dir: str | Path | None = None,
 ) -> Path:
     """Write the concept browser (module docstring) to ``out_dir`` (default ``reports/browser``)
     atomically (``<out_dir>.tmp`` then rename) and return ``out_dir``. ``reports_dir`` (default
-    ``reports``) holds latents.csv, metrics.json and retrieval.csv."""
+    ``reports``) holds latents.csv, metrics.json and retrieval.csv; ``localise_dir`` (default
+    ``<reports_dir>/localise``) the localise stage's metrics.json and overlays.npz."""
     check_figures(params.figures)
     prepared = load_prepared(prepared_dir or paths.prepared_dir(params.data.dataset))
     codes_dir = Path(codes_dir or paths.codes_dir())
@@ -469,6 +544,8 @@ def build_browser(
     data = browser_data(
         params, prepared, codes, concept_tables, concept_summary, latents, metrics, retrieval_rows, meta
     )
+    loc_metrics, overlays, loc_notes = read_localisation(Path(localise_dir or reports_dir / LOCALISE))
+    data["localisation"] = localisation_section(loc_metrics, overlays, loc_notes)
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
@@ -479,6 +556,8 @@ def build_browser(
         name = f"{row}.jpg"
         if make_thumb(prepared.images[row], tmp / THUMBS / name, px):
             data["samples"][str(row)]["img"] = f"{THUMBS}/{name}"
+    if overlays is not None and overlays.queries:
+        write_localisation_images(overlays, tmp)
     (tmp / INDEX).write_text(render_html(data), encoding="utf-8")
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -539,6 +618,9 @@ ol.captions li span.act { color: var(--muted); font-size: 12px; margin-left: 6px
 .cols { display: grid; grid-template-columns: 1fr 1fr; gap: 0 20px; }
 .query { margin: 10px 0 16px; padding: 8px; background: #fff; border: 1px solid var(--line); border-radius: 4px; }
 .query .row { display: flex; gap: 14px; align-items: flex-start; }
+nav { margin-top: 6px; } nav a { margin-right: 16px; color: var(--acc); }
+.locpanel { font-size: 12px; text-align: center; }
+.locpanel img { display: block; border: 1px solid var(--line); background: #fff; }
 </style>
 </head>
 <body>
@@ -546,6 +628,7 @@ ol.captions li span.act { color: var(--muted); font-size: 12px; margin-left: 6px
 <h1 id="title"></h1>
 <div id="meta" class="muted"></div>
 <table class="summary" id="summary"></table>
+<nav><a href="#table-section">Live latents</a><a href="#retrieval">Cross-stream retrieval</a><a href="#localisation" id="nav-localisation">Text-guided localisation</a></nav>
 </header>
 <main>
 <section id="table-section">
@@ -560,6 +643,11 @@ ol.captions li span.act { color: var(--muted); font-size: 12px; margin-left: 6px
 <h2>Cross-stream retrieval</h2>
 <div id="retrieval-metrics"></div>
 <div id="retrieval-examples"></div>
+</section>
+<section id="localisation">
+<h2>Text-guided localisation</h2>
+<div id="localisation-metrics"></div>
+<div id="localisation-queries"></div>
 </section>
 </main>
 <aside id="panel" hidden></aside>
@@ -765,6 +853,27 @@ function renderRetrieval() {
   }
 }
 
+function renderLocalisation() {
+  const L = D.localisation, box = document.getElementById("localisation-metrics");
+  if (!L) { box.append(el("p", {class: "muted", text: "No localisation outputs (reports/localise/metrics.json and overlays.npz are missing): run `dvc repro localise`."})); return; }
+  for (const n of L.notes) box.append(el("p", {class: "muted", text: n}));
+  if (L.metrics.length) {
+    const t = el("table", {class: "data", id: "localisation-table"});
+    t.append(el("tr", {}, ...["method", L.ap_label, "mIoU"].map(h => el("th", {text: h}))));
+    for (const r of L.metrics) t.append(el("tr", {"data-method": r.method, class: r.chance ? "muted" : null},
+      el("td", {text: r.chance ? r.method + " (baseline)" : r.method}), el("td", {class: "num", text: fmt(r.ap)}), el("td", {class: "num", text: fmt(r.miou)})));
+    box.append(el("p", {class: "muted", text: "A text query names a region of the image; each method's heat map for it is binarised with Otsu's threshold and compared with the query's ground-truth mask (AP over the queries ranked by the method's score, and mean IoU)."}), t);
+  }
+  const qs = document.getElementById("localisation-queries");
+  if (L.queries.length) qs.append(el("h3", {text: "Overlays"}), el("p", {class: "muted", text: "green: the ground-truth mask; colours: the heat map (red: high); white: its Otsu mask."}));
+  for (const q of L.queries) {
+    const panels = [el("div", {class: "locpanel"}, el("img", {src: q.img, alt: "the image and the mask"}), el("div", {class: "muted", text: "image and mask"}))];
+    for (const p of q.panels) panels.push(el("div", {class: "locpanel", "data-method": p.method},
+      el("img", {src: p.img, alt: p.method + " heat map"}), el("div", {text: `${p.method}, IoU ${fmt(p.iou, 2)}`})));
+    qs.append(el("div", {class: "query loc"}, el("div", {}, el("b", {text: "\u201c" + q.text + "\u201d"})), el("div", {class: "row"}, ...panels)));
+  }
+}
+
 function placeholder() {
   const n = new Map();
   for (const e of D.latents) for (const w of e.search.split("\n")) if (w) n.set(w, (n.get(w) || 0) + 1);
@@ -777,6 +886,7 @@ placeholder();
 renderHead();
 renderRows();
 renderRetrieval();
+renderLocalisation();
 let pending = null;
 document.getElementById("search").addEventListener("input", () => {
   clearTimeout(pending);

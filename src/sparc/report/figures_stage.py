@@ -11,6 +11,11 @@ writes ``reports/figures/`` (atomically: ``figures.tmp`` then rename)::
     latent_<id>.png         a shown latent's top ``figures.top_n`` test samples per stream
     retrieval_examples.png  ``figures.queries`` caption queries and the top images of each image
                             stream (needs a caption stream and an image stream)
+    localisation.png        the localise stage's overlay queries: the image with its mask and the
+                            query text, per method the heat map over it, its Otsu mask and IoU
+                            (from ``reports/localise/overlays.npz``)
+    localisation_scores.png AP@0.2 and mIoU per localisation method, chance dashed (from
+                            ``reports/localise/metrics.json``)
     index.json              figures written, latents shown (and why), concepts and latents
                             skipped, retrieval queries, notes
 
@@ -31,6 +36,9 @@ Latents that fire on no test sample in any stream are skipped (``skipped_latents
 examples use the first caption stream as the query side and test samples evenly spread over the
 test split as queries; each image stream ranks the test gallery by the cosine of L2-normalised
 per-stream codes (ties: lower row first).
+
+The localisation figures are skipped, with a printed message and a note in index.json, when the
+localise stage's outputs are absent (a run of only part of the pipeline).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import csv
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +57,7 @@ import scipy.sparse as sp
 from sparc import paths
 from sparc.data.prepared import PreparedData, load_prepared
 from sparc.evaluate.metrics import top_activating
+from sparc.evaluate.overlays import read_overlays
 from sparc.evaluate.retrieval import cosine_scores, spread_picks
 from sparc.evaluate.stage import (
     EVAL_SPLIT,
@@ -60,11 +70,14 @@ from sparc.evaluate.stage import (
 )
 from sparc.params import Params, check_figures
 from sparc.report import figures as F
+from sparc.report import localise_figure as LF
 
 INDEX = "index.json"
 METRICS = "metrics.json"
 LATENTS_CSV = "latents.csv"
 FIGURES_DIR = "figures"
+LOCALISE_DIR = "localise"
+OVERLAYS = "overlays.npz"
 
 
 @dataclass
@@ -282,6 +295,36 @@ def _read_latents(path: Path, L: int, streams: list[str]) -> list[dict]:
     return rows
 
 
+def localisation_figures(localise: Path, save: Callable[..., None], notes: list[str]) -> None:
+    """``localisation.png`` from ``<localise>/overlays.npz`` and ``localisation_scores.png`` from
+    ``<localise>/metrics.json`` through ``save(fig, name, what, **extra)``; each is skipped, with a
+    printed message and a line in ``notes``, when its input is absent (a corrupt one raises)."""
+    overlays_path, metrics_path = localise / OVERLAYS, localise / METRICS
+    hint = "run `dvc repro localise` or `python -m sparc localise`"
+
+    def skip(message: str) -> None:
+        print(f"figures: {message}")
+        notes.append(message)
+
+    threshold = None
+    if overlays_path.is_file():
+        overlays = read_overlays(overlays_path)
+        threshold = overlays.iou_threshold
+        if overlays.queries:
+            save(LF.overlay_figure(overlays), "localisation.png", "localisation",
+                 queries=[q.text for q in overlays.queries], methods=overlays.methods)
+        else:
+            skip(f"no localisation.png: {overlays_path} holds no query (localise.overlays)")
+    else:
+        skip(f"no localisation.png: {overlays_path} is missing ({hint})")
+    if metrics_path.is_file():
+        metrics = read_json_object(metrics_path, "localise", "localisation outputs")
+        save(LF.scores_figure(metrics, threshold), "localisation_scores.png", "localisation_scores",
+             methods=list(LF.localisation_scores(metrics)))
+    else:
+        skip(f"no localisation_scores.png: {metrics_path} is missing ({hint})")
+
+
 def run_figures(
     params: Params,
     *,
@@ -290,9 +333,11 @@ def run_figures(
     concepts_dir: str | Path | None = None,
     reports_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
+    localise_dir: str | Path | None = None,
 ) -> Path:
     """The `figures` stage (module docstring). ``reports_dir`` (default ``reports``) holds
-    metrics.json and latents.csv; ``out_dir`` defaults to ``<reports_dir>/figures``. Returns
+    metrics.json and latents.csv; ``out_dir`` defaults to ``<reports_dir>/figures``,
+    ``localise_dir`` (the localise stage's outputs) to ``<reports_dir>/localise``. Returns
     ``out_dir``."""
     check_figures(params.figures)
     fp = params.figures
@@ -383,6 +428,7 @@ def run_figures(
         notes.append("no image stream: no retrieval example grid")
     else:
         notes.append("figures.queries is 0: no retrieval example grid")
+    localisation_figures(Path(localise_dir or reports_dir / LOCALISE_DIR), save, notes)
 
     index = {
         "split": EVAL_SPLIT,
