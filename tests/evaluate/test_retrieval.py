@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -74,8 +76,8 @@ def test_sparse_counts_equal_formula_and_dense(seed: int) -> None:
     diag = np.diag(S)
     assert (diag == 0).sum() >= 3 and (diag > 0).any()
     assert ((want[0][1] > 0) & (diag > 0)).any()  # ties above zero too
-    for threads, chunk in ((1, 80), (2, 7), (3, 1)):
-        assert_counts_equal(r.sparse_pair_rank_counts(q, g, threads=threads, chunk=chunk), want)
+    for threads in (1, 2, 3):
+        assert_counts_equal(r.sparse_pair_rank_counts(q, g, threads=threads), want)
     assert_counts_equal(r.dense_pair_rank_counts(q, g), want)
     assert_counts_equal(r.pair_rank_counts(q, g), want)
 
@@ -108,7 +110,7 @@ def test_negative_values_and_unsorted_rows() -> None:
     q, g = mats
     assert (q.data < 0).any() and (np.diff(q.indices[q.indptr[0] : q.indptr[1]]) > 0).any()
     want = formula_counts(q, g)
-    assert_counts_equal(r.sparse_pair_rank_counts(q, g, threads=2, chunk=9), want)
+    assert_counts_equal(r.sparse_pair_rank_counts(q, g, threads=2), want)
     assert_counts_equal(r.dense_pair_rank_counts(q, g), want)
 
 
@@ -134,11 +136,87 @@ def test_default_data_shape_all_stream_pairs() -> None:
             assert m.retrieval_metrics(*got[0])["R@1"] > 10 / N
 
 
-def test_public_scipy_calls_give_the_same_counts(monkeypatch: pytest.MonkeyPatch) -> None:
-    q, g = hard_pair(0)
+def signed_codes(rng: np.random.Generator, N: int, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[N, L]`` stored-entry mask (density 0.15: many pairs share no latent, score exactly 0) and
+    ``[N, L]`` values in {-2, -1, 0, 1, 2} (exact ties, negative and zero scores)."""
+    return rng.random((N, L)) < 0.15, rng.integers(-2, 3, size=(N, L)).astype(np.float32)
+
+
+def stored(mask: np.ndarray, vals: np.ndarray) -> sp.csr_matrix:
+    """CSR codes of the masked entries, zeros among them stored explicitly."""
+    rows, cols = np.nonzero(mask)
+    return sp.csr_matrix((vals[rows, cols], (rows, cols)), shape=mask.shape)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_kernel_counts_with_negatives_zeros_duplicates_and_ties(seed: int) -> None:
+    """Untouched rows (score exactly 0) against negative, zero and positive S_ii, in both
+    directions: duplicate queries and gallery rows, answers equal to their query and to its
+    negation; every worker count, including more workers than queries."""
+    rng = np.random.default_rng(100 + seed)
+    N, L = 150, 40
+    (qm, qv), (gm, gv) = signed_codes(rng, N, L), signed_codes(rng, N, L)
+    qm[10], qv[10], gm[10], gv[10] = qm[11], qv[11], gm[11], gv[11]  # duplicate query and gallery item
+    qv[20:22] = np.where(qv[20:22] == 0, 1, qv[20:22])
+    gm[20:22], gv[20], gv[21] = qm[20:22], qv[20], -qv[21]  # answers equal to the query and its negation
+    q, g = stored(qm, qv), stored(gm, gv)
+    assert (q.data == 0).any() and (q.data < 0).any()
+    S = formula_scores(q, g)
+    diag = np.diag(S)
+    assert (diag < 0).any() and (diag == 0).any() and (diag > 0).any()
+    shares_none = (q.astype(bool) @ g.astype(bool).T).toarray() == 0
+    assert (shares_none & (diag < 0)[:, None]).any()  # untouched rows above a negative S_ii
+    assert (shares_none & (diag < 0)[None, :]).any()  # untouched queries above a negative S_jj
     want = formula_counts(q, g)
-    monkeypatch.setattr(r, "FAST_KERNELS", False)
-    assert_counts_equal(r.sparse_pair_rank_counts(q, g, threads=2, chunk=5), want)
+    for threads in (1, 2, 4):
+        assert_counts_equal(r.sparse_pair_rank_counts(q, g, threads=threads), want)
+    assert_counts_equal(r.dense_pair_rank_counts(q, g), want)
+    assert_counts_equal(r.sparse_pair_rank_counts(q[:3], g[:3], threads=8), formula_counts(q[:3], g[:3]))
+
+
+def test_kernel_rounds_product_and_sum_separately() -> None:
+    """``y += g * v`` must round the product to float32, then the sum (no fused multiply-add):
+    values where the two differ, searched for here, must give the separately rounded result."""
+    rng = np.random.default_rng(3)
+    a, b, c, d = rng.random((4, 10000), dtype=np.float32) + np.float32(0.5)
+    first = b * d  # the query's first latent: y = 0 + fl(b * d), exact
+    separate = first + a * c  # then y + fl(a * c), rounded
+    # y + a * c rounded once (exact in float64: 24-bit + 48-bit terms within a factor 9)
+    fused = (first.astype(np.float64) + a.astype(np.float64) * c.astype(np.float64)).astype(np.float32)
+    at = int(np.flatnonzero(separate != fused)[0])
+    # one query with latents 1, 0 (stored order) and values b, a; one gallery row with c, d
+    q = sp.csr_matrix((np.array([b[at], a[at]]), np.array([1, 0]), np.array([0, 2])), shape=(1, 2))
+    index = r.InvertedIndex(sp.csr_matrix(np.array([[c[at], d[at]]], dtype=np.float32)))
+    assert r.query_scores(q, index, 0)[0] == separate[at] != fused[at]
+    assert "fastmath" not in r._scatter.targetoptions and "fastmath" not in r._count_kernel.targetoptions
+
+
+def test_kernel_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Kernels are cached outside the source tree (a DVC dependency), uncached where that fails."""
+    calls = []
+
+    def njit(**options):
+        calls.append((options, r.numba.config.CACHE_DIR))
+        return lambda fn: fn
+
+    monkeypatch.setattr(r.numba, "njit", njit)
+    monkeypatch.setattr(r.numba.config, "CACHE_DIR", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert r.kernel_cache_dir() == str(tmp_path / "sparc" / "numba")
+    assert r._jit(nogil=True)(len) is len
+    assert calls.pop() == ({"cache": True, "nogil": True}, str(tmp_path / "sparc" / "numba"))
+    assert r.numba.config.CACHE_DIR == ""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # not a directory
+    assert r.kernel_cache_dir() is None
+    assert r._jit(nogil=True)(len) is len
+    assert calls.pop() == ({"nogil": True}, "")
+    monkeypatch.setattr(r.numba.config, "CACHE_DIR", str(tmp_path / "mine"))
+    assert r.kernel_cache_dir() == str(tmp_path / "mine")
+    monkeypatch.undo()
+    q, g = hard_pair(0)
+    r.sparse_pair_rank_counts(q, g)  # compiled, or loaded from the cache
+    assert not list(Path(r.__file__).parent.glob("__pycache__/*.nb[ic]"))  # numba's default place
 
 
 def test_falls_back_to_dense_when_the_kernels_disagree(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -152,7 +230,7 @@ def test_falls_back_to_dense_when_the_kernels_disagree(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(r, "paired_scores", nudged)
     with pytest.warns(RuntimeWarning, match="does not round as the score formula"):
-        got = r.sparse_pair_rank_counts(q, g, threads=2, chunk=8)
+        got = r.sparse_pair_rank_counts(q, g, threads=2)
     assert_counts_equal(got, formula_counts(q, g))
 
 
@@ -183,15 +261,3 @@ def test_descending_rows() -> None:
     assert out.indices.tolist() == [3, 1, 0, 2] and out.data.tolist() == [2.0, 3.0, 1.0, 9.0]
     np.testing.assert_array_equal(out.toarray(), mat.toarray())
     assert r.descending_rows(out) is out
-
-
-def test_private_kernels_are_checked_before_use(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert r._private_kernels_work() == (r._csc_matvec is not None)
-
-    def changed_signature(*args):
-        raise TypeError("csc_matvec() takes 8 arguments")
-
-    monkeypatch.setattr(r, "_csc_matvec", changed_signature)
-    assert not r._private_kernels_work()
-    monkeypatch.setattr(r, "_csc_matvec", None)
-    assert not r._private_kernels_work()

@@ -15,17 +15,22 @@ changes nothing), so both computations below give bit-identical scores, hence eq
 (tests/evaluate/test_retrieval.py checks it on the machine that runs them).
 
 * :func:`sparse_pair_rank_counts` (codes on the CPU; what :func:`pair_rank_counts` runs there):
-  an inverted index. The gallery is held by columns (latent -> the samples where it is active and
-  their values); for query i, ``y = G[:, active(i)] @ q_i`` (SciPy's CSC mat-vec: one
-  ``y[j] += g_jl * q_il`` per stored entry, columns in the query's stored order) touches only the
-  postings of its k latents, about k * (k / L) * N entries instead of the N * k of a dense
-  column. ``y`` is still a full ``[N]`` row, so samples sharing no latent with the query score
-  exactly 0 and are ranked (and tied) exactly as in the dense computation, whatever the sign of
-  the values; the counts are 4 comparisons of ``y`` with S_ii and with the diagonal. The diagonal
-  comes from :func:`paired_scores` (the formula, vectorised) and every query checks its own
-  mat-vec score against it: where SciPy's kernel rounds otherwise (a build that fuses multiply and
-  add), the counts come from the dense computation instead, with a warning. Queries are split
-  over threads (the mat-vec and the comparisons release the GIL).
+  an inverted index and a kernel compiled by numba (:func:`_count_kernel`). The gallery is held
+  by columns (latent -> the samples where it is active and their values); for query i, each
+  stored (latent l, value q_il), in the query's stored order, adds ``y[j] += g_jl * q_il`` over
+  the postings of l: a float32 product, then a float32 sum (compiled without ``fastmath``, so
+  with no fused multiply-add and no reassociation), about k * (k / L) * N entries instead of the
+  N * k of a dense column. ``y`` is a full ``[N]`` row of the worker's scratch, so samples sharing
+  no latent with the query score exactly 0 and are ranked (and tied) exactly as in the dense
+  computation, whatever the sign of the values; one vectorised pass over ``y`` counts it against
+  S_ii (forward) and against the diagonal S_jj (the worker's reverse counts) and zeroes it again.
+  (Visiting only the rows a query touches, with a touched list, was measured slower, even than
+  the SciPy mat-vec this replaced: at the paper's sizes a query meets about 0.5 N postings, 40%
+  of the rows, and scattered updates of per-row counters cost more than the pass.) The diagonal
+  comes from :func:`paired_scores` (the formula, vectorised) and every query checks its own kernel
+  score against it: where the kernel rounds otherwise, the counts come from the dense computation
+  instead, with a warning. Queries are interleaved over numba's threads (``prange``); the machine
+  code is cached on disk (:func:`kernel_cache_dir`).
 * :func:`dense_pair_rank_counts` (the reference; raw features; any ``evaluate.device``):
   S = Q G^T is never held whole. For a block of b query rows, the block is densified (``[L, b]``)
   and ``S_block^T = G @ Q_block^T`` (``[N, b]``) is a sparse x dense product with the gallery kept
@@ -39,16 +44,22 @@ same OpenCLIP model reading the image in one stream and the caption in the other
 
 Cost per stream pair (both directions), at the paper's scale (N = 126k, L = 8192, k = 64):
 dense, nnz(codes) x N multiply-adds (500-1100 CPU seconds per pair); sparse, about
-N * k^2 / L * N scattered adds (128x fewer) plus 4 comparisons per score (40-60 CPU seconds per
-pair; benchmarks/evaluate_memory.py). Memory: the sparse path holds the gallery twice (rows and
-columns) and a few ``[N]`` vectors per thread; the dense path one ``[N, b]`` block.
+N * k^2 / L * N scattered adds (128x fewer, about 1.8 ns each) plus one pass over N scores per
+query (about 0.4 ns per score): about 20 CPU seconds per pair (10-12 s wall on 2 threads), where
+the SciPy mat-vec and four NumPy comparisons it replaced took about 40 (benchmarks/evaluate_memory.py,
+same machine and load). Compiling the kernels takes about 4 CPU seconds, once per machine and
+version of this file (0.3 s to load them from the cache). Memory: the sparse path holds the
+gallery twice (rows and columns), an ``[N]`` float32 scratch and two ``[N]`` int32 counters per
+worker, and numba adds about 0.1 GiB; the dense path one ``[N, b]`` block.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -57,16 +68,6 @@ from sparc.evaluate.metrics import l2_normalise_rows
 
 DEFAULT_BLOCK_BYTES = 1 << 27  # one [N, b] float32 similarity block (128 MiB)
 CPU_MAX_ROWS = 128  # measured best block width for the CPU sparse x dense product
-CHUNK_QUERIES = 256  # the sparse path hands queries to its threads in runs of this many
-# SciPy's compiled kernels behind ``csc[:, cols]`` and ``csc @ x``, called without the public API's
-# per-call checks and allocations (twice as fast per query at the paper's scale). They are private:
-# FAST_KERNELS (set below the InvertedIndex class) is True only when they exist and agree with the
-# public calls on a small case; otherwise the public calls are used.
-try:
-    from scipy.sparse._sparsetools import csc_matvec as _csc_matvec
-    from scipy.sparse._sparsetools import csr_row_index as _csr_row_index
-except ImportError:
-    _csc_matvec = _csr_row_index = None
 RankCounts = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
@@ -251,65 +252,129 @@ def _block_counts(st: torch.Tensor, diag: torch.Tensor, rows: slice, on_cpu: boo
 # --------------------------------------------------------------------------- sparse (inverted index)
 
 
+def kernel_cache_dir() -> str | None:
+    """Where the compiled kernels are cached: ``$NUMBA_CACHE_DIR`` when set, else
+    ``$XDG_CACHE_HOME/sparc/numba`` (``~/.cache/sparc/numba``); None when it cannot be written.
+    Never numba's default ``__pycache__`` beside this file: ``src/sparc/evaluate`` is a dependency
+    of DVC stages (dvc.yaml), whose hash would change with the files written there."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = numba.config.CACHE_DIR or os.path.join(base, "sparc", "numba")
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError:
+        return None
+    return path
+
+
+def _jit(**options):
+    """``numba.njit(**options)``, its machine code cached in :func:`kernel_cache_dir` (compiled
+    again by each process where that is None). Never ``fastmath``: the scores must round as the
+    module docstring says (no fused multiply-add, no reassociation)."""
+
+    def wrap(fn):
+        cache_dir = kernel_cache_dir()
+        if cache_dir is None:
+            return numba.njit(**options)(fn)
+        previous = numba.config.CACHE_DIR  # numba picks the cache location when decorating
+        numba.config.CACHE_DIR = cache_dir
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        finally:
+            numba.config.CACHE_DIR = previous
+
+    return wrap
+
+
 class InvertedIndex:
-    """The gallery by latent: ``cols`` is the ``[N, L]`` float32 gallery in CSC form, column l listing
-    the samples where latent l is active and their values (the posting list of l)."""
+    """The gallery by latent (its CSC form): ``rows[ptr[l]:ptr[l + 1]]`` are the samples where
+    latent l is active (the posting list of l) and ``values[ptr[l]:ptr[l + 1]]`` (float32) their
+    values. Indices are unsigned (``ptr`` uint64, ``rows`` uint32), which spares the compiled loops
+    the handling of negative indices (a quarter of the scatter's time)."""
 
     def __init__(self, gallery: sp.csr_matrix) -> None:
         cols = sp.csc_matrix(gallery, dtype=np.float32)
-        idx = np.int32 if cols.nnz < 2**31 else np.int64
-        self.indptr = cols.indptr.astype(idx)
-        self.indices = cols.indices.astype(idx)
-        self.data = cols.data
-        self.cols = sp.csc_matrix((self.data, self.indices, self.indptr), shape=cols.shape)
+        if cols.shape[0] >= 2**32:
+            raise ValueError(f"sparse retrieval: {cols.shape[0]} gallery rows do not fit uint32 indices")
+        self.ptr = cols.indptr.astype(np.uint64)
+        self.rows = _as_uint32(cols.indices)
+        self.values = np.ascontiguousarray(cols.data, dtype=np.float32)
         self.N = cols.shape[0]
 
-    def scores(self, latents: np.ndarray, values: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``out[j]`` (``[N]`` float32, overwritten) = sum over t of ``G[j, latents[t]] * values[t]``,
-        added in the order of ``latents``: the query's scores against every gallery row
-        (``G[:, latents] @ values``, touching only those latents' postings)."""
-        values = np.asarray(values, dtype=np.float32)
-        if FAST_KERNELS:
-            return self._scores_private(latents, values, out)
-        out[:] = self.cols[:, latents] @ values
-        return out
 
-    def _scores_private(self, latents: np.ndarray, values: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """:meth:`scores` through the kernels the public calls use (gather the postings, then mat-vec)."""
-        latents = np.asarray(latents, dtype=self.indptr.dtype)
-        lengths = self.indptr[latents + 1] - self.indptr[latents]
-        ptr = np.zeros(latents.size + 1, dtype=self.indptr.dtype)
-        np.cumsum(lengths, out=ptr[1:])
-        rows = np.empty(ptr[-1], dtype=self.indptr.dtype)
-        vals = np.empty(ptr[-1], dtype=np.float32)
-        _csr_row_index(latents.size, latents, self.indptr, self.indices, self.data, rows, vals)
-        out.fill(0.0)
-        _csc_matvec(self.N, latents.size, ptr, rows, vals, values, out)
-        return out
+def _as_uint32(indices: np.ndarray) -> np.ndarray:
+    """Non-negative CSR/CSC indices as uint32: a view of int32 ones (no copy), else a copy."""
+    if indices.dtype == np.int32 and indices.flags.c_contiguous:
+        return indices.view(np.uint32)
+    return indices.astype(np.uint32)
 
 
-def _private_kernels_work() -> bool:
-    """True when SciPy's private kernels exist and give the public calls' scores on a small case."""
-    if _csc_matvec is None or _csr_row_index is None:
-        return False
-    index = InvertedIndex(sp.csr_matrix(np.array([[0.5, 0.0, 2.0], [1.0, 3.0, 0.0], [0.0, 0.0, 7.0]])))
-    latents, values = np.array([2, 0], dtype=np.int32), np.array([0.25, 4.0], dtype=np.float32)
-    try:
-        fast = index._scores_private(latents, values, np.empty(3, dtype=np.float32))
-    except (TypeError, ValueError, RuntimeError):  # a changed signature
-        return False
-    return bool(np.array_equal(fast, index.cols[:, latents] @ values))
+def _query_arrays(q: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(indptr uint64, latents uint32, values float32)`` of CSR query codes, as the kernels take
+    them."""
+    values = np.ascontiguousarray(q.data, dtype=np.float32)
+    return q.indptr.astype(np.uint64), _as_uint32(q.indices), values
 
 
-FAST_KERNELS = _private_kernels_work()
+@_jit(nogil=True)
+def _scatter(i, q_ptr, q_lat, q_val, g_ptr, g_row, g_val, y):
+    """Adds query i's scores against the gallery into ``y`` (``[N]`` float32 holding 0s): for each
+    stored (latent l, value v) of query row i, in stored order, and each posting (j, g) of l,
+    ``y[j] += g * v`` in float32, one rounding for the product and one for the sum (compiled
+    without fastmath: no fused multiply-add). Rows sharing no latent with i stay exactly 0."""
+    for p in range(q_ptr[i], q_ptr[i + 1]):
+        lat = q_lat[p]
+        v = q_val[p]
+        for e in range(g_ptr[lat], g_ptr[lat + 1]):
+            y[g_row[e]] += g_val[e] * v
 
 
-def query_scores(q: sp.csr_matrix, index: InvertedIndex, i: int, out: np.ndarray | None = None) -> np.ndarray:
-    """``[N]`` float32 S_ij of query row i of ``q`` against every gallery row j: the postings of its
-    active latents in the order its row stores them (zeros where nothing is shared)."""
-    lo, hi = q.indptr[i], q.indptr[i + 1]
-    out = np.empty(index.N, dtype=np.float32) if out is None else out
-    return index.scores(q.indices[lo:hi], q.data[lo:hi], out)
+@_jit(nogil=True, parallel=True)
+def _count_kernel(
+    q_ptr, q_lat, q_val, g_ptr, g_row, g_val, diag, fwd_greater, fwd_ties, rev_greater, rev_ties, mismatch
+):
+    """Rank counts of all queries by W = ``mismatch.size`` workers run in parallel (numba prange;
+    worker w takes queries w, w + W, ... with its own ``[N]`` float32 scratch ``y``).
+
+    Query i's scores y_j = S_ij (:func:`_scatter`), then one pass over j that zeroes ``y`` again and
+    counts: ``fwd_greater[i]`` = #{j : y_j > S_ii}, ``fwd_ties[i]`` = #{j : y_j = S_ii} - 1 (the
+    answer itself), and worker w's share of the reverse direction ``rev_greater[w, j]`` +=
+    [y_j > S_jj], ``rev_ties[w, j]`` += [y_j = S_jj] (S_jj = ``diag[j]``; the caller takes the
+    answers off). A query whose own score y_i differs from ``diag[i]`` stops the computation with
+    ``mismatch[w] = i`` (``mismatch`` starts at -1)."""
+    N = diag.size
+    workers = mismatch.size
+    y = np.zeros((workers, N), dtype=np.float32)
+    for w in numba.prange(workers):
+        yw, rg, rt = y[w], rev_greater[w], rev_ties[w]
+        for i in range(w, N, workers):
+            if mismatch.max() >= 0:
+                break
+            _scatter(i, q_ptr, q_lat, q_val, g_ptr, g_row, g_val, yw)
+            s = diag[i]
+            if yw[i] != s:
+                mismatch[w] = i
+                break
+            greater = 0
+            ties = 0
+            for j in range(N):
+                yj = yw[j]
+                yw[j] = 0.0
+                greater += yj > s
+                ties += yj == s
+                d = diag[j]
+                rg[j] += yj > d
+                rt[j] += yj == d
+            fwd_greater[i] = greater
+            fwd_ties[i] = ties - 1
+
+
+def query_scores(q: sp.csr_matrix, index: InvertedIndex, i: int) -> np.ndarray:
+    """``[N]`` float32 S_ij of query row i of ``q`` against every gallery row j, by the kernel of
+    :func:`sparse_pair_rank_counts` (:func:`_scatter`; 0 where nothing is shared)."""
+    out = np.zeros(index.N, dtype=np.float32)
+    _scatter(i, *_query_arrays(q), index.ptr, index.rows, index.values, out)
+    return out
 
 
 def paired_scores(q: sp.csr_matrix, g: sp.csr_matrix, block_bytes: int = 1 << 26) -> np.ndarray:
@@ -338,52 +403,14 @@ def paired_scores(q: sp.csr_matrix, g: sp.csr_matrix, block_bytes: int = 1 << 26
     return scores
 
 
-class _DiagonalMismatch(Exception):
-    """A query's own score from the mat-vec differs from :func:`paired_scores`."""
-
-
-def _scan(
-    q: sp.csr_matrix, index: InvertedIndex, diag: np.ndarray, chunks: list[range], forward: list[np.ndarray]
-) -> list[np.ndarray]:
-    """Counts for the queries in ``chunks``: forward greater / ties written into ``forward[0]`` /
-    ``forward[1]`` at those rows; returns these queries' share of the reverse greater / ties
-    (``[N]`` each). The answers themselves are excluded."""
-    N = q.shape[0]
-    rev_greater = np.zeros(N, dtype=np.int64)
-    rev_ties = np.zeros(N, dtype=np.int64)
-    # reverse counts gather in uint8 over at most 255 queries, then move to the int64 totals
-    acc_greater = np.zeros(N, dtype=np.uint8)
-    acc_ties = np.zeros(N, dtype=np.uint8)
-    mask = np.empty(N, dtype=bool)
-    y = np.empty(N, dtype=np.float32)
-    for rows in chunks:
-        for start in range(rows.start, rows.stop, 255):
-            for i in range(start, min(start + 255, rows.stop)):
-                query_scores(q, index, i, out=y)
-                s = diag[i]
-                if y[i] != s:
-                    raise _DiagonalMismatch(f"query {i}: mat-vec score {y[i]!r}, formula {s!r}")
-                forward[0][i] = np.count_nonzero(np.greater(y, s, out=mask))
-                forward[1][i] = np.count_nonzero(np.equal(y, s, out=mask)) - 1  # y[i] == s itself
-                np.add(acc_greater, np.greater(y, diag, out=mask).view(np.uint8), out=acc_greater)
-                np.add(acc_ties, np.equal(y, diag, out=mask).view(np.uint8), out=acc_ties)
-            rev_greater += acc_greater
-            rev_ties += acc_ties
-            acc_greater[:] = 0
-            acc_ties[:] = 0
-        rev_ties[rows.start : rows.stop] -= 1  # S_ii tied with itself in the reverse direction
-    return [rev_greater, rev_ties]
-
-
 def sparse_pair_rank_counts(
-    query: sp.csr_matrix,
-    gallery: sp.csr_matrix,
-    threads: int | None = None,
-    chunk: int = CHUNK_QUERIES,
+    query: sp.csr_matrix, gallery: sp.csr_matrix, threads: int | None = None
 ) -> RankCounts:
     """:func:`pair_rank_counts` of ``[N, L]`` CSR codes by an inverted index on the CPU (module
-    docstring), over ``threads`` threads (default ``torch.get_num_threads()``), each taking every
-    ``threads``-th run of ``chunk`` queries. Counts equal :func:`dense_pair_rank_counts` on the CPU."""
+    docstring): the compiled :func:`_count_kernel` over ``threads`` workers (default
+    ``torch.get_num_threads()``; numba runs at most ``numba.config.NUMBA_NUM_THREADS`` at once).
+    Counts equal :func:`dense_pair_rank_counts` on the CPU; where a query's own kernel score is
+    not :func:`paired_scores`'s, the dense computation gives them instead, with a RuntimeWarning."""
     _check_pair(query, gallery)
     if not sp.issparse(query):
         raise ValueError("sparse retrieval: query and gallery must be sparse codes")
@@ -392,26 +419,33 @@ def sparse_pair_rank_counts(
     N = q.shape[0]
     diag = paired_scores(q, g)
     index = InvertedIndex(g)
-    chunks = [range(a, min(a + chunk, N)) for a in range(0, N, chunk)]
-    workers = max(1, min(threads or torch.get_num_threads(), len(chunks)))
-    forward = [np.zeros(N, dtype=np.int64), np.zeros(N, dtype=np.int64)]
-    shares = [chunks[w::workers] for w in range(workers)]
+    workers = max(1, min(threads or torch.get_num_threads(), N))
+    fwd_greater = np.zeros(N, dtype=np.int64)
+    fwd_ties = np.zeros(N, dtype=np.int64)
+    rev_greater = np.zeros((workers, N), dtype=np.int32)  # a worker's share is at most N
+    rev_ties = np.zeros((workers, N), dtype=np.int32)
+    mismatch = np.full(workers, -1, dtype=np.int64)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(workers, numba.config.NUMBA_NUM_THREADS))
     try:
-        if workers == 1:
-            parts = [_scan(q, index, diag, share, forward) for share in shares]
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                parts = list(pool.map(lambda share: _scan(q, index, diag, share, forward), shares))
-    except _DiagonalMismatch as err:
+        _count_kernel(
+            *_query_arrays(q), index.ptr, index.rows, index.values, diag,
+            fwd_greater, fwd_ties, rev_greater, rev_ties, mismatch,
+        )
+    finally:
+        numba.set_num_threads(previous)
+    if mismatch.max() >= 0:
+        i = int(mismatch[mismatch >= 0][0])
         warnings.warn(
-            f"sparse retrieval: SciPy's mat-vec does not round as the score formula here ({err}); "
-            "using the dense computation",
+            f"sparse retrieval: the compiled kernel does not round as the score formula here (query {i}: "
+            f"kernel score {query_scores(q, index, i)[i]!r}, formula {diag[i]!r}); using the dense computation",
             RuntimeWarning,
             stacklevel=2,
         )
         return dense_pair_rank_counts(query, gallery)
-    reverse = [np.sum([p[d] for p in parts], axis=0, dtype=np.int64) for d in (0, 1)]
-    return (forward[0], forward[1]), (reverse[0], reverse[1])
+    rev_g = rev_greater.sum(axis=0, dtype=np.int64)
+    rev_t = rev_ties.sum(axis=0, dtype=np.int64) - 1  # S_jj tied with itself
+    return (fwd_greater, fwd_ties), (rev_g, rev_t)
 
 
 def shares_space(meta_a: dict, meta_b: dict) -> bool:
