@@ -174,7 +174,7 @@ class LocaliseParams:
     split: Literal["train", "val", "test", "all"] = "test"
     target: Literal["code", "concept"] = "code"  # <z_text, z_image> | sum of the latents named after the class
     layers: int = 1        # ViT rollout over the last N layers (the paper: 1)
-    overlays: int = 4      # queries drawn in the overlay figure
+    overlays: int = 4      # queries drawn in the overlay figure (those with the highest targets)
     source: Literal["auto", "composite", "masks"] = "auto"  # auto: masks on MASK_DATASETS, else composite
     prompt: str = "a photo of a {}."  # masks: the query text, {} = the category name
     device: str = "auto"   # the SAE's and the localisers' device: auto (CUDA when present) | cpu | cuda | cuda:N

@@ -158,3 +158,12 @@ def test_build_composites_is_deterministic(tmp_path):
         assert len(set(c.rows)) == 4 and c.query_mask.any()
     with pytest.raises(ValueError, match="cannot fill"):
         build_composites(range(3), paths, captions, labels, n=1)
+
+
+def test_overlay_picks_show_the_top_of_the_ranking_across_streams():
+    from sparc.evaluate.localise_stage import overlay_picks
+
+    # pair 2 is first in both streams; pair 0 is second in one and third in the other; ties by order
+    assert overlay_picks([[0.5, 0.1, 0.9, 0.0], [0.2, 0.3, 0.8, 0.0]], 2) == [2, 0]
+    assert overlay_picks([[0.0, 0.0, 0.0]], 5) == [0, 1, 2]
+    assert overlay_picks([], 4) == [] and overlay_picks([[]], 4) == []

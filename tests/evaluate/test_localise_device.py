@@ -157,9 +157,12 @@ def test_the_device_reaches_the_sae_the_localiser_and_its_input(clip_spec, tmp_p
     out = run_on(params, paths, "auto", tmp_path / "out")
     cpu = torch.device("cpu")
     assert seen["sae"] == [("cpu", {cpu})]
-    (loc,) = seen["localiser"]
-    assert seen["to"] == [cpu] and loc.device == cpu and {p.device for p in loc.model.parameters()} == {cpu}
-    assert seen["x"] == [cpu] * 6  # 3 queries x (SPARC + CLIP similarity)
+    assert len(seen["localiser"]) == 2  # the scoring pass and the overlays' pass
+    assert seen["to"] == [cpu, cpu]
+    for loc in seen["localiser"]:
+        assert loc.device == cpu and {p.device for p in loc.model.parameters()} == {cpu}
+    # (3 queries + the shown ones again) x (SPARC + CLIP similarity)
+    assert seen["x"] == [cpu] * 2 * (3 + 2)  # overlays: 2
     details = json.loads((out / "details.json").read_text())
     assert "device" not in details["params"] and details["params"]["target"] == "concept"
 

@@ -39,8 +39,8 @@ computed on the CPU.
 Outputs (``reports/localise``): ``metrics.json`` (DVC metrics: ``ap_<stream>``, ``miou_<stream>``,
 ``ap_chance``, ``miou_chance``), ``details.json`` (hit rates, counts, the parameters the source
 uses), ``pairs.csv`` (one row per query and method; the pair's columns: ``item_row, caption``, or
-for masks ``image, category, prompt``) and ``overlays.npz`` (image, mask, heat maps and IoUs of the first
-``localise.overlays`` queries, :mod:`sparc.evaluate.overlays`; the figures and browser stages
+for masks ``image, category, prompt``) and ``overlays.npz`` (image, mask, heat maps and IoUs of the
+``localise.overlays`` queries with the highest targets, :func:`overlay_picks`, :mod:`sparc.evaluate.overlays`; the figures and browser stages
 draw them, :mod:`sparc.report.localise_figure`).
 """
 
@@ -175,34 +175,37 @@ def run_localise(
         z_text = dense_code(model, text, torch.from_numpy(text_features[text]).to(device))
         clip_text = {s: torch.from_numpy(text_features[c]).to(device) for s, c in clip_streams.items()}
 
-    shown = pairs[: lp.overlays]
     results: dict[str, dict] = {}
-    maps: dict[str, list[np.ndarray]] = {}  # the placed heat maps of the shown pairs
     values: dict[str, list[float]] = {}
-    for s in streams:
+
+    def heat_maps(s: str, localiser, named: dict[str, list[int]], i: int) -> dict[str, tuple[np.ndarray, float]]:
+        """Method -> (heat map placed on pair i's image, target value) for image stream ``s``."""
+        pair = pairs[i]
+        image = pair.load_image()
+        x = localiser.preprocess(image).unsqueeze(0).to(device)
+        targets = {s: _target(model, s, z_text[i], pair.labels, named, lp.target)}
+        if s in clip_text:  # the CLIP-similarity baseline: same image, same localiser
+            targets[f"{CLIPSIM}_{s}"] = clip_similarity(clip_text[s][i])
+        out = {}
+        for k, target in targets.items():
+            with float32_convolutions():  # no TF32 on CUDA: the CPU's maps to float32 rounding
+                heat, value = localiser.heat(x, target)
+            out[k] = (place_map(heat, localiser.view_box(image.width, image.height), image.size), value)
+        return out
+
+    def stream_setup(s: str):
         named = named_latents(Path(concepts_dir or paths.concepts_dir()), s) if lp.target == "concept" else {}
-        localiser = build_localiser(params.streams[s].model, lp.layers).to(device)
-        clip_key = f"{CLIPSIM}_{s}" if s in clip_text else None
-        keys = [s, clip_key] if clip_key else [s]
-        ious: dict[str, list[float]] = {k: [] for k in keys}
-        for k in keys:
-            maps[k], values[k] = [], []
+        return build_localiser(params.streams[s].model, lp.layers).to(device), named
+
+    for s in streams:
+        localiser, named = stream_setup(s)
+        ious: dict[str, list[float]] = {}
         for i, pair in enumerate(tqdm(pairs, desc=f"localise {s}", disable=not progress)):
-            image, mask = pair.load_image(), pair.load_mask()
-            box = localiser.view_box(image.width, image.height)
-            x = localiser.preprocess(image).unsqueeze(0).to(device)
-            targets = {s: _target(model, s, z_text[i], pair.labels, named, lp.target)}
-            if clip_key:  # the CLIP-similarity baseline: same image, same localiser
-                targets[clip_key] = clip_similarity(clip_text[s][i])
-            for k, target in targets.items():
-                with float32_convolutions():  # no TF32 on CUDA: the CPU's maps to float32 rounding
-                    heat, value = localiser.heat(x, target)
-                placed = place_map(heat, box, image.size)
-                ious[k].append(iou(binarise(placed), mask))
-                values[k].append(value)
-                if i < len(shown):
-                    maps[k].append(placed)
-        for k in keys:
+            mask = pair.load_mask()
+            for k, (placed, value) in heat_maps(s, localiser, named, i).items():
+                ious.setdefault(k, []).append(iou(binarise(placed), mask))
+                values.setdefault(k, []).append(value)
+        for k in ious:
             results[k] = summarise_ious(ious[k], values[k], IOU_THRESHOLD)
     chance = _ChanceMaps()
     chance_ious = []
@@ -213,15 +216,35 @@ def run_localise(
     out = Path(out_dir or localise_dir())
     out.mkdir(parents=True, exist_ok=True)
     _write_outputs(out, params, source, pairs, results, values, text)
-    # overlay data of the first localise.overlays queries (drawn by the figures and browser stages)
-    panels = {s: maps[s][: len(shown)] for s in maps}
-    panels[CHANCE] = [chance.map(p.load_mask().shape) for p in shown]
+    # overlay data of the most confident queries (drawn by the figures and browser stages): their
+    # heat maps again, one stream at a time (keeping every map would not fit a COCO run in memory)
+    shown = overlay_picks([values[s] for s in streams], lp.overlays)
+    panels: dict[str, list[np.ndarray]] = {}
+    for s in streams:
+        localiser, named = stream_setup(s)
+        for i in shown:
+            for k, (placed, _) in heat_maps(s, localiser, named, i).items():
+                panels.setdefault(k, []).append(placed)
+    panels[CHANCE] = [chance.map(pairs[i].load_mask().shape) for i in shown]
     write_overlays(out / "overlays.npz", list(panels), [
-        OverlayQuery(p.text, np.asarray(p.load_image().convert("RGB")), p.load_mask(),
-                     {k: panels[k][i] for k in panels}, {k: results[k]["ious"][i] for k in panels})
-        for i, p in enumerate(shown)
+        OverlayQuery(pairs[i].text, np.asarray(pairs[i].load_image().convert("RGB")), pairs[i].load_mask(),
+                     {k: panels[k][j] for k in panels}, {k: results[k]["ious"][i] for k in panels})
+        for j, i in enumerate(shown)
     ], IOU_THRESHOLD)
     return out
+
+
+def overlay_picks(targets: list[list[float]], n: int) -> list[int]:
+    """The ``n`` pairs shown in the overlays: those SPARC is most confident about across the image
+    streams (the top of AP's ranking), i.e. the smallest sum over streams of the pair's rank by
+    decreasing target (``targets``: one list per image stream, one value per pair); ties by
+    pair order."""
+    if not targets or not targets[0]:
+        return []
+    ranks = np.zeros(len(targets[0]))
+    for t in targets:
+        ranks += np.argsort(np.argsort(-np.asarray(t, dtype=np.float64), kind="stable"), kind="stable")
+    return [int(i) for i in np.argsort(ranks, kind="stable")[:n]]
 
 
 def query_pairs(params: Params, source: str, prepared, features, caption_streams: list[str],
