@@ -19,6 +19,7 @@ size (the dense one too, unless ``--quick``).
 
     python benchmarks/train_throughput.py            # paper sizes, ~3-4 minutes on 2 CPU cores
     python benchmarks/train_throughput.py --quick    # fewer steps, sparse-only scaling tables
+    python benchmarks/train_throughput.py --device cuda   # on a GPU (each step timed to its end)
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def make_floor(model: MultiStreamSAE, seed: int) -> Callable[[dict[str, Tensor]]
     """
     gen = torch.Generator().manual_seed(seed)
     for p in model.parameters():
-        p.grad = 1e-3 * torch.randn(p.shape, generator=gen)
+        p.grad = (1e-3 * torch.randn(p.shape, generator=gen)).to(p.device)
     opt = make_adam(model.parameters(), lr=LR, eps=1e-8)
 
     def step(x: dict[str, Tensor]) -> Tensor:
@@ -138,16 +139,24 @@ def batches(dims: dict[str, int], batch: int, n_batches: int, seed: int) -> list
     """Random unit-norm features, ``n_batches`` batches of ``batch`` rows per stream."""
     gen = torch.Generator().manual_seed(seed)
     return [
-        {s: F.normalize(torch.randn(batch, d, generator=gen), dim=1) for s, d in dims.items()}
+        {s: F.normalize(torch.randn(batch, d, generator=gen), dim=1).to(DEVICE) for s, d in dims.items()}
         for _ in range(n_batches)
     ]
 
 
 def dead_masks(L: int) -> dict[str, Tensor]:
-    return {s: torch.arange(L) % DEAD_EVERY == 0 for s in DIMS}
+    return {s: (torch.arange(L) % DEAD_EVERY == 0).to(DEVICE) for s in DIMS}
 
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of all threads)
+DEVICE = torch.device("cpu")  # --device: where the models, their gradients and the batches live
+
+
+def now() -> float:
+    """``CLOCK()`` once the work queued on ``DEVICE`` is done (CUDA kernels run asynchronously)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+    return CLOCK()
 
 
 def time_steps(steps: dict[str, Callable], data: list[dict[str, Tensor]], n: int, warmup: int = 2
@@ -158,9 +167,9 @@ def time_steps(steps: dict[str, Callable], data: list[dict[str, Tensor]], n: int
     for i in range(warmup + n):
         x = data[i % len(data)]
         for name, step in steps.items():
-            start = CLOCK()
+            start = now()
             loss = step(x)
-            elapsed = CLOCK() - start
+            elapsed = now() - start
             losses[name].append(float(loss))
             if i >= warmup:
                 times[name].append(elapsed)
@@ -169,6 +178,7 @@ def time_steps(steps: dict[str, Callable], data: list[dict[str, Tensor]], n: int
 
 def build(L: int, k: int, seed: int, bf16: bool = False) -> tuple[MultiStreamSAE, DenseSAE]:
     sparse = MultiStreamSAE(SAEConfig(dims=DIMS, L=L, k=k, topk="global", k_aux=64), seed=seed, bf16=bf16)
+    sparse.to(DEVICE)
     return sparse, DenseSAE(sparse)
 
 
@@ -206,7 +216,12 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: elapsed seconds; cpu: CPU seconds of all threads (less sensitive to "
                         "other processes; samples/s then means per CPU second)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (wall clock only on CUDA)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and args.clock == "cpu":
+        parser.error("--clock cpu measures the host's CPU time, not the GPU's work: use --clock wall with --device cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu":
@@ -214,7 +229,8 @@ def main() -> None:
         CLOCK = time.process_time
     steps = min(args.steps, 5) if args.quick else args.steps
     L, k, batch = 8192, 64, 256
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; streams {DIMS}, L={L}, k={k}, "
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; streams {DIMS}, L={L}, k={k}, "
           f"batch={batch}, Adam lr={LR}, lambda={LAM}, aux on every {DEAD_EVERY}th latent")
     print(f"clock: {args.clock}; load average at start (other processes slow both implementations): "
           f"{os.getloadavg()[0]:.2f}")

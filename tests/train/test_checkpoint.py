@@ -75,3 +75,26 @@ def test_restore_without_copy_owns_the_loaded_tensors():
     assert opt2.state[lin.weight]["exp_avg"] is flat["optim/weight/exp_avg"]
     restore_optimizer(opt2, flat, dict(lin.named_parameters()))
     assert opt2.state[lin.weight]["exp_avg"] is not flat["optim/weight/exp_avg"]
+
+
+def test_step_counters_are_placed_as_pytorch_places_them():
+    """The 0-d ``step`` of a fused optimizer goes to the parameter's device as float32 (the fused
+    CUDA kernel reads it there), a plain optimizer's stays as read: what ``load_state_dict`` does."""
+    for fused in (False, True):
+        lin = torch.nn.Linear(3, 2)
+        opt = torch.optim.Adam(lin.parameters(), lr=0.1, fused=fused)
+        lin(torch.randn(4, 3)).square().sum().backward()
+        opt.step()
+        names = {p: n for n, p in lin.named_parameters()}
+        flat = {k: v.double() if k.endswith("/step") else v for k, v in optimizer_tensors(opt, names).items()}
+        ours = torch.optim.Adam(lin.parameters(), lr=0.1, fused=fused)
+        restore_optimizer(ours, flat, dict(lin.named_parameters()))
+        theirs = torch.optim.Adam(lin.parameters(), lr=0.1, fused=fused)
+        state = opt.state_dict()
+        for index, p in enumerate(opt.param_groups[0]["params"]):  # state_dict keys: parameter positions
+            state["state"][index]["step"] = flat[f"optim/{names[p]}/step"]
+        theirs.load_state_dict(state)
+        for p in lin.parameters():
+            got, want = ours.state[p]["step"], theirs.state[p]["step"]
+            assert (got.device, got.dtype, float(got)) == (want.device, want.dtype, 1.0)
+            assert got.dtype == (torch.float32 if fused else torch.float64)

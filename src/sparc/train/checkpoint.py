@@ -135,11 +135,16 @@ def restore_optimizer(
     """Inverse of :func:`optimizer_tensors`: load the flattened state into ``optimizer``.
 
     ``params`` maps parameter names to the (current) parameters. Tensors are moved to their
-    parameter's device, except the 0-d ``step`` counters, which stay where PyTorch keeps them.
+    parameter's device, except the 0-d ``step`` counters, which stay where PyTorch keeps them:
+    on the CPU, or for a fused (or capturable) optimizer on the parameter's device as float32, as
+    ``Optimizer.load_state_dict`` places them (the fused CUDA kernel reads the step on the GPU,
+    so a CUDA run resumed from a checkpoint, read on the CPU, needs it moved there).
     ``copy=False`` lets the optimizer own the given tensors (for tensors just read from a
     checkpoint: no second copy of Adam's state, so a resume needs no more memory than a fresh run);
     the default copies them, as ``tensors`` may be another optimizer's live state.
     """
+    step_on_device = {id(p) for group in optimizer.param_groups if group.get("fused") or group.get("capturable")
+                      for p in group["params"]}
     state: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
     for flat_name, value in tensors.items():
         if not flat_name.startswith("optim/"):
@@ -155,6 +160,8 @@ def restore_optimizer(
                     f"parameter has {tuple(p.shape)}"
                 )
             value = value.to(p.device)
+        elif key == "step" and id(p) in step_on_device:
+            value = value.to(device=p.device, dtype=torch.float32)
         state.setdefault(p, {})[key] = value.clone() if copy else value
     optimizer.state.clear()
     for p, st in state.items():

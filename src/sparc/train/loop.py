@@ -3,7 +3,7 @@
 One step (global step t, 0-based):
 
 1. when ``t > 0`` and ``t % revive_every == 0``: latents dead longer than ``dead_steps`` are
-   revived with ``model.revive`` (generator seeded by ``counter_seed(seed, REVIVE, ...)``; a
+   revived with ``model.revive`` (a CPU generator seeded by ``counter_seed(seed, REVIVE, ...)``; a
    batchnorm encoder's BN rows are reset too), the Adam moments of the returned rows are zeroed
    and their counters restart at 0 (a revived latent is a new latent). Reviving before a step, never after the last one, keeps freshly
    re-initialised encoder rows out of the final model and out of the logged dead fractions;
@@ -290,7 +290,7 @@ class Trainer:
             dead = torch.nonzero(self.since[s] > t.dead_steps).flatten()
             if dead.numel() == 0:
                 continue
-            gen = torch.Generator(device=self.device)
+            gen = torch.Generator()  # on the CPU: the same new rows whatever the training device
             gen.manual_seed(counter_seed(self.spec.seed, REVIVE, self.step * len(self.streams) + i))
             d = self.source.dims[s]
             scale = REVIVE_ROW_NORM if REVIVE_ENTRY_STD is None else REVIVE_ENTRY_STD * d**0.5
