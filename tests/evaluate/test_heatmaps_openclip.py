@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,40 +187,59 @@ def test_clipsim_streams_only_for_one_openclip_model():
     assert clipsim_streams(Params(streams=default)) == {}
 
 
-def test_localise_stage_adds_clipsim_for_one_openclip_model(spec, tmp_path):
-    """run_localise on a tiny image + caption OpenCLIP pair of streams: SPARC and the CLIP-similarity
-    method are scored; the latter's target is cos(stored caption feature, the canvas's feature)."""
+def tiny_stage_inputs(root: Path, spec: str, target: str) -> tuple[dict, dict]:
+    """Prepared data (6 coloured squares), stored features and an SAE for an image + caption pair
+    of tiny OpenCLIP streams, and (for ``target: concept``) a per-stream concepts table naming two
+    latents after each label. Returns (params dict without ``localise.device``, run_localise paths)."""
     from sparc.data.base import DatasetBuild, Sample
     from sparc.data.hierarchy import Hierarchy
-    from sparc.data.prepared import load_prepared, write_prepared
-    from sparc.evaluate.localise_stage import query_pairs, run_localise
-    from sparc.features.store import load_streams, write_stream
+    from sparc.data.prepared import write_prepared
+    from sparc.features.store import write_stream
     from sparc.model.io import save_sae
     from sparc.model.sae import MultiStreamSAE, SAEConfig
-    from sparc.params import params_from_dict
 
     colours = [(200, 0, 0), (0, 160, 0), (0, 0, 220), (200, 200, 0), (0, 180, 180), (150, 0, 150)]
     samples = []
     for i, colour in enumerate(colours):
         im = Image.new("RGB", (24, 24), (255, 255, 255))
         im.paste(colour, (4, 4, 20, 20))
-        im.save(tmp_path / f"{i}.png")
-        samples.append(Sample(f"s{i}", tmp_path / f"{i}.png", f"item {i}", (f"c{i}",)))
+        im.save(root / f"{i}.png")
+        samples.append(Sample(f"s{i}", root / f"{i}.png", f"item {i}", (f"c{i}",)))
     hierarchy = Hierarchy.from_parents({f"c{i}": None for i in range(len(colours))})
-    prepared = write_prepared(DatasetBuild(samples, hierarchy), tmp_path / "prepared", dataset="planted",
+    prepared = write_prepared(DatasetBuild(samples, hierarchy), root / "prepared", dataset="planted",
                               options={}, max_samples=0, split_seed=0, val_fraction=0.1, test_fraction=0.4)
     fingerprint = json.loads((prepared / "meta.json").read_text())["fingerprint"]
     streams = {"clip_img": {"model": spec, "input": "image"}, "clip_txt": {"model": spec, "input": "caption"}}
     rng = np.random.default_rng(0)
     ids = [smp.id for smp in samples]
     for name, sp in streams.items():
-        write_stream(tmp_path / "features" / name, ids, rng.standard_normal((len(ids), 16)).astype(np.float32),
+        write_stream(root / "features" / name, ids, rng.standard_normal((len(ids), 16)).astype(np.float32),
                      {**sp, "dataset_fingerprint": fingerprint})
-    sae = save_sae(MultiStreamSAE(SAEConfig(dims={"clip_img": 16, "clip_txt": 16}, L=24, k=4), seed=1), tmp_path / "sae")
-    params = params_from_dict({"L": 24, "k": 4, "streams": streams,
-                               "localise": {"queries": 3, "grid": 2, "cell": 32, "split": "all", "overlays": 1}})
-    out = run_localise(params, sae_dir=sae, features_root=tmp_path / "features", prepared_dir=prepared,
-                       out_dir=tmp_path / "localise", progress=False)
+    sae = save_sae(MultiStreamSAE(SAEConfig(dims={"clip_img": 16, "clip_txt": 16}, L=24, k=4), seed=1), root / "sae")
+    (root / "concepts").mkdir()
+    with (root / "concepts" / "concepts_per_stream.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["latent", "clip_img_label", "clip_img_name"])
+        for lat in range(12):
+            w.writerow([lat, f"c{lat % 6}", f"c{lat % 6}"])
+    params = {"L": 24, "k": 4, "streams": streams,
+              "localise": {"queries": 3, "grid": 2, "cell": 32, "split": "all", "overlays": 2, "target": target}}
+    paths = {"sae_dir": sae, "features_root": root / "features", "prepared_dir": prepared,
+             "concepts_dir": root / "concepts"}
+    return params, paths
+
+
+def test_localise_stage_adds_clipsim_for_one_openclip_model(spec, tmp_path):
+    """run_localise on a tiny image + caption OpenCLIP pair of streams: SPARC and the CLIP-similarity
+    method are scored; the latter's target is cos(stored caption feature, the canvas's feature)."""
+    from sparc.data.prepared import load_prepared
+    from sparc.evaluate.localise_stage import query_pairs, run_localise
+    from sparc.features.store import load_streams
+    from sparc.params import params_from_dict
+
+    raw, paths = tiny_stage_inputs(tmp_path, spec, "code")
+    params = params_from_dict(raw)
+    out = run_localise(params, **paths, out_dir=tmp_path / "localise", progress=False)
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics) == ["ap_clip_img", "miou_clip_img", "ap_clipsim_clip_img", "miou_clipsim_clip_img",
                              "ap_chance", "miou_chance"]
@@ -227,8 +247,8 @@ def test_localise_stage_adds_clipsim_for_one_openclip_model(spec, tmp_path):
         rows = [r for r in csv.DictReader(fh) if r["method"] == "clipsim_clip_img"]
     assert len(rows) == 3
     # the target by hand: the stored (float16) caption feature of the queried item, the extractor's canvas feature
-    loaded = load_streams(tmp_path / "features", ["clip_img", "clip_txt"])
-    pairs, text = query_pairs(params, "composite", load_prepared(prepared), loaded, ["clip_txt"])
+    loaded = load_streams(paths["features_root"], ["clip_img", "clip_txt"])
+    pairs, text = query_pairs(params, "composite", load_prepared(paths["prepared_dir"]), loaded, ["clip_txt"])
     ex = build_extractor(spec, "image", "cpu")
     for row, pair, t in zip(rows, pairs, torch.from_numpy(text["clip_txt"]), strict=True):
         with torch.no_grad():

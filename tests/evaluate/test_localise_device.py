@@ -25,7 +25,7 @@ from sparc.evaluate.localise_stage import clip_similarity, localise_device, run_
 from sparc.evaluate.overlays import read_overlays
 from sparc.params import LocaliseParams, ParamsError, check_localise, params_from_dict
 from sparc.preflight import check_devices
-from tests.evaluate.test_heatmaps_openclip import CFG, tiny_clip
+from tests.evaluate.test_heatmaps_openclip import CFG, tiny_clip, tiny_stage_inputs
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -70,48 +70,6 @@ def test_auto_resolves_to_cuda_when_present_and_cuda_is_refused_without_it(raw: 
 
 
 # ----------------------------------------------------------------------------- a tiny run of the stage
-
-
-def tiny_stage_inputs(root: Path, spec: str, target: str) -> tuple[dict, dict]:
-    """Prepared data (6 coloured squares), stored features and an SAE for an image + caption pair
-    of tiny OpenCLIP streams, and (for ``target: concept``) a per-stream concepts table naming two
-    latents after each label. Returns (params dict without ``localise.device``, run_localise paths)."""
-    from sparc.data.base import DatasetBuild, Sample
-    from sparc.data.hierarchy import Hierarchy
-    from sparc.data.prepared import write_prepared
-    from sparc.features.store import write_stream
-    from sparc.model.io import save_sae
-    from sparc.model.sae import MultiStreamSAE, SAEConfig
-
-    colours = [(200, 0, 0), (0, 160, 0), (0, 0, 220), (200, 200, 0), (0, 180, 180), (150, 0, 150)]
-    samples = []
-    for i, colour in enumerate(colours):
-        im = Image.new("RGB", (24, 24), (255, 255, 255))
-        im.paste(colour, (4, 4, 20, 20))
-        im.save(root / f"{i}.png")
-        samples.append(Sample(f"s{i}", root / f"{i}.png", f"item {i}", (f"c{i}",)))
-    hierarchy = Hierarchy.from_parents({f"c{i}": None for i in range(len(colours))})
-    prepared = write_prepared(DatasetBuild(samples, hierarchy), root / "prepared", dataset="planted",
-                              options={}, max_samples=0, split_seed=0, val_fraction=0.1, test_fraction=0.4)
-    fingerprint = json.loads((prepared / "meta.json").read_text())["fingerprint"]
-    streams = {"clip_img": {"model": spec, "input": "image"}, "clip_txt": {"model": spec, "input": "caption"}}
-    rng = np.random.default_rng(0)
-    ids = [smp.id for smp in samples]
-    for name, sp in streams.items():
-        write_stream(root / "features" / name, ids, rng.standard_normal((len(ids), 16)).astype(np.float32),
-                     {**sp, "dataset_fingerprint": fingerprint})
-    sae = save_sae(MultiStreamSAE(SAEConfig(dims={"clip_img": 16, "clip_txt": 16}, L=24, k=4), seed=1), root / "sae")
-    (root / "concepts").mkdir()
-    with (root / "concepts" / "concepts_per_stream.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["latent", "clip_img_label", "clip_img_name"])
-        for lat in range(12):
-            w.writerow([lat, f"c{lat % 6}", f"c{lat % 6}"])
-    params = {"L": 24, "k": 4, "streams": streams,
-              "localise": {"queries": 3, "grid": 2, "cell": 32, "split": "all", "overlays": 2, "target": target}}
-    paths = {"sae_dir": sae, "features_root": root / "features", "prepared_dir": prepared,
-             "concepts_dir": root / "concepts"}
-    return params, paths
 
 
 def run_on(params: dict, paths: dict, device: str, out: Path) -> Path:
