@@ -1,7 +1,10 @@
 """Time and peak memory of every evaluation metric at the paper's scale, on synthetic codes.
 
 Default sizes: N = 126,020 test samples, L = 8192, k = 64, 3 streams (dims 1024/768/768 for the
-reconstruction phase), 600 labels in a depth-5 hierarchy with 1-6 labels per sample.
+reconstruction phase), 600 labels in a depth-5 hierarchy with 1-6 labels per sample. The codes are
+stored as the `encode` stage stores them, for every row of the dataset: the N test rows among
+``--train-rows`` others (default 1.7M, the paper's training set; 5.6 GB of codes on disk for the
+two kinds), at random positions; ``load`` reads the test rows back as the stages do.
 
 Synthetic data: latent ids per sample are drawn without replacement with probability proportional
 to rank^-0.5 (a few frequent latents, a long tail), independently for the joint index set and for
@@ -28,6 +31,7 @@ retrieval computation (dense similarity blocks) and checks that every rank count
 from __future__ import annotations
 
 import argparse
+import hashlib
 import resource
 import tempfile
 import time
@@ -104,6 +108,15 @@ def draw_indices(n: int, L: int, k: int, rng: np.random.Generator, chunk: int = 
     return out
 
 
+def codes_digest(codes: SparseCodes) -> str:
+    """SHA-256 of every index and value array of ``codes``, in stream order."""
+    h = hashlib.sha256()
+    for s in codes.streams:
+        h.update(np.ascontiguousarray(codes.indices[s]).tobytes())
+        h.update(np.ascontiguousarray(codes.values[s]).tobytes())
+    return h.hexdigest()
+
+
 def make_hierarchy(rng: np.random.Generator, sizes: list[int]) -> Hierarchy:
     """A random tree with ``sizes[d - 1]`` labels at depth d; parents drawn from the level above."""
     parents: dict[str, str | None] = {}
@@ -133,6 +146,8 @@ def make_labels(rng: np.random.Generator, labels: list[str], n: int) -> list[tup
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=126_020)
+    ap.add_argument("--train-rows", type=int, default=1_700_000,
+                    help="rows of the stored codes besides the N test rows (the stages read the test rows only)")
     ap.add_argument("--L", type=int, default=8192)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--dims", type=int, nargs="+", default=[1024, 768, 768])
@@ -186,13 +201,42 @@ def main() -> None:
         print(f"{name:<16}{timings[name][0]:9.1f}{timings[name][1]:9.1f}{timings[name][2]:10.2f}", flush=True)
         return result
 
-    # what run_evaluate holds for the whole run: CSR codes of the split and the label matrix
+    # the codes as `encode` stores them: every row of the dataset, the test rows among them
+    store = tempfile.TemporaryDirectory()
+    t0 = time.perf_counter()
+    total = N + args.train_rows
+    test_rows = np.sort(rng.choice(total, size=N, replace=False))
+    source = np.arange(total) % N  # the other rows repeat test rows (the stages never read them)
+    source[test_rows] = np.arange(N)
+    ids = [str(i) for i in range(total)]
+    for name, codes in (("joint", joint), ("per_stream", local)):
+        SparseCodes(ids, L, {s: codes.indices[s][source] for s in streams},
+                    {s: codes.values[s][source] for s in streams}).save(Path(store.name) / name)
+    del source, ids
+    digest = {name: codes_digest(codes) for name, codes in (("joint", joint), ("per_stream", local))}
+    del joint, local, joint_idx, joint_vals  # the stages hold the codes they read, not these
+    size = sum(f.stat().st_size for f in Path(store.name).rglob("codes.npz")) / 2**30
+    print(f"{'store codes':<16}{time.perf_counter() - t0:9.1f}{'':>9}{peak_rss_gib():10.2f}   "
+          f"({total:,} rows, {size:.2f} GiB on disk)")
+
+    # what run_evaluate holds for the whole run: the test split's codes (read from the store),
+    # their CSR matrices and the label matrix
     space = LabelSpace(hierarchy)
-    csr = run("load", lambda: {
-        "joint": {s: code_matrix(joint.indices[s], joint.values[s], L) for s in streams},
-        "per_stream": {s: code_matrix(local.indices[s], local.values[s], L) for s in streams},
-        "labels": space.matrix(sample_labels),
-    })
+
+    def load() -> dict:
+        meta = SparseCodes.read_meta(Path(store.name) / "joint")
+        read = {name: SparseCodes.load(Path(store.name) / name, rows=test_rows, meta=meta)
+                for name in ("joint", "per_stream")}
+        return {
+            "codes": read,
+            **{name: {s: code_matrix(c.indices[s], c.values[s], L) for s in streams} for name, c in read.items()},
+            "labels": space.matrix(sample_labels),
+        }
+
+    csr = run("load", load)
+    store.cleanup()
+    joint, local = csr["codes"]["joint"], csr["codes"]["per_stream"]
+    assert codes_digest(joint) == digest["joint"] and codes_digest(local) == digest["per_stream"], "codes read back differ"
     labels = csr["labels"]
     kinds = {"joint": csr["joint"], "per_stream": csr["per_stream"]}
     run("concepts", lambda: [assign_concepts(c, labels, space, top_n=50, threshold=0.3) for c in kinds.values()])

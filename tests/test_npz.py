@@ -5,7 +5,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from sparc.npz import ZIP_DATE, save_npz
+from sparc.npz import ZIP_DATE, load_npz_rows, save_npz
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -28,3 +28,50 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
     with pytest.raises(ValueError):  # object arrays are refused (no pickles)
         save_npz(path, {"a": np.ones(3), "b": np.array([{"x": 1}], dtype=object)})
     assert path.read_bytes() == before and not (tmp_path / "x.npz.tmp").exists()
+
+
+def _arrays(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    return {
+        "ids": rng.integers(0, 1000, (n, 5)).astype(np.int32),
+        "vals": rng.random((n, 3, 2)).astype(np.float32),
+        "vec": rng.random(n),
+        "big_endian": rng.random((n, 2)).astype(">f8"),
+    }
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("block_bytes", [1, 40, 1 << 24])
+def test_load_npz_rows_gives_the_asked_rows_of_every_array(tmp_path, compress, block_bytes):
+    rng = np.random.default_rng(0)
+    arrays = _arrays(rng, 300)
+    path = save_npz(tmp_path / "x.npz", arrays, compress)
+    for rows in (np.array([7, 2, 2, 299, 0]), rng.permutation(300)[:50], np.arange(300), np.array([], dtype=np.int64)):
+        got = load_npz_rows(path, rows, n_rows=300, block_bytes=block_bytes)
+        assert sorted(got) == sorted(arrays)
+        for name, arr in arrays.items():
+            assert got[name].dtype == arr.dtype
+            np.testing.assert_array_equal(got[name], arr[rows])
+    whole = load_npz_rows(path)
+    for name, arr in arrays.items():
+        np.testing.assert_array_equal(whole[name], arr)
+
+
+def test_load_npz_rows_reads_np_savez_files(tmp_path):
+    arrays = _arrays(np.random.default_rng(1), 20)
+    np.savez(tmp_path / "x.npz", **arrays)
+    got = load_npz_rows(tmp_path / "x.npz", np.array([19, 3]), block_bytes=16)
+    for name, arr in arrays.items():
+        np.testing.assert_array_equal(got[name], arr[[19, 3]])
+
+
+def test_load_npz_rows_errors_name_the_problem(tmp_path):
+    path = save_npz(tmp_path / "x.npz", {"a": np.zeros((4, 2)), "b": np.zeros((5, 2))})
+    with pytest.raises(ValueError, match=r"x.npz: a has shape \(4, 2\), expected 5 rows"):
+        load_npz_rows(path, np.array([0]), n_rows=5)
+    with pytest.raises(ValueError, match=r"a has 4 rows, rows 1\.\.4 were asked for"):
+        load_npz_rows(path, np.array([1, 4]))
+    with pytest.raises(ValueError, match=r"a has 4 rows, rows -1\.\.-1 were"):
+        load_npz_rows(path, np.array([-1]))
+    (tmp_path / "bad.npz").write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="bad.npz: not a readable .npz"):
+        load_npz_rows(tmp_path / "bad.npz", np.array([0]))

@@ -308,14 +308,38 @@ def test_stale_concepts_are_refused(setup: Setup, outputs: dict[str, Path], tmp_
         setup.evaluate(codes, outputs["concepts"], tmp_path / "m.json", sae=other)
 
 
-def test_id_order_mismatch_is_refused(setup: Setup, outputs: dict[str, Path], tmp_path: Path) -> None:
+def test_stages_read_the_codes_of_the_test_split_only(setup: Setup, outputs: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the paper's size the codes of 1.8M rows are 5.6 GB; concepts and evaluate read the 126k
+    test rows (and give the same outputs as from codes of the test rows alone)."""
+    asked = []
+    load = SparseCodes.load.__func__
+
+    def recording_load(cls, path, rows=None, meta=None):
+        asked.append(None if rows is None else np.asarray(rows).tolist())
+        return load(cls, path, rows, meta)
+
+    monkeypatch.setattr(SparseCodes, "load", classmethod(recording_load))
+    splits = np.array([r["split"] for r in read_csv(setup.prepared / "samples.csv")])
+    test = np.flatnonzero(splits == "test").tolist()
+    assert 0 < len(test) < splits.size
+    concepts = setup.concepts(outputs["codes"], tmp_path / "concepts")
+    metrics = setup.evaluate(outputs["codes"], concepts, tmp_path / "reports" / "metrics.json")
+    assert asked == [test] * 4  # two kinds of codes, two stages
+    assert metrics.read_bytes() == outputs["metrics"].read_bytes()
+
+
+@pytest.mark.parametrize("split", ["test", "train"])
+def test_id_order_mismatch_is_refused(setup: Setup, outputs: dict[str, Path], tmp_path: Path, split: str) -> None:
+    """Also where the stage reads the codes of the test split only: every row's id is checked."""
     codes = tmp_path / "codes"
     shutil.copytree(outputs["codes"], codes)
     joint = SparseCodes.load(codes / "joint")
+    a, b = [i for i, r in enumerate(read_csv(setup.prepared / "samples.csv")) if r["split"] == split][:2]
     swapped = list(joint.ids)
-    swapped[3], swapped[4] = swapped[4], swapped[3]
+    swapped[a], swapped[b] = swapped[b], swapped[a]
     SparseCodes(swapped, joint.L, joint.indices, joint.values).save(codes / "joint")
-    with pytest.raises(EvaluateInputError, match="row 3 .*id order mismatch"):
+    with pytest.raises(EvaluateInputError, match=f"row {a} .*id order mismatch"):
         setup.concepts(codes, tmp_path / "concepts")
 
 

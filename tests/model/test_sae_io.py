@@ -89,6 +89,29 @@ def test_encode_dataset_matches_encode_in_bounded_batches(tmp_path, mode, monkey
     assert sub.streams == ["a"]
 
 
+def test_codes_load_reads_all_rows_or_only_the_asked_ones(tmp_path):
+    rng = np.random.default_rng(3)
+    n, ids = 40, [f"id{i}" for i in range(40)]
+    codes = SparseCodes(ids, 32, {s: rng.integers(0, 32, (n, 4)).astype(np.int32) for s in DIMS},
+                        {s: rng.random((n, 4)).astype(np.float32) for s in DIMS})
+    codes.save(tmp_path / "codes")
+    back = SparseCodes.load(tmp_path / "codes")
+    assert back.ids == ids and back.streams == codes.streams
+    rows = np.array([39, 3, 3, 17])
+    some = SparseCodes.load(tmp_path / "codes", rows=rows)
+    assert some.ids == [ids[i] for i in rows] and some.L == 32
+    for s in DIMS:
+        np.testing.assert_array_equal(back.indices[s], codes.indices[s])
+        np.testing.assert_array_equal(some.indices[s], codes.indices[s][rows])
+        np.testing.assert_array_equal(some.values[s], codes.values[s][rows])
+    meta = SparseCodes.read_meta(tmp_path / "codes")
+    meta["ids"] = ids[:-1]  # one id fewer than stored rows
+    with pytest.raises(ValueError, match=f"expected {n - 1} rows"):
+        SparseCodes.load(tmp_path / "codes", rows=rows, meta=meta)
+    with pytest.raises(ValueError, match="rows 3..40 were asked for"):
+        SparseCodes.load(tmp_path / "codes", rows=np.array([3, 40]))
+
+
 def test_encode_dataset_rejects_misaligned_inputs():
     model = trained_model()
     feats = {"a": np.zeros((4, 8), np.float32), "b": np.zeros((3, 6), np.float32)}

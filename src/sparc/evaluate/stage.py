@@ -261,9 +261,13 @@ def load_codes(
     prepared: PreparedData,
     params: Params,
     model_hash: str | None = None,
+    rows: np.ndarray | None = None,
 ) -> tuple[SparseCodes, dict]:
     """Load ``<codes_dir>/<kind>`` (joint | local) and check it belongs to ``prepared``, ``params``
-    and (when given) the model with SHA-256 ``model_hash``. Returns ``(codes, meta)``."""
+    and (when given) the model with SHA-256 ``model_hash``. Returns ``(codes, meta)``: the codes of
+    every prepared row, or of the prepared rows ``rows`` only (e.g. one split; the other rows are
+    not read, so a stage holds the split's codes, not the whole dataset's). The ids of every row are
+    checked; the values of the rows returned."""
     codes_dir = Path(codes_dir)
     meta = read_codes_meta(codes_dir)
     if model_hash is not None and meta.get("model_sha256") != model_hash:
@@ -277,21 +281,24 @@ def load_codes(
             f"{str(meta.get('dataset_fingerprint'))[:12]}..., prepared data {prepared.fingerprint[:12]}...)"
         )
     try:
-        codes = SparseCodes.load(codes_dir / kind)
+        stored = SparseCodes.read_meta(codes_dir / kind)
+        ids = stored["ids"]
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise EvaluateInputError(f"{codes_dir / kind}: cannot read the codes ({err}); run `dvc repro encode`") from None
-    if codes.ids != prepared.ids:
-        if len(codes.ids) != len(prepared.ids):
-            raise EvaluateInputError(
-                f"{codes_dir / kind}: {len(codes.ids)} rows, the prepared dataset has {len(prepared.ids)}"
-            )
-        row = next(i for i, (a, b) in enumerate(zip(codes.ids, prepared.ids, strict=True)) if a != b)
+    if ids != prepared.ids:
+        if len(ids) != len(prepared.ids):
+            raise EvaluateInputError(f"{codes_dir / kind}: {len(ids)} rows, the prepared dataset has {len(prepared.ids)}")
+        row = next(i for i, (a, b) in enumerate(zip(ids, prepared.ids, strict=True)) if a != b)
         raise EvaluateInputError(
-            f"{codes_dir / kind}: row {row} has id {codes.ids[row]!r}, the prepared dataset has "
+            f"{codes_dir / kind}: row {row} has id {ids[row]!r}, the prepared dataset has "
             f"{prepared.ids[row]!r} (id order mismatch)"
         )
+    try:
+        codes = SparseCodes.load(codes_dir / kind, rows=rows, meta=stored)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise EvaluateInputError(f"{codes_dir / kind}: cannot read the codes ({err}); run `dvc repro encode`") from None
     if codes.L != params.L:
         raise EvaluateInputError(f"{codes_dir / kind}: codes have L={codes.L}, params.yaml has L={params.L}")
     if codes.streams != params.stream_names:
@@ -395,6 +402,7 @@ def run_encode(
         )
         codes.save(tmp / kind)
         k = int(next(iter(codes.indices.values())).shape[1])
+        del codes  # one kind's codes in memory at a time (2.8 GB each at the paper's 1.8M rows)
     meta = {
         "model_sha256": model_hash,
         "dataset": prepared.meta.get("dataset"),
@@ -440,9 +448,9 @@ def run_concepts(
     }
     tables = {}
     for kind in CODE_KINDS:
-        codes, meta = load_codes(codes_dir, kind, prepared, params)
+        codes, meta = load_codes(codes_dir, kind, prepared, params, rows=rows)
         tables[kind] = assign_concepts(
-            codes_to_csr(codes, rows), labels, space, params.concepts.top_n, params.concepts.purity_threshold
+            codes_to_csr(codes), labels, space, params.concepts.top_n, params.concepts.purity_threshold
         )
         summary[kind] = concept_summary(tables[kind])
     summary["codes"] = {k: meta.get(k) for k in ("model_sha256", "dataset_fingerprint", "ids_sha256")}
@@ -622,17 +630,17 @@ def run_evaluate(
     dev = _device(params, device)
 
     model_hash = model_sha256(sae_dir)
+    rows = split_rows(prepared, EVAL_SPLIT)
     codes = {}
-    for kind in CODE_KINDS:
-        codes[kind], meta = load_codes(codes_dir, kind, prepared, params, model_hash)
+    for kind in CODE_KINDS:  # the test split's codes only
+        codes[kind], meta = load_codes(codes_dir, kind, prepared, params, model_hash, rows=rows)
     concept_tables, concept_sum = load_concepts(concepts_dir, meta, params.L)
     streams = _load_features(params, features_root, prepared)
     model = _load_model(params, sae_dir, dev)
 
-    rows = split_rows(prepared, EVAL_SPLIT)
     N = rows.size
     names = params.stream_names
-    csr = {kind: codes_to_csr(c, rows) for kind, c in codes.items()}
+    csr = {kind: codes_to_csr(c) for kind, c in codes.items()}
     space = LabelSpace(prepared.hierarchy)
     labels = space.matrix([prepared.labels[i] for i in rows])
     features = {s: fs.features for s, fs in streams.items()}
@@ -640,7 +648,7 @@ def run_evaluate(
     kinds = {kind: alignment(csr[kind], labels, space) for kind in CODE_KINDS}
     recon = {
         kind: reconstruction_matrix(
-            model, features, rows, codes[kind].subset(rows), batch_size=params.evaluate.batch_size, device=dev
+            model, features, rows, codes[kind], batch_size=params.evaluate.batch_size, device=dev
         )
         for kind in CODE_KINDS
     }

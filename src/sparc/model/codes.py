@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparc.npz import save_npz
+from sparc.npz import load_npz_rows, save_npz
 
 
 @dataclass(frozen=True)
@@ -51,19 +51,34 @@ class SparseCodes:
         """Write ``codes.npz`` + ``codes.json`` (ids, L, streams) into directory ``path``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        arrays = {f"{s}__indices": a.astype(np.int32) for s, a in self.indices.items()}
-        arrays.update({f"{s}__values": a.astype(np.float32) for s, a in self.values.items()})
+        arrays = {f"{s}__indices": a.astype(np.int32, copy=False) for s, a in self.indices.items()}
+        arrays.update({f"{s}__values": a.astype(np.float32, copy=False) for s, a in self.values.items()})
         save_npz(path / "codes.npz", arrays)
         (path / "codes.json").write_text(json.dumps({"L": self.L, "streams": self.streams, "ids": self.ids}))
 
-    @classmethod
-    def load(cls, path: str | Path) -> SparseCodes:
+    @staticmethod
+    def read_meta(path: str | Path) -> dict:
+        """``codes.json`` of directory ``path``: ``L``, ``streams`` and ``ids`` (every stored row, in
+        order). FileNotFoundError when ``codes.npz`` or ``codes.json`` is missing."""
         path = Path(path)
         for name in ("codes.npz", "codes.json"):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"sparse codes incomplete: {path / name} is missing")
-        meta = json.loads((path / "codes.json").read_text())
-        with np.load(path / "codes.npz") as z:
-            indices = {s: z[f"{s}__indices"] for s in meta["streams"]}
-            values = {s: z[f"{s}__values"] for s in meta["streams"]}
-        return cls(ids=meta["ids"], L=int(meta["L"]), indices=indices, values=values)
+        return json.loads((path / "codes.json").read_text())
+
+    @classmethod
+    def load(cls, path: str | Path, rows: np.ndarray | None = None, meta: dict | None = None) -> SparseCodes:
+        """The codes saved in directory ``path``: every row, or only the stored rows ``rows`` (int
+        indices, e.g. one split's; row ``j`` of the result is stored row ``rows[j]``), read without
+        loading the rest (:func:`sparc.npz.load_npz_rows`). ``meta``: :meth:`read_meta`'s result
+        when the caller has read it already. ValueError when the arrays do not have one row per
+        stored id or a row is out of range."""
+        path = Path(path)
+        meta = cls.read_meta(path) if meta is None else meta
+        ids, streams = meta["ids"], meta["streams"]
+        arrays = load_npz_rows(path / "codes.npz", rows, n_rows=len(ids))
+        if rows is not None:
+            ids = [ids[i] for i in np.asarray(rows, dtype=np.int64).reshape(-1)]
+        indices = {s: arrays[f"{s}__indices"] for s in streams}
+        values = {s: arrays[f"{s}__values"] for s in streams}
+        return cls(ids=ids, L=int(meta["L"]), indices=indices, values=values)

@@ -71,6 +71,7 @@ from sparc.evaluate.stage import (
     codes_to_csr,
     load_codes,
     load_concepts,
+    read_codes_meta,
     read_json_object,
     split_rows,
 )
@@ -216,10 +217,18 @@ def _retrieval_table(rows: list[dict]) -> list[dict]:
     return out
 
 
+def shown_splits(params: Params, prepared: PreparedData, concept_summary: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Prepared rows the page draws on: the concepts' split (as the concepts stage recorded it) and
+    the evaluation split."""
+    split = concept_summary.get("split", params.concepts.split)
+    return split_rows(prepared, split), split_rows(prepared, EVAL_SPLIT)
+
+
 def browser_data(
     params: Params,
     prepared: PreparedData,
     codes: dict,
+    rows: np.ndarray,
     concept_tables: dict[str, list[dict]],
     concept_summary: dict,
     latents: list[dict],
@@ -228,7 +237,8 @@ def browser_data(
     codes_meta: dict | None = None,
 ) -> dict:
     """Everything the page shows, as one JSON-able dict (module docstring). ``codes`` is kind ->
-    SparseCodes of every prepared row; ``concept_tables`` kind -> rows of the concepts CSVs.
+    SparseCodes of the prepared rows ``rows`` (ascending; at least those of :func:`shown_splits`);
+    ``concept_tables`` kind -> rows of the concepts CSVs.
 
     Image thumbnails are not made here: ``data["thumbs"]`` lists the rows whose image the page
     shows, and ``samples[row]["img"]`` is filled in by :func:`build_browser`.
@@ -243,9 +253,8 @@ def browser_data(
 
     split = concept_summary.get("split", params.concepts.split)
     top_n_names = int(concept_summary.get("top_n", params.concepts.top_n))
-    c_rows = split_rows(prepared, split)
+    c_rows, e_rows = shown_splits(params, prepared, concept_summary)
     c_labels = space.matrix([prepared.labels[i] for i in c_rows])
-    e_rows = split_rows(prepared, EVAL_SPLIT)
     n_eval = int(e_rows.size)
 
     live = [i for i, r in enumerate(latents) if r["alive_in"] != "none"]
@@ -257,7 +266,7 @@ def browser_data(
     thumb_rows: set[int] = set()
     per_kind: dict[str, dict] = {}
     for kind in CODE_KINDS:
-        mats = codes_to_csr(codes[kind], c_rows)
+        mats = codes_to_csr(codes[kind], np.searchsorted(rows, c_rows))
         per_kind[kind] = {}
         for s in streams:
             mat = mats[s]
@@ -316,7 +325,7 @@ def browser_data(
         entry["search"] = search_key(entry)
         entries.append(entry)
 
-    local = codes_to_csr(codes["per_stream"], e_rows)
+    local = codes_to_csr(codes["per_stream"], np.searchsorted(rows, e_rows))
     examples = _retrieval_examples(local, e_rows, caption_streams, image_streams, params.figures.queries)
     for ex in examples:
         for item in ex["items"]:
@@ -527,22 +536,22 @@ def build_browser(
     reports_dir = Path(reports_dir or paths.metrics_path().parent)
     out_dir = Path(out_dir or paths.REPORTS / "browser")
 
-    codes = {}
-    for kind in CODE_KINDS:
-        codes[kind], meta = load_codes(codes_dir, kind, prepared, params)
+    meta = read_codes_meta(codes_dir)
     concept_tables, concept_summary = load_concepts(concepts_dir, meta, params.L)
+    c_rows, e_rows = shown_splits(params, prepared, concept_summary)
+    rows = np.union1d(c_rows, e_rows)  # the codes of these rows only
+    codes = {kind: load_codes(codes_dir, kind, prepared, params, rows=rows)[0] for kind in CODE_KINDS}
     metrics = read_json_object(reports_dir / paths.metrics_path().name, "evaluate", "evaluation outputs")
     latents_path = reports_dir / "latents.csv"
     latents = _read_csv(latents_path)
     retrieval_rows = _read_csv(reports_dir / "retrieval.csv")
 
-    e_rows = split_rows(prepared, EVAL_SPLIT)
-    joint = codes_to_csr(codes["joint"], e_rows)
+    joint = codes_to_csr(codes["joint"], np.searchsorted(rows, e_rows))
     freq = {s: firing_counts(m) for s, m in joint.items()}
     _check_latents(latents, latents_path, params.stream_names, freq, int(e_rows.size), concept_tables["joint"])
 
     data = browser_data(
-        params, prepared, codes, concept_tables, concept_summary, latents, metrics, retrieval_rows, meta
+        params, prepared, codes, rows, concept_tables, concept_summary, latents, metrics, retrieval_rows, meta
     )
     loc_metrics, overlays, loc_notes = read_localisation(Path(localise_dir or reports_dir / LOCALISE))
     data["localisation"] = localisation_section(loc_metrics, overlays, loc_notes)

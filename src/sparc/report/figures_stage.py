@@ -348,19 +348,19 @@ def run_figures(
     out_dir = Path(out_dir or reports_dir / FIGURES_DIR)
     streams = params.stream_names
 
-    joint, meta = load_codes(codes_dir, "joint", prepared, params)
-    per_stream, _ = load_codes(codes_dir, "per_stream", prepared, params)
+    test_rows = split_rows(prepared, EVAL_SPLIT)
+    joint, meta = load_codes(codes_dir, "joint", prepared, params, rows=test_rows)
+    per_stream, _ = load_codes(codes_dir, "per_stream", prepared, params, rows=test_rows)
     concept_tables, _ = load_concepts(concepts_dir, meta, params.L)
     metrics = read_json_object(reports_dir / METRICS, "evaluate", "evaluation outputs")
     latent_rows = _read_latents(reports_dir / LATENTS_CSV, params.L, streams)
-    test_rows = split_rows(prepared, EVAL_SPLIT)
     if metrics.get("n_eval") != int(test_rows.size):
         raise EvaluateInputError(
             f"{reports_dir / METRICS}: n_eval {metrics.get('n_eval')} but the prepared data has "
             f"{test_rows.size} test samples; run `dvc repro evaluate`"
         )
-    csr = codes_to_csr(joint, test_rows)
-    local = codes_to_csr(per_stream, test_rows)
+    csr = codes_to_csr(joint)
+    local = codes_to_csr(per_stream)
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
