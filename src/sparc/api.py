@@ -173,7 +173,7 @@ class Run:
         self.root = root
         self.params = params
         self.device = device
-        self._codes: dict[str, SparseCodes] = {}
+        self._codes: dict[tuple[str, str], SparseCodes] = {}
         self._concepts: dict[str, pd.DataFrame] = {}
         for name in SAE_FILES:
             if not (self.sae_dir / name).is_file():
@@ -499,19 +499,19 @@ class Run:
         :meth:`encode`) of ``split``, rows as in :meth:`samples`."""
         if kind not in MODES:
             raise ValueError(f"codes: kind must be one of {MODES}, got {kind!r}")
-        if kind not in self._codes:
+        if (kind, split) not in self._codes:  # only the split's rows are read
             meta = self.codes_meta
             for name in ("codes.npz", "codes.json"):
                 directory = self._path(paths.codes_dir() / kind / name, "encode", "sparse codes").parent
-            codes = SparseCodes.load(directory)
-            if codes.ids != self.prepared.ids or codes.streams != self.streams or codes.L != self.L:
+            rows = None if split == "all" else self._rows(split)
+            stored = SparseCodes.read_meta(directory)
+            if stored["ids"] != self.prepared.ids or stored["streams"] != self.streams or stored["L"] != self.L:
                 raise RunMismatchError(
                     f"{directory}: codes do not match the prepared ids, the SAE's streams or L "
                     f"(meta says model {str(meta.get('model_sha256'))[:12]}...); run `dvc repro encode`"
                 )
-            self._codes[kind] = codes
-        codes = self._codes[kind]
-        return codes if split == "all" else codes.subset(self._rows(split))
+            self._codes[(kind, split)] = SparseCodes.load(directory, rows=rows, meta=stored)
+        return self._codes[(kind, split)]
 
     def top_samples(self, latent: int, stream: str, n: int = 10, split: Split = "test",
                     kind: Mode = "joint") -> pd.DataFrame:
