@@ -4,7 +4,11 @@ Default sizes: N = 126,020 test samples, L = 8192, k = 64, 3 streams (dims 1024/
 reconstruction phase), 600 labels in a depth-5 hierarchy with 1-6 labels per sample. The codes are
 stored as the `encode` stage stores them, for every row of the dataset: the N test rows among
 ``--train-rows`` others (default 1.7M, the paper's training set; 5.6 GB of codes on disk for the
-two kinds), at random positions; ``load`` reads the test rows back as the stages do.
+two kinds), at random positions; ``load`` reads the test rows back as the stages do. The prepared
+dataset is written for all those rows too, in Open Images' shape (a caption of 40 words, 1-6
+labels and a group of 3 captions per image), and ``prepared`` loads it as every stage does
+(:func:`sparc.data.prepared.load_prepared`); it stays in memory through the later phases, as in
+the stage.
 
 Synthetic data: latent ids per sample are drawn without replacement with probability proportional
 to rank^-0.5 (a few frequent latents, a long tail), independently for the joint index set and for
@@ -31,6 +35,7 @@ retrieval computation (dense similarity blocks) and checks that every rank count
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import resource
 import tempfile
@@ -41,6 +46,7 @@ import numpy as np
 import torch
 
 from sparc.data.hierarchy import Hierarchy
+from sparc.data.prepared import load_prepared
 from sparc.evaluate.concepts import assign_concepts
 from sparc.evaluate.jaccard import hierarchical_jaccard
 from sparc.evaluate.labels import LabelSpace
@@ -59,7 +65,7 @@ from sparc.evaluate.retrieval import dense_pair_rank_counts, pair_rank_counts
 from sparc.model.codes import SparseCodes
 
 # the phases of the `evaluate` stage (sparc.evaluate.stage.run_evaluate)
-EVALUATE_PHASES = ("load", "jaccard", "patterns", "universality", "reconstruction", "probes", "retrieval")
+EVALUATE_PHASES = ("prepared", "load", "jaccard", "patterns", "universality", "reconstruction", "probes", "retrieval")
 PHASES = ("concepts", *EVALUATE_PHASES, "retrieval_dense")
 
 
@@ -218,6 +224,38 @@ def main() -> None:
     size = sum(f.stat().st_size for f in Path(store.name).rglob("codes.npz")) / 2**30
     print(f"{'store codes':<16}{time.perf_counter() - t0:9.1f}{'':>9}{peak_rss_gib():10.2f}   "
           f"({total:,} rows, {size:.2f} GiB on disk)")
+
+    def write_prepared_csv(root: Path) -> None:
+        """samples.csv (+ hierarchy.json, meta.json) of ``total`` rows, as `prepare` writes them."""
+        root.mkdir()
+        hierarchy.save(root / "hierarchy.json")
+        (root / "meta.json").write_text('{"dataset": "synthetic", "fingerprint": "-"}')
+        words = np.array([f"w{i}" for i in range(2000)])
+        split = np.full(total, "train", dtype=object)
+        split[test_rows] = "test"
+        others = iter(make_labels(rng, hierarchy.labels, args.train_rows))
+        test_of = dict(zip(test_rows.tolist(), sample_labels, strict=True))
+        with (root / "samples.csv").open("w", newline="") as fh:
+            out = csv.writer(fh)
+            out.writerow(["id", "image", "caption", "labels", "split", "image_sha256", "group"])
+            for start in range(0, total, 65536):
+                stop = min(total, start + 65536)
+                caption = words[rng.integers(0, words.size, (stop - start, 40))]
+                for i in range(start, stop):
+                    labels = test_of[i] if i in test_of else next(others)
+                    group = f"{i // 3:016x}"
+                    out.writerow([f"{group}_{i % 3}", f"images/{group}.jpg", " ".join(caption[i - start]),
+                                  "|".join(labels), split[i], "0" * 64, group])
+
+    if "prepared" in wanted:
+        t0 = time.perf_counter()
+        write_prepared_csv(Path(store.name) / "prepared")
+        size = (Path(store.name) / "prepared" / "samples.csv").stat().st_size / 2**20
+        print(f"{'write prepared':<16}{time.perf_counter() - t0:9.1f}{'':>9}{peak_rss_gib():10.2f}   "
+              f"(samples.csv {size:.0f} MiB)")
+    prepared = run("prepared", lambda: load_prepared(Path(store.name) / "prepared"))
+    if prepared is not None:
+        assert np.array_equal(prepared.indices("test"), test_rows)
 
     # what run_evaluate holds for the whole run: the test split's codes (read from the store),
     # their CSR matrices and the label matrix
