@@ -16,6 +16,7 @@ from sparc.data.hierarchy import Hierarchy
 from sparc.data.prepared import (
     load_annotations,
     load_prepared,
+    load_prepared_index,
     prepare_dataset,
     split_of,
     spread_subset,
@@ -103,6 +104,20 @@ def test_round_trip(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown split"):
         data.indices("dev")
     assert not (tmp_path / "prep.tmp").exists()
+
+
+def test_index_holds_the_ids_splits_and_meta_of_the_full_read(tmp_path: Path) -> None:
+    out = write(make_build(tmp_path / "img"), tmp_path / "prep")
+    data, index = load_prepared(out), load_prepared_index(out)
+    assert index.ids == data.ids and np.array_equal(index.splits, data.splits) and index.meta == data.meta
+    assert index.fingerprint == data.fingerprint and len(index) == len(data) == 12
+    for split in ("train", "val", "test"):
+        assert np.array_equal(index.indices(split), data.indices(split))
+    (out / "hierarchy.json").unlink()  # not needed to align and split rows
+    assert load_prepared_index(out).ids == data.ids
+    (out / "meta.json").unlink()
+    with pytest.raises(FileNotFoundError, match="meta.json is missing"):
+        load_prepared_index(out)
 
 
 def test_subset_keeps_builder_order(tmp_path: Path) -> None:

@@ -106,7 +106,12 @@ import numpy as np
 import scipy.sparse as sp
 
 from sparc import paths
-from sparc.data.prepared import PreparedData, file_sha256, load_prepared
+from sparc.data.prepared import (
+    PreparedIndex,
+    file_sha256,
+    load_prepared,
+    load_prepared_index,
+)
 from sparc.evaluate.concepts import assign_concepts, concept_rows, concept_summary
 from sparc.evaluate.headline import headline, plot_tables
 from sparc.evaluate.jaccard import hierarchical_jaccard, jaccard_summary
@@ -216,7 +221,7 @@ def _fmt(x) -> object:
     return x
 
 
-def split_rows(prepared: PreparedData, split: str) -> np.ndarray:
+def split_rows(prepared: PreparedIndex, split: str) -> np.ndarray:
     """Row indices of ``split`` (train | val | test | all); EvaluateInputError when empty."""
     rows = np.arange(len(prepared)) if split == "all" else prepared.indices(split)
     if rows.size == 0:
@@ -258,7 +263,7 @@ def read_codes_meta(codes_dir: str | Path) -> dict:
 def load_codes(
     codes_dir: str | Path,
     kind: str,
-    prepared: PreparedData,
+    prepared: PreparedIndex,
     params: Params,
     model_hash: str | None = None,
     rows: np.ndarray | None = None,
@@ -319,7 +324,7 @@ def load_codes(
     return codes, meta
 
 
-def _load_features(params: Params, features_root: Path, prepared: PreparedData):
+def _load_features(params: Params, features_root: Path, prepared: PreparedIndex):
     from sparc.features.store import load_streams
 
     streams = load_streams(features_root, params.stream_names)
@@ -382,7 +387,7 @@ def run_encode(
     dataset = params.data.dataset
     sae_dir = Path(sae_dir or paths.sae_dir())
     features_root = Path(features_root or paths.features_root(dataset))
-    prepared = load_prepared(prepared_dir or paths.prepared_dir(dataset))
+    prepared = load_prepared_index(prepared_dir or paths.prepared_dir(dataset))
     out_dir = Path(out_dir or paths.codes_dir())
     dev = _device(params, device)
 

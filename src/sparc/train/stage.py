@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from sparc import paths
-from sparc.data.prepared import PreparedData, load_prepared
+from sparc.data.prepared import PreparedIndex, load_prepared_index
 from sparc.distributed import World, process_group, rank_device
 from sparc.features.base import resolve_device
 from sparc.features.store import FeatureStoreError, FeatureStream, load_streams
@@ -51,7 +51,7 @@ from sparc.train.sampler import FeatureSource, first_nonfinite_row
 LIVE_DIR = "live"
 
 
-def check_matches_prepared(streams: dict[str, FeatureStream], prepared: PreparedData) -> None:
+def check_matches_prepared(streams: dict[str, FeatureStream], prepared: PreparedIndex) -> None:
     """Every stream must hold the prepared dataset's ids in its order and come from that dataset.
 
     Raises FeatureStoreError naming the stream and the first differing row.
@@ -75,7 +75,7 @@ def check_matches_prepared(streams: dict[str, FeatureStream], prepared: Prepared
             )
 
 
-def check_finite_splits(streams: dict[str, FeatureStream], prepared: PreparedData, splits: tuple[str, ...]) -> None:
+def check_finite_splits(streams: dict[str, FeatureStream], prepared: PreparedIndex, splits: tuple[str, ...]) -> None:
     """Every row of ``splits`` must be finite in every stream (streams match ``prepared``).
 
     Raises FeatureStoreError naming the stream, the first bad row's sample id, row and split.
@@ -132,7 +132,7 @@ def run_train(
 
     spec = TrainSpec.from_params(params)
     spec.check()
-    prepared = load_prepared(prepared_dir)
+    prepared = load_prepared_index(prepared_dir)  # ids and splits: captions and labels are not needed
     train_rows, val_rows = prepared.indices("train"), prepared.indices("val")
     if len(train_rows) == 0:
         raise ValueError(f"{prepared_dir}: the train split is empty")
