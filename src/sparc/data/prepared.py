@@ -23,10 +23,13 @@ label, split or image byte does.
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -257,7 +260,7 @@ def load_prepared_index(root: str | Path) -> PreparedIndex:
     root = Path(root)
     _require(root, ("samples.csv", "meta.json"))
     ids, splits = [], []
-    with (root / "samples.csv").open(newline="") as fh:
+    with _collector_paused(), (root / "samples.csv").open(newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, [])
         try:
@@ -270,23 +273,44 @@ def load_prepared_index(root: str | Path) -> PreparedIndex:
     return PreparedIndex(root=root, ids=ids, splits=np.array(splits), meta=json.loads((root / "meta.json").read_text()))
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector: a bulk read makes millions of acyclic containers,
+    which it would otherwise scan again and again (half the time of reading 1.8M rows)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def load_prepared(root: str | Path) -> PreparedData:
     """Read ``data/prepared/<dataset>``; FileNotFoundError naming the missing file otherwise."""
     root = Path(root)
     _require(root, ("samples.csv", "hierarchy.json", "meta.json"))
-    with (root / "samples.csv").open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    images = [Path(r["image"]) if Path(r["image"]).is_absolute() else root / r["image"] for r in rows]
+    with _collector_paused():
+        return _read_prepared(root)
+
+
+def _read_prepared(root: Path) -> PreparedData:
+    with (root / "samples.csv").open(newline="") as fh:  # rows as lists: no dict per row
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        rows = list(reader)
+    c_id, c_image, c_caption, c_labels, c_split = (header.index(c) for c in ("id", "image", "caption", "labels", "split"))
+    c_group = header.index("group") if "group" in header else c_id
     return PreparedData(
         root=root,
-        ids=[r["id"] for r in rows],
-        images=images,
-        captions=[r["caption"] for r in rows],
-        labels=[tuple(x for x in r["labels"].split(LABEL_SEP) if x) for r in rows],
-        splits=np.array([r["split"] for r in rows]),
+        ids=[r[c_id] for r in rows],
+        images=[root / r[c_image] for r in rows],  # an absolute path stays itself
+        captions=[r[c_caption] for r in rows],
+        labels=[tuple(x for x in r[c_labels].split(LABEL_SEP) if x) for r in rows],
+        splits=np.array([r[c_split] for r in rows]),
         hierarchy=Hierarchy.load(root / "hierarchy.json"),
         meta=json.loads((root / "meta.json").read_text()),
-        groups=[r.get("group") or r["id"] for r in rows],
+        groups=[r[c_group] or r[c_id] for r in rows],
     )
 
 
