@@ -255,8 +255,8 @@ def _require(root: Path, names: tuple[str, ...]) -> None:
 
 def load_prepared_index(root: str | Path) -> PreparedIndex:
     """The ids and splits of ``data/prepared/<dataset>`` (and its meta.json), without captions,
-    labels or image paths: about 0.2 GB for 1.8M Open Images rows, where :func:`load_prepared`
-    holds 2.7 GB. FileNotFoundError naming the missing file."""
+    labels or image paths: a tenth of :func:`load_prepared`'s memory (0.34 vs 3.1 GB for 1.8M rows
+    of Open Images' shape). FileNotFoundError naming the missing file."""
     root = Path(root)
     _require(root, ("samples.csv", "meta.json"))
     ids, splits = [], []
