@@ -253,6 +253,19 @@ def _require(root: Path, names: tuple[str, ...]) -> None:
             )
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector: a bulk read makes millions of acyclic containers,
+    which it would otherwise scan again and again (half the time of reading 1.8M rows)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def load_prepared_index(root: str | Path) -> PreparedIndex:
     """The ids and splits of ``data/prepared/<dataset>`` (and its meta.json), without captions,
     labels or image paths: a tenth of :func:`load_prepared`'s memory (0.34 vs 3.1 GB for 1.8M rows
@@ -271,19 +284,6 @@ def load_prepared_index(root: str | Path) -> PreparedIndex:
             ids.append(row[c_id])
             splits.append(row[c_split])
     return PreparedIndex(root=root, ids=ids, splits=np.array(splits), meta=json.loads((root / "meta.json").read_text()))
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector: a bulk read makes millions of acyclic containers,
-    which it would otherwise scan again and again (half the time of reading 1.8M rows)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def load_prepared(root: str | Path) -> PreparedData:
