@@ -37,13 +37,17 @@ def tiny_clip(**vision) -> CLIP:
     return CLIP(embed_dim=16, vision_cfg={**VISION, **vision}, text_cfg=TEXT).eval()
 
 
-@pytest.fixture(scope="module")
-def spec(tmp_path_factory) -> str:
-    """``openclip:<config json>@<weights>`` of a tiny random ViT CLIP saved here."""
-    root = tmp_path_factory.mktemp("openclip_loc")
+def save_tiny_clip(root: Path) -> str:
+    """Save :func:`tiny_clip` under ``root``; returns its ``openclip:<config json>@<weights>`` spec."""
     (root / "tiny-vit.json").write_text(json.dumps(CFG))
     torch.save(tiny_clip().state_dict(), root / "weights.pt")
     return f"openclip:{root / 'tiny-vit.json'}@{root / 'weights.pt'}"
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory) -> str:
+    """The spec of a tiny random ViT CLIP saved here."""
+    return save_tiny_clip(tmp_path_factory.mktemp("openclip_loc"))
 
 
 def random_image(width: int = 48, height: int = 40, seed: int = 0) -> Image.Image:

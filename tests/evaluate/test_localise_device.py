@@ -25,7 +25,7 @@ from sparc.evaluate.localise_stage import clip_similarity, localise_device, run_
 from sparc.evaluate.overlays import read_overlays
 from sparc.params import LocaliseParams, ParamsError, check_localise, params_from_dict
 from sparc.preflight import check_devices
-from tests.evaluate.test_heatmaps_openclip import CFG, tiny_clip, tiny_stage_inputs
+from tests.evaluate.test_heatmaps_openclip import save_tiny_clip, tiny_stage_inputs
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -33,10 +33,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.fixture(scope="module")
 def clip_spec(tmp_path_factory) -> str:
     """``openclip:<config json>@<weights>`` of the tiny random ViT CLIP of test_heatmaps_openclip."""
-    root = tmp_path_factory.mktemp("openclip_device")
-    (root / "tiny-vit.json").write_text(json.dumps(CFG))
-    torch.save(tiny_clip().state_dict(), root / "weights.pt")
-    return f"openclip:{root / 'tiny-vit.json'}@{root / 'weights.pt'}"
+    return save_tiny_clip(tmp_path_factory.mktemp("openclip_device"))
 
 
 def test_localise_device_names_are_checked(raw: dict) -> None:
