@@ -217,11 +217,15 @@ def _retrieval_table(rows: list[dict]) -> list[dict]:
     return out
 
 
+def concepts_split(params: Params, concept_summary: dict) -> str:
+    """The split the concepts were named on, as the concepts stage recorded it."""
+    return concept_summary.get("split", params.concepts.split)
+
+
 def shown_splits(params: Params, prepared: PreparedData, concept_summary: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Prepared rows the page draws on: the concepts' split (as the concepts stage recorded it) and
-    the evaluation split."""
-    split = concept_summary.get("split", params.concepts.split)
-    return split_rows(prepared, split), split_rows(prepared, EVAL_SPLIT)
+    """Prepared rows the page draws on: the concepts' split (:func:`concepts_split`) and the
+    evaluation split."""
+    return split_rows(prepared, concepts_split(params, concept_summary)), split_rows(prepared, EVAL_SPLIT)
 
 
 def browser_data(
@@ -251,7 +255,7 @@ def browser_data(
     label_ids = space.label_ids
     col_of = {lab: j for j, lab in enumerate(label_ids)}
 
-    split = concept_summary.get("split", params.concepts.split)
+    split = concepts_split(params, concept_summary)
     top_n_names = int(concept_summary.get("top_n", params.concepts.top_n))
     c_rows, e_rows = shown_splits(params, prepared, concept_summary)
     c_labels = space.matrix([prepared.labels[i] for i in c_rows])
