@@ -39,7 +39,14 @@ def test_yaml_12_floats(tmp_path):
         (lambda r: r["streams"]["vit"].update(input="audio"), "streams.vit.input: 'audio' is not one of image, caption"),
         (lambda r: r.update(kk=3), "kk: unknown parameter"),
         (lambda r: r["train"].update(lr="fast"), "train.lr: expected a number"),
-        (lambda r: r.update(streams={}), "streams: at least one stream"),
+        (lambda r: r.update(streams={}), "streams: SPARC aligns several models, so at least two streams are needed, got 0"),
+        # issue 22.9: one stream passed `check`, ran to evaluate and failed there
+        (lambda r: r.update(streams={"vit": r["streams"]["vit"]}), "at least two streams are needed, got 1 (vit)"),
+        # issue 22.8: a negative seed passed `check`; train failed without naming the key
+        (lambda r: r.update(seed=-1), "seed: must be a non-negative integer, got -1"),
+        (lambda r: r["data"].update(split_seed=-2), "data.split_seed: must be a non-negative integer"),
+        (lambda r: r["evaluate"].update(probe_seed=-1), "evaluate.probe_seed: must be a non-negative integer"),
+        (lambda r: r["localise"].update(seed=-1), "localise.seed: must be a non-negative integer"),
         (lambda r: r["extract"].update(cpu_threads=-1), "extract.cpu_threads: must be >= 0"),
         # every value the stages used to reject only when they ran (or never)
         (lambda r: r.update(lamda=0.0), "lamda: unknown parameter (did you mean lambda?)"),
@@ -72,6 +79,30 @@ def test_bad_values_name_the_parameter(raw, edit, message):
         params_from_dict(raw)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "at", "column", "message"),
+    [  # issue 22.11: ruamel tracebacks (or a decode error naming no file) before
+        (lambda t: t.replace("k: 16", "k: 16\nk: 32"), "k: 32", 1, 'found duplicate key "k" with value "32"'),
+        (lambda t: t.replace("concepts: [cat-face, country-flag]", "concepts: [cat-face, country-flag"),
+         "  n_best:", 3, "close the [ list with ]"),
+        (lambda t: t.replace("  batch_size: 32", "\tbatch_size: 32"), "\tbatch_size", 1, "indent with spaces, not tabs"),
+        (lambda t: t.replace("dataset: emoji", "dataset: \udcffemoji"), "dataset: \udcff", 12,
+         "byte 0xff is not UTF-8; save the file as UTF-8"),
+    ],
+)
+def test_yaml_mistakes_give_one_line_with_file_line_column(tmp_path, capsys, edit, at, column, message):
+    from sparc.cli import main
+
+    text = edit((ROOT / "params.yaml").read_text())
+    line = text[: text.index(at)].count("\n") + 1
+    path = tmp_path / "params.yaml"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    assert main(["--params", str(path), "check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:{line}:{column}: ") and message in err
+    assert err.count("\n") == 1
 
 
 def test_missing_file(tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 
 class ParamsError(ValueError):
@@ -312,6 +313,15 @@ def _positive(values: dict[str, float], group: str, minimum: float = 1) -> None:
             raise ParamsError(f"{group}.{name}: must be >= {minimum}, got {value}")
 
 
+def check_seeds(params: Params) -> None:
+    """Every seed is a non-negative integer (NumPy's and PyTorch's generators refuse negative ones)."""
+    seeds = {"seed": params.seed, "data.split_seed": params.data.split_seed,
+             "evaluate.probe_seed": params.evaluate.probe_seed, "localise.seed": params.localise.seed}
+    for name, value in seeds.items():
+        if value < 0:
+            raise ParamsError(f"{name}: must be a non-negative integer, got {value}")
+
+
 def check_top_level(k: int, L: int, lam: float, topk: str, method: str) -> None:
     """The ablation knobs: ``1 <= k <= L``, ``lambda >= 0``, and USAE only with ``topk: local``."""
     if k <= 0:
@@ -398,8 +408,11 @@ def check_clipart_options(options: ClipartOptions) -> None:
 def check_streams(streams: dict[str, StreamParams]) -> None:
     from sparc.features.registry import check_spec
 
-    if not streams:
-        raise ParamsError("streams: at least one stream is needed")
+    if len(streams) < 2:
+        raise ParamsError(
+            f"streams: SPARC aligns several models, so at least two streams are needed, got "
+            f"{len(streams)} ({', '.join(streams) or 'none'}); add a stream (README \"Models\")"
+        )
     for name, stream in streams.items():
         if not name.replace("_", "").replace("-", "").isalnum():
             raise ParamsError(f"streams.{name}: stream names may use letters, digits, '-' and '_'")
@@ -508,6 +521,7 @@ def validate(params: Params) -> Params:
     validate parameters; nothing here touches files or devices). Returns ``params`` or raises
     ParamsError naming the parameter."""
     check_top_level(params.k, params.L, params.lam, params.topk, params.method)
+    check_seeds(params)
     check_data(params.data)
     check_download(params.download)
     check_streams(params.streams)
@@ -521,15 +535,48 @@ def validate(params: Params) -> Params:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Parse a YAML file with YAML 1.2 rules (as DVC does)."""
+    """Parse a YAML file with YAML 1.2 rules (as DVC does). ParamsError with one line for a
+    missing file, bytes that are not UTF-8 or a YAML syntax error (file, line and column)."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: parameters file not found")
-    with path.open() as fh:
-        raw = YAML(typ="safe", pure=True).load(fh)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        column = err.start - (err.object.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ParamsError(
+            f"{path}:{line}:{column}: byte {err.object[err.start]:#04x} is not UTF-8; save the file as UTF-8"
+        ) from None
+    try:
+        raw = YAML(typ="safe", pure=True).load(text)
+    except YAMLError as err:
+        raise ParamsError(yaml_error_line(path, err)) from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level")
     return raw
+
+
+# Hints for YAML mistakes, by a word of the parser's message.
+_YAML_HINTS = {
+    "duplicate key": "remove or rename one of the two",
+    "'\\t'": "indent with spaces, not tabs",
+    "flow sequence": "close the [ list with ], or write it as a block list (one '- item' a line)",
+    "flow mapping": "close the { mapping with }",
+}
+
+
+def yaml_error_line(path: Path, err: YAMLError) -> str:
+    """One line for a YAML syntax error: ``<path>:<line>:<column>: <problem>`` (1-based, where the
+    parser stopped), what it was reading and where that began, and a hint for common mistakes."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = " ".join(str(getattr(err, "problem", None) or err).split())
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and start is not None:
+        problem += f" ({context} that began at line {start.line + 1}, column {start.column + 1})"
+    hints = [hint for word, hint in _YAML_HINTS.items() if word in problem]
+    return f"{where}: {problem}" + (f"; {hints[0]}" if hints else "")
 
 
 def params_from_dict(raw: dict) -> Params:

@@ -102,13 +102,13 @@ def test_empty_data_and_bad_loader_settings(prepared, effnet, tmp_path):
 
 def test_run_extract_reads_params(prepared, tmp_path):
     raw = read_yaml(ROOT / "params.yaml")
-    raw["streams"] = {"txt": {"model": "minilm:all-MiniLM-L6-v2", "input": "caption"}}
+    raw["streams"] = {s: {"model": "minilm:all-MiniLM-L6-v2", "input": "caption"} for s in ("txt", "txt2")}
     raw["extract"].update(batch_size=4, num_workers=0, device="cpu")
     params = params_from_dict(raw)
     out = run_extract(params, "txt", prepared.root, tmp_path / "txt")
     s = open_stream(out)
     assert s.meta["stream"] == "txt" and s.meta["model"] == "minilm:all-MiniLM-L6-v2" and s.dim == 384
-    with pytest.raises(ValueError, match="unknown stream 'img' \\(configured: txt\\)"):
+    with pytest.raises(ValueError, match="unknown stream 'img' \\(configured: txt, txt2\\)"):
         run_extract(params, "img", prepared.root, tmp_path / "img")
 
 
