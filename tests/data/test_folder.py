@@ -142,7 +142,7 @@ def test_bad_hierarchy_file(folder: Path, tmp_path: Path) -> None:
         build_folder(FolderOptions(csv=str(csv_path), hierarchy=str(folder / "cyclic.json")), tmp_path)
 
 
-def test_bom_and_prepare_end_to_end(folder: Path, tmp_path: Path) -> None:
+def test_bom_and_prepare_end_to_end(folder: Path, tmp_path: Path, any_split_sizes) -> None:
     csv_path = write_csv(folder / "data.csv", good_rows(folder))
     csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())  # spreadsheet export
     params = DataParams(dataset="folder", folder=FolderOptions(csv=str(csv_path)))
@@ -162,7 +162,7 @@ def write_raw(folder: Path, *lines: bytes, header: bytes = b"id,image,caption,la
     return csv_path
 
 
-def test_non_utf8_bytes_skip_only_their_row(folder: Path, tmp_path: Path, capsys) -> None:
+def test_non_utf8_bytes_skip_only_their_row(folder: Path, tmp_path: Path, capsys, any_split_sizes) -> None:
     csv_path = write_raw(
         folder,
         "cat1,images/cat.png,Café crème,,".encode(),
@@ -259,7 +259,7 @@ def test_closed_quotes_may_span_lines(folder: Path, tmp_path: Path) -> None:
     ]
 
 
-def test_group_column_keeps_an_images_captions_in_one_split(folder: Path, tmp_path: Path) -> None:
+def test_group_column_keeps_an_images_captions_in_one_split(folder: Path, tmp_path: Path, any_split_sizes) -> None:
     """Rows of one group (captions of one image) share a split; the split hashes the group."""
     rows = [{"id": f"cat_{i}", "image": "images/cat.png", "caption": f"cat caption {i}", "labels": "",
              "group": "cat-photo"} for i in range(5)]
@@ -280,3 +280,25 @@ def test_group_column_keeps_an_images_captions_in_one_split(folder: Path, tmp_pa
     assert plain_data.groups == plain_data.ids
     assert "group" not in (tmp_path / "plain" / "samples.csv").read_text().splitlines()[0]
     assert "n_groups" not in plain_data.meta["info"]
+
+
+def test_too_few_rows_per_split_fail_before_writing(folder: Path, tmp_path: Path) -> None:
+    """Issue 22.10: 3 rows were split train 2 / val 0 / test 1 without a word, and evaluate then
+    divided by zero (FVU of one test row). `prepare` now names the split sizes and writes nothing."""
+    csv_path = write_csv(folder / "three.csv", good_rows(folder)[:3])
+    params = DataParams(dataset="folder", folder=FolderOptions(csv=str(csv_path)))
+    with pytest.raises(ValueError, match=r"^folder: 3 samples split train \d / val \d / test [01]; the pipeline "
+                                         r"needs at least 2 test samples: add samples, or change data.val_fraction"):
+        prepare_dataset(params, tmp_path / "prep")
+    assert not (tmp_path / "prep").exists() and not (tmp_path / "prep.tmp").exists()
+
+
+def test_empty_val_split_is_reported(folder: Path, tmp_path: Path, capsys) -> None:
+    rows = [{"id": f"cat{i}", "image": "images/cat.png", "caption": f"cat {i}", "labels": ""} for i in range(12)]
+    params = DataParams(dataset="folder", folder=FolderOptions(csv=str(write_csv(folder / "cats.csv", rows))),
+                        val_fraction=0.0, test_fraction=0.5)
+    data = load_prepared(prepare_dataset(params, tmp_path / "prep"))
+    n = {sp: int((data.splits == sp).sum()) for sp in ("train", "val", "test")}
+    assert n["val"] == 0 and n["train"] >= 1 and n["test"] >= 2
+    assert (f"warning: folder: 12 samples split train {n['train']} / val 0 / test {n['test']}; the val split is "
+            "empty, so training reports no val metrics") in capsys.readouterr().err

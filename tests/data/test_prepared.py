@@ -192,7 +192,7 @@ def fake_builder(monkeypatch):
     return install
 
 
-def test_prepare_rendered_images_are_relative(tmp_path: Path, fake_builder) -> None:
+def test_prepare_rendered_images_are_relative(tmp_path: Path, fake_builder, any_split_sizes) -> None:
     fake_builder(_rendering_builder(6))
     data_params = DataParams(dataset="emoji", max_samples=3)
     out = prepare_dataset(data_params, tmp_path / "prep")
@@ -221,7 +221,7 @@ def test_failure_leaves_no_output(tmp_path: Path, fake_builder, kind: str) -> No
     assert not (tmp_path / "prep.tmp").exists()
 
 
-def test_failure_keeps_previous_output(tmp_path: Path, fake_builder) -> None:
+def test_failure_keeps_previous_output(tmp_path: Path, fake_builder, any_split_sizes) -> None:
     out = tmp_path / "prep"
     fake_builder(_rendering_builder(4))
     before = load_prepared(prepare_dataset(DataParams(dataset="emoji"), out)).fingerprint

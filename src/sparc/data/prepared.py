@@ -28,7 +28,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,10 @@ from sparc.data.hierarchy import Hierarchy
 from sparc.params import DataParams
 
 SPLITS = ("train", "val", "test")
+# The fewest rows per split the pipeline can use: training needs a train row, evaluation a spread
+# of test features (FVU divides by sum_b ||x_b - mean(x)||^2, zero for one row). `prepare` checks
+# them before writing anything; an empty val split only loses the val metrics (a warning).
+MIN_SPLIT_ROWS = {"train": 1, "test": 2}
 LABEL_SEP = "|"
 ANNOTATIONS = "annotations.jsonl"
 
@@ -111,14 +116,16 @@ def write_prepared(
     split_seed: int,
     val_fraction: float,
     test_fraction: float,
+    min_rows: Mapping[str, int] | None = None,
 ) -> Path:
     """Write the prepared dataset atomically to ``out_dir`` (``out_dir.tmp`` then rename).
 
     Images under ``out_dir.tmp`` (rendered by the builder) are stored relative to ``out_dir``,
     like every image when ``build.portable_paths``. The ``group`` column is written only when some
     sample's group differs from its id (so datasets without groups keep their bytes).
-    Raises ValueError for duplicate ids, no samples, an unknown split, or a label missing from
-    the hierarchy; the checks run before anything is written.
+    Raises ValueError for duplicate ids, no samples, an unknown split, a label missing from
+    the hierarchy, or a split with fewer rows than ``min_rows[split]`` (split -> minimum; None = no
+    minimum); the checks run before anything is written.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -152,6 +159,8 @@ def write_prepared(
         if grouped:
             row["group"] = s.group_key
         rows.append(row)
+    counts = {sp: sum(r["split"] == sp for r in rows) for sp in SPLITS}
+    check_split_sizes(dataset, counts, min_rows or {})
     tmp.mkdir(parents=True, exist_ok=True)
     # Rendered images that did not make the subset are removed.
     kept_images = {r["image"] for r in rows}
@@ -169,7 +178,6 @@ def write_prepared(
             for group in kept_groups:
                 if group in build.annotations:
                     fh.write(json.dumps({"group": group, **build.annotations[group]}, ensure_ascii=False) + "\n")
-    counts = {sp: sum(r["split"] == sp for r in rows) for sp in SPLITS}
     meta = {
         "dataset": dataset,
         "options": options,
@@ -196,6 +204,21 @@ def write_prepared(
     if old.exists():
         shutil.rmtree(old)
     return out_dir
+
+
+def check_split_sizes(dataset: str, counts: Mapping[str, int], min_rows: Mapping[str, int]) -> None:
+    """ValueError naming the split sizes when a split has fewer than ``min_rows[split]`` rows;
+    a warning on stderr for an empty val split (no val metrics) when ``min_rows`` is given."""
+    sizes = f"{sum(counts.values())} samples split train {counts['train']} / val {counts['val']} / test {counts['test']}"
+    short = [f"{need} {sp}" for sp, need in min_rows.items() if counts[sp] < need]
+    if short:
+        raise ValueError(
+            f"{dataset}: {sizes}; the pipeline needs at least {' and '.join(short)} samples: add samples, "
+            "or change data.val_fraction / data.test_fraction (or data.split_seed)"
+        )
+    if min_rows and counts["val"] == 0:
+        print(f"warning: {dataset}: {sizes}; the val split is empty, so training reports no val metrics",
+              file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -334,7 +357,8 @@ def prepare_dataset(data: DataParams, out_dir: str | Path) -> Path:
     """The `prepare` stage: build dataset ``data.dataset`` and write it to ``out_dir``.
 
     The builder renders into ``out_dir.tmp/images``; nothing at ``out_dir`` changes until the
-    whole dataset is written.
+    whole dataset is written. Every split must hold :data:`MIN_SPLIT_ROWS` rows (ValueError naming
+    the split sizes otherwise).
     """
     from sparc.data import get_builder
 
@@ -355,6 +379,7 @@ def prepare_dataset(data: DataParams, out_dir: str | Path) -> Path:
             split_seed=data.split_seed,
             val_fraction=data.val_fraction,
             test_fraction=data.test_fraction,
+            min_rows=MIN_SPLIT_ROWS,
         )
     finally:
         # On failure nothing is left behind but an untouched out_dir (if one existed).
