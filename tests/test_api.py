@@ -10,6 +10,7 @@ find.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from sparc.evaluate.stage import run_concepts, run_encode
 from sparc.features.store import write_stream
 from sparc.model.codes import SparseCodes
 from sparc.model.io import save_sae
-from sparc.model.sae import Code, MultiStreamSAE, SAEConfig
+from sparc.model.sae import MultiStreamSAE, SAEConfig
 from sparc.params import params_from_dict
 
 # The README's notebook example; tested below with the fixture repository as the working directory.
@@ -230,12 +231,14 @@ def test_encode_batches_tensors_rows_and_ids(run) -> None:
     assert batched.ids[0] == "s0"
     one = run.encode({s: a[0] for s, a in x.items()})  # a single [d] row
     np.testing.assert_array_equal(one.indices["dino"], whole.indices["dino"][:1])
+    # issue 22 (minor): tensors in gave a dict of torch Code objects out; now SparseCodes as for numpy
     t = run.encode({s: torch.from_numpy(a) for s, a in x.items()})
-    assert set(t) == set(run.streams) and isinstance(t["dino"], Code)
-    assert t["dino"].indices.dtype == torch.int64 and t["dino"].values.dtype == torch.float32
-    np.testing.assert_array_equal(t["dino"].indices.numpy(), whole.indices["dino"])
+    assert isinstance(t, SparseCodes) and t.streams == run.streams
+    assert t.indices["dino"].dtype == np.int32 and t.values["dino"].dtype == np.float32
+    np.testing.assert_array_equal(t.indices["dino"], whole.indices["dino"])
+    np.testing.assert_array_equal(t.values["dino"], whole.values["dino"])
     half = run.encode({"dino": torch.from_numpy(x["dino"]).to(torch.bfloat16)})
-    assert half["dino"].indices.shape == (len(x["dino"]), K)
+    assert isinstance(half, SparseCodes) and half.indices["dino"].shape == (len(x["dino"]), K)
 
 
 def test_encode_errors(run) -> None:
@@ -252,6 +255,28 @@ def test_encode_errors(run) -> None:
         run.encode({})
     with pytest.raises(ValueError, match="ids for"):
         run.encode({"dino": x}, ids=["a"])
+    # issue 22 (minor): an array of strings named no stream
+    with pytest.raises(ValueError, match="^encode: stream 'dino': expected numbers \\(a float or integer array\\), "
+                                         "got an array of <U1$"):
+        run.encode({"dino": np.full(x.shape, "a")})
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_encode_refuses_non_finite_rows_naming_stream_and_row(run, bad: float) -> None:
+    """Issue 22.6: one NaN in one stream's row gave arbitrary latents for every stream and an
+    all-NaN decode, without a word."""
+    x = {s: run.features(s, "test").copy() for s in run.streams}
+    x["clip_txt"][3, 5] = bad
+    ids = [f"s{i}" for i in range(len(x["dino"]))]
+    message = ("^encode: stream 'clip_txt' row 3 \\(id 's3'\\) holds NaN or inf; the SAE needs finite features "
+               "\\(drop or fix that row\\)$")
+    for mode in ("joint", "per_stream"):
+        with pytest.raises(ValueError, match=message):
+            run.encode(x, mode=mode, ids=ids)
+    with pytest.raises(ValueError, match="stream 'clip_txt' row 3 \\(id '3'\\)"):
+        run.encode({"clip_txt": torch.from_numpy(x["clip_txt"])})
+    del x["clip_txt"]
+    assert run.encode(x).indices["dino"].shape == (len(ids), K)  # the other streams are finite
 
 
 def test_decode_self_and_cross(run) -> None:
@@ -270,8 +295,7 @@ def test_decode_self_and_cross(run) -> None:
     np.testing.assert_allclose(run.decode(pair, "dino"), want_cross, rtol=1e-5, atol=1e-6)
     only = run.encode({"clip_txt": x["clip_txt"]})
     np.testing.assert_allclose(run.decode(only, "dino"), want_cross, rtol=1e-5, atol=1e-6)  # the only stream
-    tensors = run.encode({"clip_txt": torch.from_numpy(x["clip_txt"])})
-    out = run.decode(tensors, "dino")
+    out = run.decode({"clip_txt": code}, "dino")  # what run.model.encode returns: torch in, torch out
     assert isinstance(out, torch.Tensor)
     np.testing.assert_allclose(out.numpy(), want_cross, rtol=1e-5, atol=1e-6)
     # self reconstruction approximates the unit-norm input better than a zero code would
@@ -335,6 +359,10 @@ def test_top_samples(run) -> None:
     assert len(run.top_samples(latent, "dino", n=2, split="all")) == 2
     with pytest.raises(ValueError, match="latent must lie"):
         run.top_samples(L, "dino")
+    # issue 22 (minor): 198.5 silently meant latent 198
+    with pytest.raises(ValueError, match="^top_samples: latent must be an integer latent id, got 2.5$"):
+        run.top_samples(2.5, "dino")
+    assert run.top_samples(np.int64(latent), "clip_txt", n=TOP_N).equals(run.top_samples(float(latent), "clip_txt", n=TOP_N))
     with pytest.raises(KeyError, match="unknown stream"):
         run.top_samples(0, "nope")
 
@@ -386,6 +414,31 @@ def test_missing_path_or_model(tmp_path: Path, repo_copy: Path) -> None:
     (repo_copy / "data" / "sae" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"data/sae/model.safetensors is missing; run `dvc repro train`"):
         load_run(repo_copy)
+
+
+@pytest.mark.parametrize(
+    ("file", "reason"),
+    [("model.safetensors", "unreadable \\(.*\\)"), ("config.json", "unreadable \\(Unterminated string")],
+)
+def test_damaged_sae_files_are_named_with_how_to_restore_them(
+    repo_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, file: str, reason: str,
+) -> None:
+    """Issue 22.12: a truncated model.safetensors gave a SafetensorError traceback (encode stage and
+    load_run), a corrupt config.json `Unterminated string...` naming no file."""
+    from sparc.cli import main
+    from sparc.model.files import SAEFileError
+
+    path = repo_copy / "data" / "sae" / file
+    path.write_bytes(path.read_bytes()[:60])
+    message = f"{path.resolve()}: {reason}.*; restore it with `dvc checkout data/sae` \\(or retrain: `dvc repro train`\\)$"
+    with pytest.raises(SAEFileError, match=f"^{message}"):
+        load_run(repo_copy).model  # noqa: B018
+    monkeypatch.chdir(repo_copy)
+    before = sorted(p.name for p in (repo_copy / "data" / "codes").iterdir())
+    assert main(["encode"]) == 2
+    err = capsys.readouterr().err
+    assert re.match(f"^error: {message.replace(str(path.resolve()), 'data/sae/' + file)}", err) and err.count("\n") == 1
+    assert sorted(p.name for p in (repo_copy / "data" / "codes").iterdir()) == before  # old codes intact
 
 
 def test_sae_only_run_refuses_repository_methods(repo: Path) -> None:

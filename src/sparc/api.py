@@ -48,7 +48,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from sparc import paths
+from sparc.features.store import first_nonfinite_row
 from sparc.model.codes import SparseCodes
+from sparc.model.files import read_sae_config
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -123,6 +125,8 @@ def _as_rows(x: Any, what: str) -> np.ndarray:
         x = (x.float() if x.dtype == torch.bfloat16 else x).numpy()
     elif not isinstance(x, np.ndarray):
         x = np.asarray(x)
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise ValueError(f"{what}: expected numbers (a float or integer array), got an array of {x.dtype}")
     if x.ndim == 1:
         x = x[None, :]
     if x.ndim != 2:
@@ -180,8 +184,7 @@ class Run:
                 where = self.sae_dir / name
                 fix = f"; {_fix('train')}" if root is not None else ""
                 raise RunFileError(f"trained SAE not found: {where} is missing{fix}")
-        cfg = json.loads((self.sae_dir / "config.json").read_text())
-        self.config: dict = cfg
+        self.config: dict = read_sae_config(self.sae_dir)
         if params is not None:
             self._warn_params(params)
 
@@ -262,7 +265,7 @@ class Run:
         ids: list[str] | None = None,
         batch_size: int = 1024,
         progress: bool = False,
-    ) -> SparseCodes | dict[str, Any]:
+    ) -> SparseCodes:
         """Sparse codes of feature rows.
 
         ``features``: stream -> ``[N, d_s]`` (numpy array, memmap, or torch tensor; a ``[d_s]``
@@ -280,11 +283,11 @@ class Run:
         indices (a globally chosen index may hold 0). Rows are encoded ``batch_size`` at a time on
         ``device`` (only ``[batch_size, L]`` logits exist at once).
 
-        Returns, for numpy input, :class:`~sparc.model.codes.SparseCodes` (``indices[s]`` int32
-        ``[N, k]``, ``values[s]`` float32 ``[N, k]``, ``ids`` = ``ids`` or ``"0".."N-1"``); when
-        any input is a torch tensor, a dict stream -> :class:`~sparc.model.sae.Code`
-        ``(indices int64 [N, k], values float32 [N, k])`` on the first tensor's device (no graph;
-        call ``run.model.encode`` for gradients).
+        Returns :class:`~sparc.model.codes.SparseCodes` (``indices[s]`` int32 ``[N, k]``,
+        ``values[s]`` float32 ``[N, k]``, ``ids`` = ``ids`` or ``"0".."N-1"``), for numpy and torch
+        input alike (no graph; call ``run.model.encode`` for gradients). ValueError naming the
+        stream for a shape, dtype or row count that does not fit, and naming the stream, row and id
+        for a row holding NaN or inf (the pipeline refuses such features too).
         """
         if mode not in MODES:
             raise ValueError(f"encode: mode must be one of {MODES}, got {mode!r}")
@@ -293,7 +296,6 @@ class Run:
         unknown = [s for s in features if s not in self.config["dims"]]
         if unknown:
             raise KeyError(f"encode: unknown streams {unknown}; this run has streams {self.streams}")
-        tensor_device = next((v.device for v in features.values() if _is_tensor(v)), None)
         arrays: dict[str, np.ndarray] = {}
         for s in self.streams:
             if s in features:
@@ -309,24 +311,17 @@ class Run:
             ids = [str(i) for i in range(rows)]
         elif len(ids) != rows:
             raise ValueError(f"encode: {len(ids)} ids for {rows} rows")
+        for s, a in arrays.items():
+            if (row := first_nonfinite_row(a)) is not None:
+                raise ValueError(f"encode: stream {s!r} row {row} (id {ids[row]!r}) holds NaN or inf; "
+                                 "the SAE needs finite features (drop or fix that row)")
         from sparc.model.io import encode_dataset
 
         model = self.model
         rule = self.topk if mode == "joint" else "local"
         device = str(next(model.parameters()).device)
-        codes = encode_dataset(model, arrays, list(ids), mode=rule, batch_size=batch_size, device=device,
-                               progress=progress)
-        if tensor_device is None:
-            return codes
-        import torch
-
-        from sparc.model.sae import Code
-
-        return {
-            s: Code(torch.from_numpy(codes.indices[s]).long().to(tensor_device),
-                    torch.from_numpy(codes.values[s]).to(tensor_device))
-            for s in codes.streams
-        }
+        return encode_dataset(model, arrays, list(ids), mode=rule, batch_size=batch_size, device=device,
+                              progress=progress)
 
     def decode(
         self,
@@ -339,8 +334,8 @@ class Run:
         """Reconstruct stream ``stream`` from sparse codes: ``x^(source->stream) = W_dec^stream z^source
         + b_pre^stream`` (:meth:`MultiStreamSAE.decode`), ``[N, d_stream]`` float32.
 
-        ``codes``: what :meth:`encode` returns (``SparseCodes`` or a dict stream -> ``Code``), a
-        ``SparseCodes`` from :meth:`codes`, or one ``(indices [N, k], values [N, k])`` pair.
+        ``codes``: what :meth:`encode` or :meth:`codes` returns (``SparseCodes``), a dict stream ->
+        ``Code`` (what ``run.model.encode`` returns), or one ``(indices [N, k], values [N, k])`` pair.
         ``source``: whose code to decode when ``codes`` holds several streams (default
         ``stream`` itself, i.e. self-reconstruction, or the only stream there is); a source other
         than ``stream`` gives the cross reconstruction. The result approximates the L2-normalised
@@ -523,6 +518,8 @@ class Run:
         ``id``, ``caption``, ``image``, ``activation``, ``labels``, ``label_names``, ``split``.
         """
         self._check_stream(stream)
+        if isinstance(latent, bool) or not float(latent).is_integer():
+            raise ValueError(f"top_samples: latent must be an integer latent id, got {latent!r}")
         latent = int(latent)
         if not 0 <= latent < self.L:
             raise ValueError(f"top_samples: latent must lie in [0, {self.L}), got {latent}")

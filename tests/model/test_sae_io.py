@@ -56,6 +56,29 @@ def test_load_errors_name_the_problem(tmp_path):
         load_sae(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("file", "damage", "reason"),
+    [  # issue 22.12: a SafetensorError traceback, or a JSON error naming no file, before
+        ("model.safetensors", lambda b: b[: len(b) // 2], "unreadable \\(.*\\)"),
+        ("model.safetensors", lambda b: b"", "unreadable \\(.*\\)"),
+        ("config.json", lambda b: b[: len(b) // 2], "unreadable \\(Unterminated string|unreadable \\(Expecting"),
+        ("config.json", lambda b: b"\xff" + b, "unreadable \\('utf-8' codec can't decode"),
+        ("config.json", lambda b: b"[1, 2]", "unreadable \\(expected a JSON object, got list\\)"),
+        ("config.json", lambda b: b'{"L": 32}', "unreadable \\(not an SAE configuration: SAEConfig: .*missing keys"),
+    ],
+)
+def test_damaged_files_are_named_with_how_to_restore_them(tmp_path, file, damage, reason):
+    from sparc.model.files import SAEFileError
+
+    save_sae(trained_model(), tmp_path)
+    path = tmp_path / file
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(SAEFileError, match=f"^{path}: ({reason}).*; restore it with `dvc checkout data/sae` "
+                                           "\\(or retrain: `dvc repro train`\\)$") as info:
+        load_sae(tmp_path)
+    assert "\n" not in str(info.value) and isinstance(info.value, ValueError)
+
+
 @pytest.mark.parametrize("mode", ["global", "local"])
 def test_encode_dataset_matches_encode_in_bounded_batches(tmp_path, mode, monkeypatch):
     model = trained_model()

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from sparc.model.codes import SparseCodes
+from sparc.model.files import CONFIG_FILE, WEIGHTS_FILE, read_sae_config, unreadable
 from sparc.model.sae import TOPK_MODES, MultiStreamSAE, SAEConfig
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -55,21 +54,32 @@ def save_sae(model: MultiStreamSAE, out_dir: str | Path) -> Path:
 
 def load_sae(path: str | Path, device: str = "cpu") -> MultiStreamSAE:
     """Load a model saved by :func:`save_sae` (``path``: its directory or its ``model.safetensors``),
-    in eval mode (a batchnorm encoder's losses then use its running statistics)."""
+    in eval mode (a batchnorm encoder's losses then use its running statistics).
+
+    FileNotFoundError for a missing file; :class:`~sparc.model.files.SAEFileError` (a ValueError)
+    naming the file and how to restore it for a truncated or corrupt one, or weights that do not
+    match ``config.json``."""
     path = Path(path)
     directory = path.parent if path.is_file() else path
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"SAE checkpoint incomplete: {directory / name} is missing")
-    cfg = SAEConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-    model = MultiStreamSAE(cfg)
-    state = load_file(str(directory / WEIGHTS_FILE))
+    cfg = read_sae_config(directory)
+    try:
+        model = MultiStreamSAE(SAEConfig.from_dict(cfg))
+    except (KeyError, TypeError, ValueError) as err:
+        raise unreadable(directory / CONFIG_FILE, f"not an SAE configuration: {err}") from None
+    try:
+        state = load_file(str(directory / WEIGHTS_FILE))
+    except SafetensorError as err:
+        raise unreadable(directory / WEIGHTS_FILE, err) from None
     expected = set(model.state_dict())
     if set(state) != expected:
-        raise ValueError(
-            f"{directory / WEIGHTS_FILE}: tensors {sorted(set(state) ^ expected)} do not match config.json"
-        )
-    model.load_state_dict(state, strict=True)
+        raise unreadable(directory / WEIGHTS_FILE, f"tensors {sorted(set(state) ^ expected)} do not match config.json")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise unreadable(directory / WEIGHTS_FILE, f"tensor shapes do not match config.json: {err}") from None
     return model.to(device).eval()
 
 
