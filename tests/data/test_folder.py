@@ -302,3 +302,20 @@ def test_empty_val_split_is_reported(folder: Path, tmp_path: Path, capsys) -> No
     assert n["val"] == 0 and n["train"] >= 1 and n["test"] >= 2
     assert (f"warning: folder: 12 samples split train {n['train']} / val 0 / test {n['test']}; the val split is "
             "empty, so training reports no val metrics") in capsys.readouterr().err
+
+
+def test_high_bit_images_are_scaled_or_reported_with_their_row(folder: Path, tmp_path: Path) -> None:
+    """Issue 22.5: a float image whose values cannot be scaled to 8 bits is reported with its line
+    and id at `prepare` (16-bit and 0..1 float ones are read, scaled, by the extractors)."""
+    import numpy as np
+
+    Image.fromarray(np.full((8, 8), 3.0, dtype=np.float32)).save(folder / "images/depth.tif")
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(folder / "images/unit.tif")
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(folder / "images/g16.png")
+    rows = [{"id": name, "image": f"images/{name}", "caption": name, "labels": ""}
+            for name in ("depth.tif", "unit.tif", "g16.png")]
+    build = build_folder(FolderOptions(csv=str(write_csv(folder / "deep.csv", rows))), tmp_path)
+    assert [s.id for s in build.samples] == ["unit.tif", "g16.png"]
+    ((sample_id, reason),) = build.skipped
+    assert sample_id == "depth.tif" and "line 2" in reason
+    assert "float image (mode F) with values 3..3, where only 0..1 is understood" in reason

@@ -476,3 +476,15 @@ def test_localisation_in_headless_chromium(chrome, loc_browser: Path) -> None:
     assert all(_wait(lambda i=i: chrome.execute_script("return arguments[0].naturalWidth", i)) for i in imgs)
     errors = [m for m in chrome.get_log("browser") if m["level"] == "SEVERE"]
     assert not errors, errors
+
+
+def test_thumbnails_of_16_bit_and_float_images_keep_their_grey(tmp_path: Path) -> None:
+    """Issue 22.5: the thumbnails clipped 16-bit greyscale to white (and 0..1 floats to black)."""
+    from sparc.report.browser import make_thumb
+
+    Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(np.full((16, 16), 0.5, dtype=np.float32)).save(tmp_path / "f.tif")
+    for name in ("g16.png", "f.tif"):
+        assert make_thumb(tmp_path / name, tmp_path / f"{name}.jpg", 8)
+        with Image.open(tmp_path / f"{name}.jpg") as im:
+            assert np.asarray(im.convert("L")).mean() == pytest.approx(128, abs=2)

@@ -196,6 +196,15 @@ def test_thumbnails_keep_aspect_on_white(tmp_path: Path) -> None:
     assert not ok and arr.shape == (32, 32, 3)
 
 
+def test_thumbnails_of_16_bit_and_float_images_keep_their_grey(tmp_path: Path) -> None:
+    """Issue 22.5: 16-bit greyscale was clipped to white, 0..1 floats to black."""
+    Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(np.full((16, 16), 0.5, dtype=np.float32)).save(tmp_path / "f.tif")
+    for name in ("g16.png", "f.tif"):
+        arr, ok = F.Thumbnails(32)(tmp_path / name)
+        assert ok and arr[16, 16].tolist() == [128, 128, 128]  # the image in the middle of the white tile
+
+
 def test_wrap_cuts_with_an_ellipsis() -> None:
     assert F.wrap("a b c", 10, 2) == "a b c"
     out = F.wrap("word " * 40, 12, 2)

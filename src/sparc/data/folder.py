@@ -86,6 +86,7 @@ from PIL import Image
 
 from sparc.data.base import DatasetBuild, Sample
 from sparc.data.hierarchy import ROOT, Hierarchy
+from sparc.data.images import to_8bit
 from sparc.params import FolderOptions
 
 REQUIRED_COLUMNS = ("id", "image", "caption", "labels")
@@ -179,12 +180,14 @@ def _format_problem(fields: list[str], header: list[str], row: dict[str, str]) -
 
 
 def _readable(path: Path) -> str | None:
-    """None when Pillow decodes the image, else a short reason."""
+    """None when Pillow decodes the image and :func:`~sparc.data.images.to_8bit` can scale its
+    values (16-bit or float greyscale), else a short reason."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
+                to_8bit(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return f"unreadable image {path} ({err})"
     return None

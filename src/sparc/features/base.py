@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from sparc.data.images import to_8bit
 from sparc.features.registry import ModelSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,9 +49,15 @@ def resolve_device(device: str, param: str = "extract.device") -> torch.device:
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """Open an image as RGB, compositing transparency onto white (emoji and clip art are RGBA)."""
+    """Open an image as RGB, compositing transparency onto white (emoji and clip art are RGBA);
+    16-bit and float greyscale scaled by :func:`to_8bit` (ValueError naming ``path`` for values
+    it cannot scale)."""
     with Image.open(path) as img:
         img.load()
+        try:
+            img = to_8bit(img)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
         if img.mode in ("RGBA", "LA", "P", "PA"):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))

@@ -478,15 +478,17 @@ def read_localisation(localise: Path) -> tuple[dict | None, Overlays | None, lis
 
 
 def make_thumb(src: Path, dst: Path, px: int) -> bool:
-    """Write a JPEG of ``src`` fitting ``px`` x ``px`` (transparency on white); False when the
-    image cannot be read."""
+    """Write a JPEG of ``src`` fitting ``px`` x ``px`` (transparency on white, 16-bit and float
+    greyscale scaled by :func:`~sparc.data.images.to_8bit`); False when the image cannot be read."""
     from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from sparc.data.images import to_8bit
 
     try:
         with Image.open(src) as im:
             im = ImageOps.exif_transpose(im)
             im.draft("RGB", (px, px))
-            rgba = im.convert("RGBA")
+            rgba = to_8bit(im).convert("RGBA")
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         return False
     rgba.thumbnail((px, px), Image.Resampling.LANCZOS)

@@ -384,6 +384,8 @@ class Thumbnails:
     def _load(self, path: Path | None) -> tuple[np.ndarray, bool]:
         from PIL import Image
 
+        from sparc.data.images import to_8bit
+
         tile = np.full((self.px, self.px, 3), 230, dtype=np.uint8)
         if path is None:
             return tile, False
@@ -391,7 +393,7 @@ class Thumbnails:
             with Image.open(path) as im:
                 im.draft("RGB", (2 * self.px, 2 * self.px))  # JPEG: decode at a reduced scale
                 im.load()
-                im = im.convert("RGBA")
+                im = to_8bit(im).convert("RGBA")
         except (OSError, ValueError, Image.DecompressionBombError):
             return tile, False
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
