@@ -8,6 +8,7 @@ print one ``error:`` line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sparc import paths
@@ -55,16 +56,32 @@ def relaunched(nproc: int, argv: list[str]) -> bool:
     return True
 
 
+def stage_stream(address: str | None) -> str | None:
+    """The stream of DVC stage address ``extract@<stream>`` (what DVC puts in ``DVC_STAGE`` for
+    the command it runs; ``<dir>/dvc.yaml:`` in front for a dvc.yaml in a subdirectory), else None.
+
+    dvc.yaml's ``extract`` command names no stream: a name from params.yaml written into the
+    command would reach the shell that runs it (``x;touch /tmp/PWNED``), while the environment
+    variable reaches this process as data."""
+    stage, _, stream = (address or "").rpartition(":")[2].partition("@")
+    return stream if stage == "extract" and stream else None
+
+
 def cmd_extract(params: Params, args: argparse.Namespace) -> None:
+    """Extract one stream's features: the one named, or that of DVC stage ``extract@<stream>``."""
     from sparc.distributed import World
     from sparc.features.extract import run_extract
 
-    if relaunched(params.extract.nproc, ["--params", args.params, "extract", args.stream]):
+    stream = args.stream or stage_stream(os.environ.get("DVC_STAGE"))
+    if stream is None:
+        raise ValueError("extract: name a stream (python -m sparc extract <stream>); "
+                         "under DVC the stage extract@<stream> names it")
+    if relaunched(params.extract.nproc, ["--params", args.params, "extract", stream]):
         return
     ds = params.data.dataset
-    out = run_extract(params, args.stream, paths.prepared_dir(ds), paths.features_dir(ds, args.stream))
+    out = run_extract(params, stream, paths.prepared_dir(ds), paths.features_dir(ds, stream))
     if World.from_env().main:
-        print(f"extracted {args.stream} -> {out}")
+        print(f"extracted {stream} -> {out}")
 
 
 def cmd_train(params: Params, args: argparse.Namespace) -> None:
@@ -279,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         if name == "extract":
-            p.add_argument("stream", help="stream name from params.yaml `streams:`")
+            p.add_argument("stream", nargs="?", help="stream name from params.yaml `streams:` "
+                           "(default: the stream of DVC stage extract@<stream>, from DVC_STAGE)")
         if name in ("paper", "usae"):
             p.add_argument("--csv", default="", help="image-caption CSV in the folder format (default: Open Images)")
             p.add_argument("--hierarchy", default="", help="optional label hierarchy JSON (with --csv)")
