@@ -94,17 +94,19 @@ def _image(path: Path, labels: tuple[str, ...]) -> None:
     im.save(path)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    root = tmp_path_factory.mktemp("browser")
+def build_run(root: Path, captions_per_image: int = 1) -> Run:
+    """The stages up to evaluate on planted data; with ``captions_per_image`` > 1, consecutive
+    samples share an image (a group, as Open Images' narratives)."""
     planted = make_planted(PlantedConfig(dims=dict(zip(["a", "b", "c"], DIMS.values(), strict=True)), n_samples=200))
     images = root / "images"
     images.mkdir()
     samples = []
-    for sid, labels in zip(planted.ids, planted.labels, strict=True):
-        img = images / f"{sid}.png"
-        _image(img, labels)
-        samples.append(Sample(sid, img, "a picture of " + " and ".join(labels), labels))
+    for i, (sid, labels) in enumerate(zip(planted.ids, planted.labels, strict=True)):
+        group = f"img{i // captions_per_image}" if captions_per_image > 1 else ""
+        img = images / f"{group or sid}.png"
+        if not img.exists():
+            _image(img, labels)
+        samples.append(Sample(sid, img, "a picture of " + " and ".join(labels), labels, group=group))
     prepared = write_prepared(
         DatasetBuild(samples, planted.hierarchy), root / "prepared", dataset="planted", options={},
         max_samples=0, split_seed=0, val_fraction=0.1, test_fraction=0.4,
@@ -135,6 +137,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     finally:
         torch.set_num_threads(before)
     return Run(root, params, prepared, codes, concepts, metrics.parent)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return build_run(tmp_path_factory.mktemp("browser"))
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +291,22 @@ def test_retrieval_examples(run: Run, data: dict) -> None:
                 assert item["top"][0][0] == item["row"]
     reps = {(r["query"], r["gallery"], r["representation"]) for r in data["retrieval"]["metrics"]}
     assert ("clip_txt", "dino", "codes") in reps and ("", "", "chance") in reps
+
+
+def test_retrieval_examples_use_one_caption_per_image(tmp_path: Path) -> None:
+    """Issue 22.7: with several captions per image the examples ranked every test row (an image
+    twice in one top list, two captions of one image both queries), not the metric's rows."""
+    grouped = build_run(tmp_path, captions_per_image=2)
+    prepared = load_prepared(grouped.prepared)
+    test = np.flatnonzero(prepared.splits == "test")
+    firsts = set(prepared.one_per_group(test).tolist())
+    assert len(firsts) < test.size  # the fixture has groups with several test captions
+    data = embedded_data(grouped.build(tmp_path / "browser") / "index.html")
+    for ex in data["retrieval"]["examples"]:
+        for item in ex["items"]:
+            assert item["row"] in firsts and 1 <= item["rank"] <= len(firsts) and item["ties"] < len(firsts)
+            shown = [row for row, _ in item["top"]]
+            assert set(shown) <= firsts and len({prepared.groups[r] for r in shown}) == len(shown)
 
 
 def test_page_is_self_contained(browser: Path, data: dict) -> None:

@@ -15,9 +15,10 @@ from PIL import Image
 
 from sparc.data.base import DatasetBuild, Sample
 from sparc.data.planted import PlantedConfig, make_planted
-from sparc.data.prepared import write_prepared
-from sparc.evaluate.stage import run_concepts, run_encode, run_evaluate
+from sparc.data.prepared import load_prepared, write_prepared
+from sparc.evaluate.stage import codes_to_csr, run_concepts, run_encode, run_evaluate
 from sparc.features.store import write_stream
+from sparc.model.codes import SparseCodes
 from sparc.model.io import save_sae
 from sparc.model.sae import MultiStreamSAE, SAEConfig
 from sparc.params import Params, params_from_dict
@@ -185,6 +186,28 @@ def test_retrieval_examples_figure(tmp_path: Path) -> None:
         F.retrieval_examples_figure(examples, [], top_n=5, thumb_px=48)
 
 
+def test_retrieval_examples_use_one_caption_per_image(tmp_path: Path) -> None:
+    """Issue 22.7: on Open Images the grid said "gallery: 14 test images" where the metric ranks
+    11 (one caption per image), showed an image twice in one top list and queried two narratives of
+    one image. Queries and gallery are now the metric's rows."""
+    from sparc.report.figures_stage import retrieval_examples
+
+    grouped = pipeline(tmp_path, {"img": "image", "txt": "caption"}, captions_per_image=2)
+    prepared = load_prepared(grouped.prepared)
+    test = np.flatnonzero(prepared.splits == "test")
+    firsts = prepared.one_per_group(test)
+    assert firsts.size < test.size  # the fixture has groups with several test captions
+    index = json.loads((figures(grouped) / "index.json").read_text())["retrieval_examples"]
+    assert index["gallery_size"] == firsts.size == json.loads((grouped.reports / "metrics.json").read_text())["retrieval"]["n"]
+    ids = {prepared.ids[r] for r in firsts}
+    assert {q["id"] for q in index["queries"]} <= ids
+    local = codes_to_csr(SparseCodes.load(grouped.codes / "per_stream", test))
+    examples, _, _ = retrieval_examples(grouped.params, local, test, prepared)
+    for ex in examples:
+        shown = [r.sample_id for r in ex.results["img"]]
+        assert ex.gallery_size == firsts.size and set(shown) <= ids and len(set(shown)) == len(shown)
+
+
 def test_thumbnails_keep_aspect_on_white(tmp_path: Path) -> None:
     (path,) = make_images(tmp_path, 1)
     arr, ok = F.Thumbnails(32)(path)
@@ -277,13 +300,15 @@ class Run:
     reports: Path
 
 
-def pipeline(root: Path, kinds: dict[str, str], concepts: list[str] | None = None) -> Run:
-    """prepare (real PNG images) -> features -> untrained SAE -> encode -> concepts -> evaluate."""
+def pipeline(root: Path, kinds: dict[str, str], concepts: list[str] | None = None, captions_per_image: int = 1) -> Run:
+    """prepare (real PNG images) -> features -> untrained SAE -> encode -> concepts -> evaluate;
+    with ``captions_per_image`` > 1, consecutive samples form a group (one image, several captions)."""
     dims = {s: 12 + 2 * i for i, s in enumerate(kinds)}
     planted = make_planted(PlantedConfig(dims=dims, n_samples=160))
     images = make_images(root / "src_images", 8)
     samples = [
-        Sample(sid, images[i % len(images)], f"caption {i} of {' and '.join(planted.labels[i])}", planted.labels[i])
+        Sample(sid, images[i % len(images)], f"caption {i} of {' and '.join(planted.labels[i])}", planted.labels[i],
+               group=f"img{i // captions_per_image}" if captions_per_image > 1 else "")
         for i, sid in enumerate(planted.ids)
     ]
     prepared = write_prepared(

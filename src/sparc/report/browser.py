@@ -35,9 +35,9 @@ The page:
   samples its name comes from, so the dominant count / top samples is its purity) and among all
   its firings on the concepts split.
 * **Cross-stream retrieval**: the retrieval metrics of retrieval.csv, and examples: for
-  ``figures.queries`` test captions (evenly spread over the test split), per caption stream and
-  image stream, the top images by cosine similarity of the per-stream codes (the correct image
-  outlined, and its rank).
+  ``figures.queries`` test captions (evenly spread over the test split's rows that the retrieval
+  metric ranks: one caption per image), per caption stream and image stream, the top images by
+  cosine similarity of the per-stream codes (the correct image outlined, and its rank).
 * **Text-guided localisation** (linked from the header): the localise stage's AP@0.2 and mIoU per
   method and the chance baseline (``reports/localise/metrics.json``), and its overlay queries
   (``overlays.npz``): the query text, the image with the ground-truth mask (green), per method the
@@ -329,8 +329,9 @@ def browser_data(
         entry["search"] = search_key(entry)
         entries.append(entry)
 
-    local = codes_to_csr(codes["per_stream"], np.searchsorted(rows, e_rows))
-    examples = _retrieval_examples(local, e_rows, caption_streams, image_streams, params.figures.queries)
+    ret_rows = prepared.one_per_group(e_rows)  # one caption per image, the rows the retrieval metric ranks
+    local = codes_to_csr(codes["per_stream"], np.searchsorted(rows, ret_rows))
+    examples = _retrieval_examples(local, ret_rows, caption_streams, image_streams, params.figures.queries)
     for ex in examples:
         for item in ex["items"]:
             shown_rows.add(item["row"])

@@ -256,13 +256,17 @@ def retrieval_examples(
     params: Params, local: dict[str, sp.csr_matrix], test_rows: np.ndarray, prepared: PreparedData,
 ) -> tuple[list[F.RetrievalExample], str | None, list[str]]:
     """``(examples, query_stream, image_streams)``; no examples without a caption stream, an
-    image stream or ``figures.queries``."""
+    image stream or ``figures.queries``. Queries and gallery are the test rows the retrieval metric
+    ranks: one caption per image (:meth:`PreparedData.one_per_group`), so no image appears twice in
+    a result list; ``local`` holds the per-stream codes of ``test_rows``."""
     captions = [s for s, p in params.streams.items() if p.input == "caption"]
     images = [s for s, p in params.streams.items() if p.input == "image"]
     n_q = params.figures.queries
     if not captions or not images or n_q <= 0:
         return [], (captions[0] if captions else None), images
     q = captions[0]
+    keep = np.searchsorted(test_rows, prepared.one_per_group(test_rows))
+    test_rows, local = test_rows[keep], {s: m[keep] for s, m in local.items()}
     N = test_rows.size
     picks = spread_picks(N, n_q)
     scores = {s: cosine_scores(local[q][picks], local[s]) for s in images}  # [N, Q]
@@ -419,7 +423,7 @@ def run_figures(
         save(F.retrieval_examples_figure(examples, image_streams, fp.top_n, fp.thumb_px, thumbs),
              "retrieval_examples.png", "retrieval_examples")
         retrieval_index = {
-            "query_stream": q, "image_streams": image_streams, "gallery_size": int(test_rows.size),
+            "query_stream": q, "image_streams": image_streams, "gallery_size": examples[0].gallery_size,
             "queries": [{"id": e.sample_id, "caption": e.caption, "correct_rank": e.correct_rank} for e in examples],
         }
     elif q is None:
