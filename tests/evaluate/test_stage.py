@@ -372,3 +372,28 @@ def test_corrupted_codes_are_refused(setup: Setup, outputs: dict[str, Path], tmp
     (codes / "meta.json").write_text("{truncated")
     with pytest.raises(EvaluateInputError, match="meta.json: unreadable"):
         setup.concepts(codes, tmp_path / "concepts")
+
+
+def test_encode_out_of_space_names_the_path_and_the_space_and_cleans_up(setup: Setup, tmp_path: Path) -> None:
+    """Issue 22.13: `ulimit -f 500` during encode gave an `OSError: [Errno 27] File too large`
+    traceback and left data/codes.tmp behind. Now one line naming the path and the space needed;
+    the temporary directory is removed and the old codes are untouched."""
+    import resource
+
+    out = setup.encode(tmp_path / "codes")
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(EvaluateInputError) as info:
+            setup.encode(out)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    need = (2 * 3 * 240 * K * 8 + 2 * 16 * 240) / 2**20
+    assert str(info.value) == (
+        f"{tmp_path / 'codes.tmp'}: no room to write the codes (File too large): they need about {need:.1f} MiB "
+        f"there; free disk space (or raise the file-size limit, `ulimit -f`) and run `dvc repro encode` again "
+        f"({out} is unchanged)"
+    )
+    assert not (tmp_path / "codes.tmp").exists()
+    assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before

@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -155,6 +156,10 @@ RETRIEVAL_FIELDS = [
 
 class EvaluateInputError(ValueError):
     """Codes, concepts, model or data that do not belong together (the message says which)."""
+
+
+# errno values of a write refused for want of room: disk full, file-size limit (`ulimit -f`), quota.
+NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -400,28 +405,44 @@ def run_encode(
     features = {s: fs.features for s, fs in streams.items()}
     joint_mode = model.cfg.topk
     tmp = _fresh_tmp(out_dir)
-    for kind, mode in (("joint", joint_mode), ("per_stream", "local")):
-        codes = encode_dataset(
-            model, features, prepared.ids, mode=mode, batch_size=params.evaluate.batch_size,
-            device=dev, progress=progress,
-        )
-        codes.save(tmp / kind)
-        k = int(next(iter(codes.indices.values())).shape[1])
-        del codes  # one kind's codes in memory at a time (2.8 GB each at the paper's 1.8M rows)
-    meta = {
-        "model_sha256": model_hash,
-        "dataset": prepared.meta.get("dataset"),
-        "dataset_fingerprint": prepared.fingerprint,
-        "ids_sha256": ids_sha256(prepared.ids),
-        "n": len(prepared.ids),
-        "L": model.cfg.L,
-        "k": k,
-        "streams": list(model.streams),
-        "joint_mode": joint_mode,
-    }
-    _write_json(tmp / CODES_META, meta)
+    try:
+        for kind, mode in (("joint", joint_mode), ("per_stream", "local")):
+            codes = encode_dataset(
+                model, features, prepared.ids, mode=mode, batch_size=params.evaluate.batch_size,
+                device=dev, progress=progress,
+            )
+            codes.save(tmp / kind)
+            del codes  # one kind's codes in memory at a time (2.8 GB each at the paper's 1.8M rows)
+        meta = {
+            "model_sha256": model_hash,
+            "dataset": prepared.meta.get("dataset"),
+            "dataset_fingerprint": prepared.fingerprint,
+            "ids_sha256": ids_sha256(prepared.ids),
+            "n": len(prepared.ids),
+            "L": model.cfg.L,
+            "k": model.cfg.k,
+            "streams": list(model.streams),
+            "joint_mode": joint_mode,
+        }
+        _write_json(tmp / CODES_META, meta)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left next to the old codes
+        if isinstance(err, OSError) and err.errno in NO_SPACE:
+            raise EvaluateInputError(
+                f"{tmp}: no room to write the codes ({err.strerror}): they need about "
+                f"{_codes_bytes(len(prepared.ids), model.cfg.k, len(model.streams)) / 2**20:.1f} MiB "
+                f"there; free disk space (or raise the file-size limit, `ulimit -f`) and run "
+                f"`dvc repro encode` again ({out_dir} is unchanged)"
+            ) from None
+        raise
     _replace_dir(tmp, out_dir)
     return out_dir
+
+
+def _codes_bytes(n: int, k: int, n_streams: int) -> int:
+    """Bytes ``encode`` writes: two kinds of codes x ``n_streams`` x ``n`` rows x ``k`` latents x
+    (int32 index + float32 value), plus two copies of the ids (about 16 bytes each)."""
+    return 2 * n_streams * n * k * 8 + 2 * 16 * n
 
 
 # --------------------------------------------------------------------------- concepts
