@@ -52,3 +52,51 @@ def test_ablation_and_sweep_print_their_experiments(capsys):
     ]
     assert main(["--params", params, "ablation", "--dry", "--only", "nope"]) == 2
     assert "unknown configuration 'nope'" in capsys.readouterr().err
+
+
+def test_experiments_refused_while_dvc_runs_in_the_workspace(tmp_path, capsys, monkeypatch):
+    """Issue 22.14: a second `dvc exp run` during a workspace run wrote its -S values into
+    params.yaml, then failed on DVC's lock (and the first run failed after it). ablation, sweep
+    and the presets now say so before starting anything."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from sparc.report import ablation
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    started = []
+    monkeypatch.setattr(ablation, "run_experiments", lambda cmds: started.extend(cmds) or [])
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: started.append(cmd))
+    grid = ["ablation", "--only", "sparc", "--seeds", "0"]
+    assert main(grid) == 0 and len(started) == 1  # nothing running: the grid starts
+    lock = tmp_path / ".dvc" / "tmp" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    holder = subprocess.Popen(  # noqa: S603 (the real Popen: monkeypatch replaced subprocess.run only)
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); time.sleep(60)", str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        for argv in (grid, ["sweep", "k=8,16", "--seeds", "0"], ["paper"]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err == ("error: a DVC command holding .dvc/tmp/lock is running in this workspace: starting "
+                           "experiments now would write their -S values into params.yaml and then fail on DVC's "
+                           "lock; wait for it to finish, or queue them (--queue, then `dvc queue start` once it "
+                           "has finished)\n")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(started) == 1
+    pid_file = tmp_path / ".dvc" / "tmp" / "exps" / "run" / "workspace" / "workspace.json"
+    pid_file.parent.mkdir(parents=True)
+    pid_file.write_text(json.dumps({"pid": os.getpid()}))
+    assert main(grid) == 2
+    assert f"error: a workspace `dvc exp run` (process {os.getpid()}, .dvc/tmp/exps/run/workspace/workspace.json)" \
+        in capsys.readouterr().err
+    assert main([*grid, "--queue"]) == 0 and len(started) == 2  # queueing is what the message advises
+    pid_file.write_text(json.dumps({"pid": holder.pid}))  # a finished run's stale file is ignored
+    assert main(grid) == 0 and len(started) == 3

@@ -172,12 +172,27 @@ def cmd_coco(params: Params, args: argparse.Namespace) -> None:
     _run_preset(coco_command(max_images=args.max_images, subset_keep=args.subset_keep), args.dry)
 
 
+def _check_workspace_free() -> None:
+    """ValueError when DVC is running in this workspace (sparc.report.ablation.dvc_busy): a DVC
+    experiment started now would change params.yaml under it and then fail on DVC's lock."""
+    from sparc.report.ablation import dvc_busy
+
+    busy = dvc_busy()
+    if busy:
+        raise ValueError(
+            f"{busy} is running in this workspace: starting experiments now would write their -S values "
+            "into params.yaml and then fail on DVC's lock; wait for it to finish, or queue them "
+            "(--queue, then `dvc queue start` once it has finished)"
+        )
+
+
 def _run_preset(cmd: list[str], dry: bool) -> None:
     import shlex
     import subprocess
 
     print(shlex.join(cmd))
     if not dry:
+        _check_workspace_free()
         subprocess.run(cmd, check=True)
 
 
@@ -208,6 +223,7 @@ def _run_grid(configs: dict, args: argparse.Namespace) -> None:
             subprocess.run(cmd, check=True)
         print(f"queued {len(cmds)} experiments: start them with `dvc queue start -j N`")
         return
+    _check_workspace_free()
     failed = run_experiments(cmds)
     if failed:
         raise ValueError(f"{len(failed)} of {len(cmds)} experiments failed: {', '.join(failed)}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
@@ -117,6 +118,51 @@ def experiment_commands(runs: Iterable[tuple[str, list[str]]], queue: bool) -> l
             cmd += ["-S", s]
         cmds.append(cmd)
     return cmds
+
+
+# Where DVC records a running workspace experiment (`dvc exp run` without --queue/--temp: its
+# process id) and the repository lock that DVC commands changing the workspace hold.
+EXP_WORKSPACE_PID = Path(".dvc/tmp/exps/run/workspace/workspace.json")
+REPO_LOCK = Path(".dvc/tmp/lock")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def dvc_busy(root: str | Path = ".") -> str | None:
+    """What DVC is running in the workspace at ``root``, or None: a workspace ``dvc exp run``
+    (its pid file names a live process), or any command holding the repository lock (tested with
+    a non-blocking ``flock``, as DVC takes it, and released at once; not checked without fcntl).
+
+    A second ``dvc exp run`` started meanwhile writes its ``-S`` values into ``params.yaml`` before
+    failing on the lock, which leaves the workspace's params out of step with its outputs."""
+    root = Path(root)
+    try:
+        pid = int(json.loads((root / EXP_WORKSPACE_PID).read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pid = 0
+    if pid > 0 and _alive(pid):
+        return f"a workspace `dvc exp run` (process {pid}, {EXP_WORKSPACE_PID})"
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        with (root / REPO_LOCK).open("rb") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    except FileNotFoundError:
+        return None
+    except BlockingIOError:
+        return f"a DVC command holding {REPO_LOCK}"
+    return None
 
 
 def run_experiments(cmds: list[list[str]], echo: Callable[[str], None] = print) -> list[str]:
