@@ -40,13 +40,13 @@ def check_folder_files(params: Params) -> None:
     """For ``data.dataset: folder``: the CSV must be a non-empty file, the hierarchy (if set) a file."""
     if params.data.dataset != "folder":
         return
-    csv_path = Path(params.data.folder.csv)
+    csv_path = Path(params.data.folder.csv).expanduser()
     if not csv_path.is_file():
         raise ParamsError(f"data.folder.csv: {csv_path} not found (give the path of your CSV, see README)")
     if csv_path.stat().st_size == 0:
         raise ParamsError(f"data.folder.csv: {csv_path} is empty (expected a header row id,image,caption,labels)")
     hierarchy = params.data.folder.hierarchy
-    if hierarchy and not Path(hierarchy).is_file():
+    if hierarchy and not Path(hierarchy).expanduser().is_file():
         raise ParamsError(f"data.folder.hierarchy: {hierarchy} not found (or set it to '' for a flat hierarchy)")
 
 

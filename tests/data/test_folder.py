@@ -319,3 +319,18 @@ def test_high_bit_images_are_scaled_or_reported_with_their_row(folder: Path, tmp
     ((sample_id, reason),) = build.skipped
     assert sample_id == "depth.tif" and "line 2" in reason
     assert "float image (mode F) with values 3..3, where only 0..1 is understood" in reason
+
+
+def test_csv_and_hierarchy_paths_expand_the_home_directory(folder: Path, tmp_path: Path, monkeypatch) -> None:
+    """Issue 22 (minor): `csv: ~/data.csv` was read as a directory named `~`."""
+    from sparc.params import params_from_dict
+    from sparc.preflight import check_folder_files
+
+    monkeypatch.setenv("HOME", str(folder))
+    write_csv(folder / "data.csv", good_rows(folder))
+    options = FolderOptions(csv="~/data.csv", hierarchy="~/hierarchy.json")
+    build = build_folder(options, tmp_path)
+    assert len(build.samples) == 4 and build.info["hierarchy"] == str((folder / "hierarchy.json").resolve())
+    check_folder_files(params_from_dict({"data": {"dataset": "folder", "folder": vars(options)},
+                                         "streams": {"a": {"model": "efficientnet:lite0", "input": "image"},
+                                                     "b": {"model": "minilm:all-MiniLM-L6-v2", "input": "caption"}}}))

@@ -237,13 +237,13 @@ def build_folder(options: FolderOptions, work_dir: Path) -> DatasetBuild:
             "data.folder.csv: set it to a CSV file with columns id,image,caption,labels "
             "(see README 'Bring your own data')"
         )
-    csv_path = Path(options.csv)
+    csv_path = Path(options.csv).expanduser()  # `~/data.csv` as a shell would read it
     if not csv_path.is_file():
         raise FileNotFoundError(f"data.folder.csv: {csv_path} not found")
     hierarchy: Hierarchy | None = None
     if options.hierarchy:
         try:
-            hierarchy = Hierarchy.load(options.hierarchy)
+            hierarchy = Hierarchy.load(Path(options.hierarchy).expanduser())
         except FileNotFoundError:
             raise FileNotFoundError(f"data.folder.hierarchy: {options.hierarchy} not found") from None
         except ValueError as err:
@@ -311,7 +311,7 @@ def build_folder(options: FolderOptions, work_dir: Path) -> DatasetBuild:
             print(f"  ... and {len(skipped) - SUMMARY_LINES} more (see meta.json)", file=sys.stderr)
     info = {
         "csv": str(csv_path.resolve()),
-        "hierarchy": str(Path(options.hierarchy).resolve()) if options.hierarchy else "",
+        "hierarchy": str(Path(options.hierarchy).expanduser().resolve()) if options.hierarchy else "",
         "n_rows": n_rows,
         "n_kept": len(samples),
         "n_skipped": len(skipped),
