@@ -60,9 +60,7 @@ def test_stream_name_runs_no_shell_command(tmp_path: Path) -> None:
     """`dvc repro -s 'extract@x;touch PWNED;echo'` in a DVC repository with this dvc.yaml: sparc
     refuses the name, and no file PWNED appears."""
     repo = tmp_path / "repo"
-    (repo / "src/sparc").mkdir(parents=True)
-    shutil.copytree(ROOT / "src/sparc/features", repo / "src/sparc/features",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "src/sparc", repo / "src/sparc", ignore=shutil.ignore_patterns("__pycache__"))  # the deps
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     raw = read_yaml(ROOT / "params.yaml")
     raw["streams"][MALICIOUS] = {"model": "minilm:all-MiniLM-L6-v2", "input": "caption"}

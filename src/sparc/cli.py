@@ -29,12 +29,16 @@ def cmd_check(params: Params, args: argparse.Namespace) -> None:
 
 
 def cmd_download(params: Params, args: argparse.Namespace) -> None:
-    """Fetch the raw files of data.dataset into data/raw/<dataset> (sparc.data.download)."""
-    from sparc.data.download import run_download
+    """Fetch the raw files of data.dataset into data/raw/<dataset> (sparc.data.download); Ctrl-C
+    ends it with one error line, keeping what is verified."""
+    from sparc.data.download import DownloadError, run_download
 
-    dataset = params.data.dataset
-    out = run_download(dataset, base_url=params.download.base_url, workers=params.download.workers,
-                       options=getattr(params.data, dataset, None))
+    dataset, d = params.data.dataset, params.download
+    try:
+        out = run_download(dataset, base_url=d.base_url, workers=d.workers, options=getattr(params.data, dataset, None),
+                           cache=d.cache, checksums=d.checksums)
+    except KeyboardInterrupt:
+        raise DownloadError(f"{dataset}: interrupted; the files already verified are kept, run again to resume") from None
     print(f"downloaded {dataset} -> {out}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -84,10 +85,15 @@ class DataParams:
 @dataclasses.dataclass(frozen=True)
 class DownloadParams:
     """The `download` stage (openimages, coco): ``base_url`` '' = the real hosts, else a mirror
-    of ``data/raw`` (``<base_url>/<dataset>/<path>``); ``workers`` parallel connections."""
+    of ``data/raw`` (``<base_url>/<dataset>/<path>``); ``workers`` parallel connections;
+    ``cache`` the directory of the download cache ('' = ``data/raw/<dataset>.cache``, else
+    ``<cache>/<dataset>``); ``checksums`` an md5sum/sha256sum file of the dataset's files ('' =
+    none; sparc.data.download)."""
 
     base_url: str = ""
     workers: int = 16
+    cache: str = ""
+    checksums: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,13 +387,19 @@ def check_split_list(splits: list[str], known: tuple[str, ...], param: str) -> N
 
 
 def check_download(d: DownloadParams) -> None:
-    """``download``: an http(s) mirror URL or '' (the real hosts), at least one worker."""
+    """``download``: an http(s) mirror URL or '' (the real hosts), at least one worker, and
+    local paths (not URLs) for ``cache`` and ``checksums`` (the checksum file itself is read by
+    sparc.preflight and the stage)."""
     if d.base_url and not d.base_url.startswith(("http://", "https://")):
         raise ParamsError(
             f"download.base_url: {d.base_url!r} is not an http:// or https:// URL "
             "('' = the real hosts)"
         )
     _positive({"workers": d.workers}, "download")
+    for name, value, meaning in (("cache", d.cache, "a directory ('' = data/raw/<dataset>.cache)"),
+                                 ("checksums", d.checksums, "an md5sum or sha256sum file ('' = none)")):
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
+            raise ParamsError(f"download.{name}: {value!r} is a URL; give a local path of {meaning}")
 
 
 def check_emoji_options(options: EmojiOptions) -> None:

@@ -3,6 +3,7 @@
 :func:`sparc.params.validate` checks values without touching files or devices (every stage runs
 it when it loads the parameters). :func:`preflight` adds what the stages check when they start:
 that the requested devices exist, that a bring-your-own CSV and hierarchy exist and are not empty,
+that a checksum list (``download.checksums``) parses,
 and that the SAE fits in memory for training (the estimate of :mod:`sparc.train.memory`, with the
 stream dimensions of the extracted features, or 1 per stream before extraction, a lower bound).
 Each failure is one ParamsError line naming the parameter.
@@ -50,6 +51,17 @@ def check_folder_files(params: Params) -> None:
         raise ParamsError(f"data.folder.hierarchy: {hierarchy} not found (or set it to '' for a flat hierarchy)")
 
 
+def check_checksums_file(params: Params) -> None:
+    """``download.checksums``, when set: a readable md5sum/sha256sum file (sparc.data.download)."""
+    from sparc.data.download import read_checksums
+
+    if params.download.checksums:
+        try:
+            read_checksums(params.download.checksums)
+        except ValueError as err:
+            raise ParamsError(str(err)) from None
+
+
 def stream_dims(params: Params) -> tuple[dict[str, int], bool]:
     """Input dimension of every stream from its extracted features' meta.json; ``(dims, known)``,
     with 1 for streams not extracted yet (``known`` is then False)."""
@@ -78,6 +90,7 @@ def preflight(params: Params) -> list[str]:
     """Every machine-dependent check of the stages (module docstring); returns report lines."""
     devices = check_devices(params)
     check_folder_files(params)
+    check_checksums_file(params)
     lines = [f"devices: {', '.join(f'{k}={v}' for k, v in devices.items())}"]
     lines.append(check_memory(params, devices["train.device"]))
     return lines

@@ -4,7 +4,9 @@
 ``Range`` requests (206 / 416), an MD5 ``ETag`` (as S3 sends), a request log, and one-shot faults:
 ``drop_after[path] = n`` sends the full headers but closes the connection after n body bytes,
 ``corrupt_once`` flips a byte of the body once (same length, so only the checksum can tell);
-``ranges = False`` makes it ignore ``Range`` (a whole 200 answer, as some servers do).
+``ranges = False`` makes it ignore ``Range`` (a whole 200 answer, as some servers do);
+``delay[path] = s`` sends that body slowly, waiting ``s`` seconds before each ``SLOW_PIECE`` bytes
+(a large file still in transfer when a test interrupts the download).
 
 ``openimages_files`` and ``coco_files`` build tiny datasets as the raw files of
 ``data/raw/<dataset>`` (CSV, JSONL, JSON, a zip, JPEGs made with Pillow), keyed by their path
@@ -20,10 +22,14 @@ import io
 import json
 import re
 import threading
+import time
 import zipfile
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
+
+SLOW_PIECE = 16 * 1024
 
 
 class FixtureServer:
@@ -35,6 +41,7 @@ class FixtureServer:
         self.ranges = True  # False: ignore Range headers (send the whole file with 200)
         self.drop_after: dict[str, int] = {}
         self.corrupt_once: set[str] = set()
+        self.delay: dict[str, float] = {}
         self.log: list[tuple[str, str | None]] = []
         self.lock = threading.Lock()
         server = self
@@ -53,6 +60,7 @@ class FixtureServer:
                     body = server.files.get(path)
                     drop = server.drop_after.pop(path, None)
                     corrupt = path in server.corrupt_once
+                    delay = server.delay.get(path)
                     server.corrupt_once.discard(path)
                 if body is None:
                     self.send_error(404, "not here")
@@ -82,6 +90,12 @@ class FixtureServer:
                     self.wfile.flush()
                     self.close_connection = True
                     return
+                if delay is not None:
+                    for i in range(0, len(payload), SLOW_PIECE):
+                        time.sleep(delay)
+                        self.wfile.write(payload[i:i + SLOW_PIECE])
+                        self.wfile.flush()
+                    return
                 self.wfile.write(payload)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -108,9 +122,29 @@ class FixtureServer:
         self.thread.join(timeout=5)
 
 
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Poll ``condition`` every 50 ms; AssertionError naming ``what`` after ``timeout_s``."""
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def serve_mirror(trees: dict[str, dict[str, bytes]], etag: bool = True) -> FixtureServer:
     """A server holding each dataset's files under ``/<dataset>/<path>`` (a mirror of data/raw)."""
     return FixtureServer({f"/{ds}/{path}": body for ds, tree in trees.items() for path, body in tree.items()}, etag)
+
+
+def noise_jpeg(nbytes: int, seed: int = 0) -> bytes:
+    """A JPEG of random pixels of at least ``nbytes`` bytes (noise barely compresses: about 1.2
+    bytes per pixel at quality 95)."""
+    import numpy as np
+
+    side = int(nbytes**0.5) + 1
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
 
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (40, 32)) -> bytes:

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from email.message import Message
 from pathlib import Path
 
@@ -14,17 +19,20 @@ from sparc.data.download import (
     DownloadError,
     RemoteFile,
     Unavailable,
+    cache_dir,
     download_files,
     fetch_file,
     published_md5,
+    read_checksums,
     run_download,
     state_path,
     write_manifest,
 )
-from tests.data.remote_fixtures import FixtureServer, jpeg_bytes
+from tests.data.remote_fixtures import SLOW_PIECE, FixtureServer, jpeg_bytes, oi_image_id, wait_for
 
 FAST = {"retries": 2, "backoff_s": 0.0, "timeout_s": 10.0}
 BODY = bytes(range(256)) * 400  # 100 KiB
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -132,10 +140,15 @@ def test_verified_files_are_not_fetched_again(server, tmp_path: Path) -> None:
     second = download_files(files(), raw, dataset="ds", base_url=server.url, workers=3, **FAST)
     assert second.fetched == [] and len(server.log) == n_requests
     assert second.records == first.records
-    # Without the state file (another checkout of the same output) the manifest still vouches.
-    state_path(raw).unlink()
+    # Without the state file, or without the whole download cache (another checkout of the same
+    # output, `dvc pull`), the manifest still vouches.
+    state_path(cache_dir(raw)).unlink()
     third = download_files(files(), raw, dataset="ds", base_url=server.url, workers=3, **FAST)
     assert third.fetched == [] and len(server.log) == n_requests
+    shutil.rmtree(cache_dir(raw))
+    fourth = download_files(files(), raw, dataset="ds", base_url=server.url, workers=3, **FAST)
+    assert fourth.fetched == [] and len(server.log) == n_requests
+    assert (cache_dir(raw) / "img/a.jpg").read_bytes() == server.files["/a.jpg"]  # back in the cache
 
 
 def test_corrupt_local_file_is_fetched_again(server, tmp_path: Path) -> None:
@@ -216,3 +229,151 @@ def test_malformed_published_md5_is_ignored() -> None:
     short = Message()
     short["Content-MD5"] = "AAAA"
     assert published_md5(short, 200) is None
+
+
+def test_output_deleted_before_a_run_is_linked_again_from_the_cache(server, tmp_path: Path) -> None:
+    """DVC deletes a stage's outputs before running it, and `dvc exp run` restores the workspace:
+    the download cache beside the output keeps the files, which come back as hard links."""
+    mirror(server)
+    raw = tmp_path / "data/raw/ds"
+    download_files(files(), raw, dataset="ds", base_url=server.url, **FAST)
+    n_requests = len(server.log)
+    shutil.rmtree(raw)
+    again = download_files(files(), raw, dataset="ds", base_url=server.url, **FAST)
+    assert again.fetched == [] and len(server.log) == n_requests
+    for n in ("a", "b", "c"):
+        out, cached = raw / f"img/{n}.jpg", tmp_path / f"data/raw/ds.cache/img/{n}.jpg"
+        assert out.read_bytes() == server.files[f"/{n}.jpg"]
+        assert out.stat().st_ino == cached.stat().st_ino  # one copy on disk
+
+
+def test_cache_dir_beside_the_output_or_under_a_root(tmp_path: Path) -> None:
+    assert cache_dir(Path("data/raw/openimages")) == Path("data/raw/openimages.cache")
+    assert cache_dir(Path("data/raw/coco"), tmp_path) == tmp_path / "coco"
+
+
+def test_part_in_the_cache_resumes_after_the_output_is_deleted(server, tmp_path: Path) -> None:
+    raw = tmp_path / "big"
+    server.files["/ds/big.bin"] = BODY
+    (cache_dir(raw)).mkdir(parents=True)
+    (cache_dir(raw) / "big.bin.part").write_bytes(BODY[:40_000])
+    got = download_files([RemoteFile("big.bin", "https://real.example/big.bin")], raw, dataset="ds",
+                         base_url=server.url, **FAST)
+    assert got.fetched == ["big.bin"] and (raw / "big.bin").read_bytes() == BODY
+    assert server.requests("/ds/big.bin") == ["bytes=40000-"]
+
+
+def _md5sum_file(path: Path, bodies: dict[str, bytes], algo: str = "md5") -> Path:
+    path.write_text("".join(f"{hashlib.new(algo, b).hexdigest()}  ./{p}\n" for p, b in bodies.items()))
+    return path
+
+
+def test_read_checksums_md5sum_sha256sum_and_tag_forms(tmp_path: Path) -> None:
+    md5, sha = hashlib.md5(b"a").hexdigest(), hashlib.sha256(b"b").hexdigest()
+    sums = tmp_path / "SUMS"
+    sums.write_text(f"# made with md5sum and sha256sum\n{md5}  ./img/a.jpg\n\n{sha.upper()} *img/b.jpg\n"
+                    f"SHA256 (img/c.jpg) = {sha}\n")
+    assert read_checksums(sums) == {"img/a.jpg": ("md5", md5), "img/b.jpg": ("sha256", sha), "img/c.jpg": ("sha256", sha)}
+    sums.write_text(f"{md5}  img/a.jpg\n{md5[:-1]}  img/b.jpg\n")
+    with pytest.raises(ValueError, match=r"download.checksums: .*SUMS line 2 is not '<md5 or sha256 hex>  <path>'"):
+        read_checksums(sums)
+    with pytest.raises(ValueError, match="not found"):
+        read_checksums(tmp_path / "missing")
+
+
+def test_same_size_corruption_in_a_jpeg_passes_without_a_checksum_and_fails_with_one(server, tmp_path: Path) -> None:
+    """A mirror that publishes no MD5 (`python -m http.server`) serving a JPEG with flipped bytes
+    in its image data: the size matches and it decodes, so only a checksum list can tell."""
+    mirror(server)
+    server.etag = False
+    good = server.files["/ds/img/a.jpg"]
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0x55  # inside the entropy-coded data: same size, still decodes
+    server.files["/ds/img/a.jpg"] = bytes(bad)
+    raw = tmp_path / "ds"
+    passed = download_files(files(("a",)), raw, dataset="ds", base_url=server.url, **FAST)
+    assert passed.fetched == ["img/a.jpg"] and (raw / "img/a.jpg").read_bytes() == bytes(bad)  # the limitation
+    sums = read_checksums(_md5sum_file(tmp_path / "SHA256SUMS", {"img/a.jpg": good}, "sha256"))
+    with pytest.raises(DownloadError, match=r"img/a.jpg: .*failed after 3 tries \(SHA256 [0-9a-f]{64} differs "
+                                            r"from the checksum list's"):
+        download_files(files(("a",)), raw, dataset="ds", base_url=server.url, checksums=sums, **FAST)
+    server.files["/ds/img/a.jpg"] = good  # the mirror repaired: the stored bad copy is replaced
+    fixed = download_files(files(("a",)), raw, dataset="ds", base_url=server.url, checksums=sums, **FAST)
+    assert fixed.fetched == ["img/a.jpg"] and (raw / "img/a.jpg").read_bytes() == good
+    n_requests = len(server.log)
+    md5s = read_checksums(_md5sum_file(tmp_path / "MD5SUMS", {"img/a.jpg": good}))
+    again = download_files(files(("a",)), raw, dataset="ds", base_url=server.url, checksums=md5s, **FAST)
+    assert again.fetched == [] and len(server.log) == n_requests
+
+
+def test_checksums_param_is_a_local_path_and_its_file_is_checked(tmp_path: Path) -> None:
+    from sparc.params import DownloadParams, ParamsError, check_download, load_params
+    from sparc.preflight import preflight
+
+    with pytest.raises(ParamsError, match=r"download.checksums: 'https://x/SUMS' is a URL; give a local path"):
+        check_download(DownloadParams(checksums="https://x/SUMS"))
+    with pytest.raises(ParamsError, match=r"download.cache: 's3://b/c' is a URL"):
+        check_download(DownloadParams(cache="s3://b/c"))
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text((ROOT / "params.yaml").read_text().replace("  checksums: ''", f"  checksums: {tmp_path}/SUMS"))
+    (tmp_path / "SUMS").write_text("not a checksum line\n")
+    with pytest.raises(ParamsError, match=r"download.checksums: .*SUMS line 1 is not"):
+        preflight(load_params(params_file))
+
+
+def openimages_params(path: Path, base_url: str) -> Path:
+    """The repository's params.yaml set to download openimages from ``base_url`` with 4 workers."""
+    from ruamel.yaml import YAML
+
+    from sparc.params import read_yaml
+
+    raw = read_yaml(ROOT / "params.yaml")
+    raw["data"]["dataset"] = "openimages"
+    raw["download"].update(base_url=base_url, workers=4)
+    with path.open("w") as fh:
+        YAML().dump(raw, fh)
+    return path
+
+
+def test_ctrl_c_stops_within_seconds_and_keeps_what_is_complete(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) while one large image trickles in: `python -m sparc download` ends within
+    seconds with one `error:` line; the next run fetches no finished file again and resumes the
+    large one with a Range request."""
+    from sparc.data import openimages as oi
+    from tests.data.remote_fixtures import noise_jpeg, openimages_files, serve_mirror
+
+    tree = openimages_files()
+    big = oi.image_path("train", oi_image_id("train", 0))
+    tree[big] = noise_jpeg(1_000_000)
+    with serve_mirror({"openimages": tree}) as srv:
+        srv.delay[f"/openimages/{big}"] = 0.2  # about 15 s for the whole image
+        openimages_params(tmp_path / "params.yaml", srv.url)
+        proc = subprocess.Popen([sys.executable, "-m", "sparc", "download"], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            others = [f"/openimages/{p}" for p in tree if p != big]
+            wait_for(lambda: len(srv.requests(f"/openimages/{big}")) == 1
+                     and all(srv.requests(p) for p in others), "every file requested")
+            time.sleep(1.0)  # the small files finish; the large one has about 80 KiB of 1 MB
+            proc.send_signal(signal.SIGINT)
+            start = time.monotonic()
+            _, err = proc.communicate(timeout=30)
+            took = time.monotonic() - start
+        finally:
+            proc.kill()
+        assert took < 5.0, f"Ctrl-C took {took:.1f} s to stop the download"
+        assert proc.returncode == 2 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("error: openimages: interrupted"), err
+        before = len(srv.log)
+        srv.delay.clear()
+        assert main_download(tmp_path) == 0
+        again = srv.log[before:]
+    assert [(p, r) for p, r in again if p != f"/openimages/{big}"] == []
+    ((_, resumed),) = again
+    assert resumed is not None and int(resumed.removeprefix("bytes=").rstrip("-")) >= 2 * SLOW_PIECE
+    assert (tmp_path / "data/raw/openimages" / big).read_bytes() == tree[big]
+
+
+def main_download(cwd: Path) -> int:
+    """``python -m sparc download`` in ``cwd``; its exit status."""
+    return subprocess.run([sys.executable, "-m", "sparc", "download"], cwd=cwd, capture_output=True).returncode

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sparc.data import openimages as oi
-from sparc.data.download import state_path
+from sparc.data.download import cache_dir, state_path
 from sparc.data.hierarchy import ROOT
 from sparc.data.prepared import load_prepared, write_prepared
 from sparc.params import OpenImagesOptions
@@ -174,4 +174,4 @@ def test_second_download_fetches_nothing_and_a_bigger_subset_only_the_rest(serve
     download(server, raw, splits=["test"], max_images=4)
     assert sorted(p for p, _ in server.log[n:]) == sorted(
         f"/openimages/{oi.image_path('test', oi_image_id('test', i))}" for i in (2, 3))
-    assert state_path(raw).is_file()
+    assert state_path(cache_dir(raw)).is_file()
