@@ -44,15 +44,18 @@ clean-venv:
 # The paper setting as a DVC experiment (README "The paper setting"): on Open Images (downloaded
 # by the pipeline; MAX_IMAGES=N: the first N images of each split, a quick look), or on your
 # folder-format CSV: make paper [MAX_IMAGES=N] | make paper CSV=/path/to/captions.csv [HIERARCHY=...]
+# WEIGHTS=random: the real architectures with random weights, no model download (outputs marked);
+# BASE_URL=http://host:port: download from that mirror of data/raw (download.base_url). The same
+# for coco and usae.
 paper: setup
-	$(BIN)/python -m sparc paper --csv "$(CSV)" --hierarchy "$(HIERARCHY)" --max-images "$(or $(MAX_IMAGES),0)" --subset-keep "$(or $(SUBSET_KEEP),1.0)"
+	$(BIN)/python -m sparc paper --csv "$(CSV)" --hierarchy "$(HIERARCHY)" --max-images "$(or $(MAX_IMAGES),0)" --subset-keep "$(or $(SUBSET_KEEP),1.0)" --weights "$(or $(WEIGHTS),pretrained)" --base-url "$(BASE_URL)"
 
 # The COCO setting as a DVC experiment: the paper's models and sizes on MS-COCO 2017 [MAX_IMAGES=N]
 coco: setup
-	$(BIN)/python -m sparc coco --max-images "$(or $(MAX_IMAGES),0)" --subset-keep "$(or $(SUBSET_KEEP),1.0)"
+	$(BIN)/python -m sparc coco --max-images "$(or $(MAX_IMAGES),0)" --subset-keep "$(or $(SUBSET_KEEP),1.0)" --weights "$(or $(WEIGHTS),pretrained)" --base-url "$(BASE_URL)"
 
 # The USAE paper's setting as a DVC experiment (README "The USAE setting"): ViT-B/16, DINOv2-S/14
 # with registers and SigLIP-B/16, L 6144, k 32, on Open Images or a CSV, as make paper:
 # make usae [MAX_IMAGES=N] | make usae CSV=/path/to/captions.csv [HIERARCHY=...]
 usae: setup
-	$(BIN)/python -m sparc usae --csv "$(CSV)" --hierarchy "$(HIERARCHY)" --max-images "$(or $(MAX_IMAGES),0)"
+	$(BIN)/python -m sparc usae --csv "$(CSV)" --hierarchy "$(HIERARCHY)" --max-images "$(or $(MAX_IMAGES),0)" --weights "$(or $(WEIGHTS),pretrained)" --base-url "$(BASE_URL)"

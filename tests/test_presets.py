@@ -2,6 +2,7 @@
 give the paper setting of method.md."""
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,33 @@ def test_paper_and_coco_offer_the_stream_subset_rule_without_changing_the_papers
     assert coco_command(max_images=8, subset_keep=0.25)[4] == "coco-8-subset0.25"
     with pytest.raises(ValueError, match=r"--subset-keep: must be in \(0, 1\]"):
         paper_command(subset_keep=0.0)
+
+
+@pytest.mark.parametrize("preset", ["paper", "coco", "usae"])
+def test_random_weights_runs_the_same_setting_with_random_weight_models(tmp_path, preset):
+    """--weights random: every stream's spec gains ?weights=random (or &weights=random), nothing
+    else changes; the experiment is <name>-random[-N]; --base-url sets download.base_url."""
+    from sparc import presets
+
+    command = getattr(presets, f"{preset}_command")
+    plain, rand = command(max_images=3), command(max_images=3, weights="random", base_url="http://127.0.0.1:8000")
+    assert rand[4] == f"{preset}-random-3"
+    assert rand[-2:] == ["-S", "download.base_url='http://127.0.0.1:8000'"]
+    assert len(rand) == len(plain) + 2
+    changed = [(a, b) for a, b in zip(plain[5:], rand[5:-2], strict=True) if a != b]
+    assert len(changed) == 1 and changed[0][0].startswith("+streams=")
+    params = applied_overrides(tmp_path, rand[6::2])
+    specs = {s.model for s in params.streams.values()}
+    assert all(spec.endswith("weights=random") for spec in specs)
+    assert params.download.base_url == "http://127.0.0.1:8000"
+    with pytest.raises(ValueError, match="--weights: must be one of pretrained, random"):
+        command(weights="zeros")
+
+
+def test_make_passes_weights_and_base_url(tmp_path):
+    out = subprocess.run(["make", "-n", "-C", str(ROOT), "paper", "coco", "usae", "WEIGHTS=random", "MAX_IMAGES=2",
+                          "BASE_URL=http://127.0.0.1:8000"], capture_output=True, text=True, check=True).stdout
+    lines = [line for line in out.splitlines() if "-m sparc " in line]
+    assert len(lines) == 3
+    assert all('--max-images "2"' in line and '--weights "random" --base-url "http://127.0.0.1:8000"' in line
+               for line in lines)

@@ -143,7 +143,7 @@ def cmd_paper(params: Params, args: argparse.Namespace) -> None:
 
     _check_preset_files(args)
     _run_preset(paper_command(args.csv or "", args.hierarchy or "", max_images=args.max_images,
-                              subset_keep=args.subset_keep), args.dry)
+                              subset_keep=args.subset_keep, weights=args.weights, base_url=args.base_url), args.dry)
 
 
 def cmd_usae(params: Params, args: argparse.Namespace) -> None:
@@ -152,7 +152,8 @@ def cmd_usae(params: Params, args: argparse.Namespace) -> None:
     from sparc.presets import usae_command
 
     _check_preset_files(args)
-    _run_preset(usae_command(args.csv or "", args.hierarchy or "", max_images=args.max_images), args.dry)
+    _run_preset(usae_command(args.csv or "", args.hierarchy or "", max_images=args.max_images,
+                             weights=args.weights, base_url=args.base_url), args.dry)
 
 
 def _check_preset_files(args: argparse.Namespace) -> None:
@@ -173,7 +174,8 @@ def cmd_coco(params: Params, args: argparse.Namespace) -> None:
     """Run the COCO setting as the DVC experiment ``coco`` (see sparc.presets)."""
     from sparc.presets import coco_command
 
-    _run_preset(coco_command(max_images=args.max_images, subset_keep=args.subset_keep), args.dry)
+    _run_preset(coco_command(max_images=args.max_images, subset_keep=args.subset_keep, weights=args.weights,
+                             base_url=args.base_url), args.dry)
 
 
 def _check_workspace_free() -> None:
@@ -326,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a quick look: only the first N images of each split (experiment <name>-N)")
         if name in ("paper", "coco", "usae"):
             p.add_argument("--dry", action="store_true", help="print the dvc command, do not run it")
+            p.add_argument("--weights", choices=("pretrained", "random"), default="pretrained",
+                           help="random: the models' real architectures with random weights, no download "
+                           "(experiment <name>-random; its outputs say they are no result)")
+            p.add_argument("--base-url", default="",
+                           help="download from this mirror of data/raw (download.base_url), e.g. a local server")
         if name in ("paper", "coco"):
             p.add_argument("--subset-keep", type=float, default=1.0,
                            help="train with the stream-subset rule at this keep probability (experiment "

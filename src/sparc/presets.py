@@ -58,6 +58,40 @@ def override_literal(value: object) -> str:
     return f"{mantissa}e{int(exponent):+d}" if exponent else mantissa
 
 
+WEIGHTS = ("pretrained", "random")
+
+
+def with_weights(models: dict[str, tuple[str, str]], weights: str) -> dict[str, tuple[str, str]]:
+    """``models`` with option ``weights=<weights>`` in every spec (``random``: the architectures
+    at their real size with random weights and no network, sparc.features.random_weights);
+    unchanged for ``pretrained``. ValueError for another value."""
+    from dataclasses import replace
+
+    from sparc.features.registry import parse_spec
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"--weights: must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if weights == "pretrained":
+        return models
+    out = {}
+    for name, (spec, inp) in models.items():
+        parsed = parse_spec(spec)
+        options = tuple(sorted({**dict(parsed.options), "weights": weights}.items()))
+        out[name] = (str(replace(parsed, options=options)), inp)
+    return out
+
+
+def run_name(name: str, max_images: int = 0, weights: str = "pretrained") -> str:
+    """A preset's experiment name: ``<name>[-random][-<max_images>]``."""
+    return name + ("-random" if weights == "random" else "") + (f"-{max_images}" if max_images else "")
+
+
+def mirror_override(base_url: str) -> list[str]:
+    """``download.base_url`` set to ``base_url`` (a mirror of data/raw, e.g. a local fixture
+    server) as a DVC ``-S`` override; nothing when empty (the params.yaml value stands)."""
+    return [f"download.base_url={hydra_quote(base_url)}"] if base_url else []
+
+
 # The paper's data (method.md section 6): every Open Images split with every narrative, and
 # COCO 2017 with an image's captions joined (the reference); see sparc.data.openimages / .coco.
 OPENIMAGES_DATA: dict[str, object] = {
@@ -119,20 +153,21 @@ def _data_overrides(
     ]
 
 
-def paper_overrides(csv: str = "", hierarchy: str = "", max_images: int = 0) -> list[str]:
+def paper_overrides(csv: str = "", hierarchy: str = "", max_images: int = 0, weights: str = "pretrained") -> list[str]:
     """The paper setting (:data:`PAPER_SETTING`, DINOv2 ViT-L/14-reg + OpenCLIP ViT-L-14
-    DataComp-XL image and text towers) as DVC ``-S`` overrides: on the ``openimages`` dataset
-    (:data:`OPENIMAGES_DATA`), or with ``csv`` on a folder-format dataset (see
-    sparc.data.folder)."""
-    return _data_overrides(csv, hierarchy, PAPER_MODELS, PAPER_SETTING, max_images)
+    DataComp-XL image and text towers; ``weights``: see :func:`with_weights`) as DVC ``-S``
+    overrides: on the ``openimages`` dataset (:data:`OPENIMAGES_DATA`), or with ``csv`` on a
+    folder-format dataset (see sparc.data.folder)."""
+    return _data_overrides(csv, hierarchy, with_weights(PAPER_MODELS, weights), PAPER_SETTING, max_images)
 
 
-def coco_overrides(max_images: int = 0) -> list[str]:
-    """The COCO setting: the paper's streams and :data:`PAPER_SETTING` on ``coco``
-    (:data:`COCO_DATA`: train2017 to train on, val2017 to evaluate on, captions joined;
-    ``max_images`` > 0: only the first images of each split), localised on every val2017 image
-    and present class (:data:`COCO_LOCALISE`)."""
-    return _setting_overrides({**COCO_DATA, "data.coco.max_images": max_images, **COCO_LOCALISE})
+def coco_overrides(max_images: int = 0, weights: str = "pretrained") -> list[str]:
+    """The COCO setting: the paper's streams (``weights``: see :func:`with_weights`) and
+    :data:`PAPER_SETTING` on ``coco`` (:data:`COCO_DATA`: train2017 to train on, val2017 to
+    evaluate on, captions joined; ``max_images`` > 0: only the first images of each split),
+    localised on every val2017 image and present class (:data:`COCO_LOCALISE`)."""
+    return _setting_overrides({**COCO_DATA, "data.coco.max_images": max_images, **COCO_LOCALISE},
+                              with_weights(PAPER_MODELS, weights))
 
 
 def experiment_command(name: str, overrides: list[str]) -> list[str]:
@@ -155,18 +190,20 @@ def aligned(name: str, overrides: list[str], subset_keep: float) -> tuple[str, l
 
 
 def paper_command(csv: str = "", hierarchy: str = "", name: str = "paper", max_images: int = 0,
-                  subset_keep: float = 1.0) -> list[str]:
-    """``dvc exp run -n <name> -S ...`` for the paper setting (``<name>-<max_images>`` for a
-    quick look at the first images of each split; ``subset_keep`` < 1: see :func:`aligned`)."""
-    return experiment_command(*aligned(f"{name}-{max_images}" if max_images else name,
-                                       paper_overrides(csv, hierarchy, max_images), subset_keep))
+                  subset_keep: float = 1.0, weights: str = "pretrained", base_url: str = "") -> list[str]:
+    """``dvc exp run -n <name> -S ...`` for the paper setting (:func:`run_name`: ``-<max_images>``
+    for a quick look at the first images of each split, ``-random`` for random weights;
+    ``subset_keep`` < 1: see :func:`aligned`; ``base_url``: :func:`mirror_override`)."""
+    overrides = [*paper_overrides(csv, hierarchy, max_images, weights), *mirror_override(base_url)]
+    return experiment_command(*aligned(run_name(name, max_images, weights), overrides, subset_keep))
 
 
-def coco_command(name: str = "coco", max_images: int = 0, subset_keep: float = 1.0) -> list[str]:
-    """``dvc exp run -n <name> -S ...`` for the COCO setting (``<name>-<max_images>`` and
-    ``subset_keep`` likewise)."""
-    return experiment_command(*aligned(f"{name}-{max_images}" if max_images else name,
-                                       coco_overrides(max_images), subset_keep))
+def coco_command(name: str = "coco", max_images: int = 0, subset_keep: float = 1.0,
+                 weights: str = "pretrained", base_url: str = "") -> list[str]:
+    """``dvc exp run -n <name> -S ...`` for the COCO setting (name, ``subset_keep``, ``weights``
+    and ``base_url`` as :func:`paper_command`)."""
+    overrides = [*coco_overrides(max_images, weights), *mirror_override(base_url)]
+    return experiment_command(*aligned(run_name(name, max_images, weights), overrides, subset_keep))
 
 
 # The USAE paper's setting (method.md section 3): its three vision models, all reading the images
@@ -195,14 +232,16 @@ USAE_SETTING: dict[str, object] = {
 }
 
 
-def usae_overrides(csv: str = "", hierarchy: str = "", max_images: int = 0) -> list[str]:
-    """The USAE paper's setting (:data:`USAE_MODELS`, :data:`USAE_SETTING`) as DVC ``-S``
-    overrides, on Open Images or with ``csv`` on a folder-format dataset (as :func:`paper_overrides`)."""
-    return _data_overrides(csv, hierarchy, USAE_MODELS, USAE_SETTING, max_images)
+def usae_overrides(csv: str = "", hierarchy: str = "", max_images: int = 0, weights: str = "pretrained") -> list[str]:
+    """The USAE paper's setting (:data:`USAE_MODELS`, :data:`USAE_SETTING`; ``weights``: see
+    :func:`with_weights`) as DVC ``-S`` overrides, on Open Images or with ``csv`` on a
+    folder-format dataset (as :func:`paper_overrides`)."""
+    return _data_overrides(csv, hierarchy, with_weights(USAE_MODELS, weights), USAE_SETTING, max_images)
 
 
-def usae_command(csv: str = "", hierarchy: str = "", name: str = "usae", max_images: int = 0) -> list[str]:
-    """``dvc exp run -n <name> -S ...`` for the USAE paper's setting (``<name>-<max_images>`` for
-    a quick look at the first images of each split)."""
-    return experiment_command(f"{name}-{max_images}" if max_images else name,
-                              usae_overrides(csv, hierarchy, max_images))
+def usae_command(csv: str = "", hierarchy: str = "", name: str = "usae", max_images: int = 0,
+                 weights: str = "pretrained", base_url: str = "") -> list[str]:
+    """``dvc exp run -n <name> -S ...`` for the USAE paper's setting (name, ``weights`` and
+    ``base_url`` as :func:`paper_command`)."""
+    overrides = [*usae_overrides(csv, hierarchy, max_images, weights), *mirror_override(base_url)]
+    return experiment_command(run_name(name, max_images, weights), overrides)

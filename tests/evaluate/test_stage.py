@@ -21,6 +21,7 @@ from sparc.data.base import DatasetBuild, Sample
 from sparc.data.planted import PlantedConfig, make_planted
 from sparc.data.prepared import write_prepared
 from sparc.evaluate.stage import EvaluateInputError, run_concepts, run_encode, run_evaluate
+from sparc.features.random_weights import WARNING, meta_fields
 from sparc.features.store import write_stream
 from sparc.model.codes import SparseCodes
 from sparc.model.io import load_sae, save_sae
@@ -397,3 +398,28 @@ def test_encode_out_of_space_names_the_path_and_the_space_and_cleans_up(setup: S
     )
     assert not (tmp_path / "codes.tmp").exists()
     assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+def test_random_weight_streams_are_named_in_metrics_and_headline(setup: Setup, outputs: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    """Features whose meta.json says ``weights: random`` (sparc.features.random_weights) make
+    metrics.json name those streams with a warning and headline.json count them, first; the
+    default run has neither key."""
+    assert "random_weights" not in json.loads(outputs["metrics"].read_text())
+    assert "random_weights" not in json.loads((outputs["metrics"].parent / "headline.json").read_text())
+    features = tmp_path / "features"
+    shutil.copytree(setup.features, features)
+    random = list(STREAMS)[1:]
+    for name in random:
+        meta_path = features / name / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        meta_path.write_text(json.dumps({**meta, **meta_fields("directory")}))
+    metrics = run_evaluate(
+        setup.params, codes_dir=outputs["codes"], prepared_dir=setup.prepared, features_root=features,
+        sae_dir=setup.sae, concepts_dir=outputs["concepts"], metrics_path=tmp_path / "reports" / "metrics.json",
+        device="cpu",
+    )
+    full = json.loads(metrics.read_text())
+    assert full["random_weights"] == random and full["warning"] == WARNING
+    head = json.loads((metrics.parent / "headline.json").read_text())
+    assert list(head)[0] == "random_weights" and head["random_weights"] == 2

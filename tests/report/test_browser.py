@@ -511,3 +511,19 @@ def test_thumbnails_of_16_bit_and_float_images_keep_their_grey(tmp_path: Path) -
         assert make_thumb(tmp_path / name, tmp_path / f"{name}.jpg", 8)
         with Image.open(tmp_path / f"{name}.jpg") as im:
             assert np.asarray(im.convert("L")).mean() == pytest.approx(128, abs=2)
+
+
+def test_random_weights_are_announced_first(run: Run, browser: Path, tmp_path: Path) -> None:
+    """A run whose metrics.json names random-weight streams gets a title saying so and a banner
+    opening the header; the default page has neither."""
+    page = (browser / "index.html").read_text()
+    assert 'id="random-weights"' not in page and "RANDOM WEIGHTS" not in page
+    reports = tmp_path / "reports"
+    shutil.copytree(run.reports, reports)
+    metrics = json.loads((reports / "metrics.json").read_text())
+    (reports / "metrics.json").write_text(json.dumps({**metrics, "random_weights": ["a", "b"]}))
+    out = run.build(tmp_path / "browser", reports_dir=reports)
+    page = (out / "index.html").read_text()
+    assert "<title>RANDOM WEIGHTS, not a result: SPARC concept browser" in page
+    assert page.index('id="random-weights"') == page.index("<header>") + len("<header>\n") + len('<p ')
+    assert "Random weights (a, b)" in page and embedded_data(out / "index.html")["random_weights"] == ["a", "b"]

@@ -21,6 +21,9 @@ stays in ``reports/metrics.json`` (a plain output). Every value is read from tha
     r1_cap2img, r1_img2cap   retrieval R@1 with per-stream codes, mean over caption->image
                       (image->caption) stream pairs
     l0                mean non-zeros per sample of the joint codes, mean over streams
+    random_weights    only when some streams' models had random weights (metrics.json
+                      ``random_weights``): how many; the run's numbers mean nothing (the
+                      first key, so that ``dvc exp show`` shows it first)
 
 The evaluation plots (``reports/plots/*.csv``, declared under ``plots:`` in dvc.yaml so that
 ``dvc plots diff`` compares runs) are written by :func:`plot_tables`.
@@ -70,6 +73,8 @@ def headline(metrics: Mapping, inputs: Mapping[str, str]) -> dict[str, float | N
         pairs = [f"{s}->{t}" for s in inputs for t in inputs if inputs[s] == q and inputs[t] == g]
         out[key] = _mean([ret[p]["R@1"] for p in pairs if p in ret])
     out["l0"] = _mean(list(metrics["sparsity"]["l0_joint"].values()))
+    if metrics.get("random_weights"):  # first, so that tables of the metrics show it first
+        out = {"random_weights": len(metrics["random_weights"]), **out}
     return out
 
 

@@ -68,6 +68,9 @@ evaluate (``run_evaluate``) computes everything on the test split and writes ``r
                                   model, image vs caption); other pairs are absent here and have
                                   a row with applicable=False (empty metrics) in retrieval.csv
     universality.<kind>.{firing_entropy_mean,cofire_mean,n_firing}   USAE metrics
+    random_weights, warning      only when some streams' features come from random-weight
+                                 models (sparc.features.random_weights): those streams, and
+                                 that the numbers are no result
 
 Undefined values (a mean over nothing) are ``null``. Retrieval and reconstruction run on
 ``evaluate.device``; retrieval ranks count ties as a uniformly random order. On the CPU, code
@@ -136,6 +139,8 @@ from sparc.evaluate.probes import (
 )
 from sparc.evaluate.reconstruction import reconstruction_matrix, reconstruction_summary
 from sparc.evaluate.retrieval import pair_rank_counts, shares_space
+from sparc.features.random_weights import WARNING as RANDOM_WARNING
+from sparc.features.random_weights import random_streams
 from sparc.model.codes import SparseCodes
 from sparc.params import Params, ParamsError, check_concepts, check_evaluate
 
@@ -713,6 +718,9 @@ def run_evaluate(
         "retrieval": retrieval,
         "universality": {kind: kinds[kind].summary["universality"] for kind in CODE_KINDS},
     }
+    random = random_streams({s: fs.meta for s, fs in streams.items()})
+    if random:  # features of random-weight models (sparc.features.random_weights): not a result
+        metrics.update(random_weights=random, warning=RANDOM_WARNING)
 
     latent_rows = _latent_rows(concept_tables["joint"], names, N, kinds)
     recon_rows = [

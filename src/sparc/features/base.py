@@ -169,10 +169,13 @@ class Extractor(ABC):
     Subclasses set ``dim`` (feature dimension) and ``self.model`` in ``__init__``, implement
     :meth:`embed`, and either :meth:`preprocess_image` (image models) or :meth:`collate` (text
     models); :meth:`preprocessing` describes the preprocessing for the feature metadata.
+    ``random_origin`` is set by extractors built with random weights (spec option
+    ``weights=random``, :mod:`sparc.features.random_weights`): where their architecture came from.
     """
 
     dim: int
     model: Any = None
+    random_origin: str = ""
 
     def __init__(self, spec: ModelSpec, input: str, device: str = "cpu") -> None:
         self.spec = spec

@@ -15,6 +15,9 @@ Features come from ``last_hidden_state``, which is already after the final layer
 Preprocessing: the model's ``AutoImageProcessor`` when its preprocessor config is present, else the
 standard DINOv2 evaluation transform (shorter side to 256 bicubic, centre crop 224, ImageNet
 mean/std).
+
+``weights=random``: the architecture from the directory, the cache or a built-in copy of the hub
+config (:mod:`sparc.features.random_weights`), randomly initialised; no network.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from sparc.features.base import (
     hub_source,
     source_description,
 )
+from sparc.features.random_weights import config_source, seeded
 from sparc.features.registry import ModelSpec
 
 DINOV2_TYPES = ("dinov2", "dinov2_with_registers")
@@ -50,24 +54,38 @@ class Dinov2Extractor(Extractor):
 
     def __init__(self, spec: ModelSpec, input: str, device: str = "cpu") -> None:
         super().__init__(spec, input, device)
+        if spec.option("weights") == "random":
+            with config_source(spec.name, "dinov2") as (source, origin):
+                self._build(source, True, origin)
+        else:
+            self._build(*model_source(spec.name), "")
+
+    def _build(self, source: str, local_only: bool, random_origin: str) -> None:
+        """Load the config, the model (pretrained, or random weights when ``random_origin`` names
+        where the config came from) and the image processor from ``source``."""
         from transformers import AutoConfig, AutoModel
 
-        source, local_only = model_source(spec.name)
+        name = self.spec.name
         where = source_description(source, local_only)
         try:
             config = AutoConfig.from_pretrained(source, local_files_only=local_only)
         except Exception as err:  # transformers / huggingface_hub raise many types here
-            raise ValueError(f"dinov2: cannot load model {spec.name!r} from {where}: {err}") from err
+            raise ValueError(f"dinov2: cannot load model {name!r} from {where}: {err}") from err
         if config.model_type not in DINOV2_TYPES:
             raise ValueError(
-                f"dinov2: {spec.name!r} is a {config.model_type!r} model, not one of {', '.join(DINOV2_TYPES)}"
+                f"dinov2: {name!r} is a {config.model_type!r} model, not one of {', '.join(DINOV2_TYPES)}"
             )
-        try:
-            model = AutoModel.from_pretrained(source, local_files_only=local_only)
-        except Exception as err:
-            raise ValueError(f"dinov2: cannot load the weights of {spec.name!r} from {where}: {err}") from err
+        if random_origin:
+            with seeded():
+                model = AutoModel.from_config(config)
+            self.random_origin = random_origin
+        else:
+            try:
+                model = AutoModel.from_pretrained(source, local_files_only=local_only)
+            except Exception as err:
+                raise ValueError(f"dinov2: cannot load the weights of {name!r} from {where}: {err}") from err
         self.model = model.eval().to(self.device)
-        self.pool = spec.option("pool")
+        self.pool = self.spec.option("pool")
         self.num_registers = int(getattr(config, "num_register_tokens", 0) or 0)
         hidden = int(config.hidden_size)
         self.dim = 2 * hidden if self.pool == "cls+mean" else hidden

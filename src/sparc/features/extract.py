@@ -42,6 +42,7 @@ from sparc.data.prepared import PreparedData
 from sparc.distributed import World, rank_device
 from sparc.features.base import Extractor, resolve_device
 from sparc.features.distributed import extract_sharded
+from sparc.features.random_weights import meta_fields
 from sparc.features.registry import build_extractor
 from sparc.features.store import StreamWriter
 
@@ -128,8 +129,9 @@ def cpu_threads(threads: int) -> Iterator[None]:
 
 
 def stream_meta(data: PreparedData, extractor: Extractor, stream: str) -> dict:
-    """The metadata stored with a stream: model spec, input, preprocessing, dataset provenance."""
-    return {
+    """The metadata stored with a stream: model spec, input, preprocessing, dataset provenance;
+    for a model with random weights also :func:`sparc.features.random_weights.meta_fields`."""
+    meta = {
         "stream": stream,
         "model": str(extractor.spec),
         "input": extractor.input,
@@ -138,6 +140,9 @@ def stream_meta(data: PreparedData, extractor: Extractor, stream: str) -> dict:
         "dataset": data.meta.get("dataset"),
         "dataset_fingerprint": data.fingerprint,
     }
+    if extractor.random_origin:
+        meta.update(meta_fields(extractor.random_origin))
+    return meta
 
 
 def extract_stream(

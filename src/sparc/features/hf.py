@@ -36,6 +36,9 @@ Options (``python -m sparc check`` validates them without loading anything):
                 the smaller of the tokenizer's ``model_max_length`` and ``max_position_embeddings``).
                 Longer captions are cut, and counted in the stream's ``meta.json``
                 (``counts.truncated_captions``).
+``weights``     ``pretrained`` (default) | ``random``: the model's architecture, processor and tokenizer
+                from the directory, the cache or a built-in copy of the hub config, randomly
+                initialised, with no network (:mod:`sparc.features.random_weights`).
 ==============  ===================================================================================
 
 Without ``layer``, tokens are ``last_hidden_state`` as the model returns it: after the final norm
@@ -74,6 +77,7 @@ from sparc.features.base import (
     hub_source,
     source_description,
 )
+from sparc.features.random_weights import config_source, seeded
 from sparc.features.registry import ModelSpec
 
 TOWERS = {"image": "vision_model", "caption": "text_model"}
@@ -110,11 +114,27 @@ class TransformersExtractor(Extractor):
 
     def __init__(self, spec: ModelSpec, input: str, device: str = "cpu") -> None:
         super().__init__(spec, input, device)
+        if spec.option("weights") == "random":
+            with config_source(spec.name, "transformers") as (self.source, origin):
+                self.local_only = True
+                self._build(origin)
+        else:
+            self.source, self.local_only = hub_source(spec.name, "transformers")
+            self._build("")
+
+    def _build(self, random_origin: str) -> None:
+        """Load the config, the model (pretrained, or random weights when ``random_origin`` names
+        where the config came from) and its processor or tokenizer from ``self.source``; probe it."""
         from transformers import AutoConfig, AutoModel
 
-        self.source, self.local_only = hub_source(spec.name, "transformers")
+        spec, input = self.spec, self.input
         config = self._load("model", AutoConfig)
-        model = self._load("weights", AutoModel, dtype=torch.float32)
+        if random_origin:
+            with seeded():
+                model = AutoModel.from_config(config, dtype=torch.float32)
+            self.random_origin = random_origin
+        else:
+            model = self._load("weights", AutoModel, dtype=torch.float32)
         self.model = model.eval().to(self.device)
         self.model_type = str(config.model_type)
         self.dual = is_dual_encoder(model)

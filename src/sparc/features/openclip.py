@@ -13,6 +13,9 @@ spec                                        what loads
 ``openclip:/path/cfg.json@/path/weights.pt``  local model config JSON + local checkpoint file
 ``openclip:/path/dir``                       ``local-dir:``: ``open_clip_config.json`` + weights
 ``openclip:hf-hub:org/repo``                 config and weights of a hub repository
+``openclip:ViT-L-14@datacomp_xl_s13b_b90k``  the architecture and the tag's preprocessing, random
+``?weights=random``                          weights (no download; ``@tag`` optional;
+                                            :mod:`sparc.features.random_weights`)
 ==========================================  ==================================================
 
 A config JSON holds an OpenCLIP model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) or an
@@ -30,6 +33,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,7 @@ import torch
 from PIL import Image
 
 from sparc.features.base import TRUNCATED, Extractor, hub_offline
+from sparc.features.random_weights import seeded
 from sparc.features.registry import ModelSpec
 
 HF_WEIGHTS = "open_clip_pytorch_model.bin"
@@ -68,6 +73,15 @@ def register_config(path: Path) -> tuple[str, dict]:
     return name, overrides
 
 
+def tag_overrides(cfg: dict) -> dict:
+    """A pretrained tag's preprocessing (mean, std, interpolation, resize mode) and QuickGELU, from
+    its ``open_clip.get_pretrained_cfg``, as ``create_model_and_transforms`` keyword overrides."""
+    overrides = {PREPROCESS_KEYS[k]: cfg[k] for k in PREPROCESS_KEYS if k in cfg}
+    if cfg.get("quick_gelu"):
+        overrides["force_quick_gelu"] = True
+    return overrides
+
+
 def cached_tag(arch: str, tag: str) -> tuple[str, str, dict]:
     """Resolve pretrained ``tag`` of built-in ``arch`` to its file in the Hugging Face cache.
 
@@ -89,16 +103,24 @@ def cached_tag(arch: str, tag: str) -> tuple[str, str, dict]:
         for candidate in (f"{stem}.safetensors", filename):
             found = try_to_load_from_cache(repo, candidate)
             if isinstance(found, str):
-                overrides = {PREPROCESS_KEYS[k]: cfg[k] for k in PREPROCESS_KEYS if k in cfg}
-                if cfg.get("quick_gelu"):
-                    overrides["force_quick_gelu"] = True
-                return arch, found, overrides
+                return arch, found, tag_overrides(cfg)
     if hub_offline():
         raise ValueError(
             f"openclip: weights {tag!r} of {arch} are not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
             f"download {hub or cfg.get('url')} elsewhere and give the file as openclip:{arch}@/path/to/file"
         )
     return arch, tag, {}
+
+
+def check_architecture(name: str) -> None:
+    """ValueError unless ``name`` is one of open_clip's built-in architectures (with close names)."""
+    import open_clip
+
+    models = open_clip.list_models()
+    if name not in models:
+        close = difflib.get_close_matches(name, models, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"openclip: unknown model {name!r}{hint}; use a built-in architecture or a config JSON")
 
 
 def resolve_model(name: str, weights: str | None) -> tuple[str, str | None, dict]:
@@ -117,11 +139,7 @@ def resolve_model(name: str, weights: str | None) -> tuple[str, str | None, dict
         arch, overrides = register_config(path)
         known_tags: list[str] = []
     else:
-        models = open_clip.list_models()
-        if name not in models:
-            close = difflib.get_close_matches(name, models, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ValueError(f"openclip: unknown model {name!r}{hint}; use a built-in architecture or a config JSON")
+        check_architecture(name)
         arch, overrides = name, {}
         known_tags = open_clip.list_pretrained_tags_by_model(name)
     if not weights:
@@ -137,6 +155,34 @@ def resolve_model(name: str, weights: str | None) -> tuple[str, str | None, dict
         f"openclip: weights {weights!r} for {name!r} are neither a local file nor a known pretrained tag "
         f"(known: {', '.join(known_tags) or 'none; give a checkpoint file'})"
     )
+
+
+def resolve_random(name: str, weights: str | None) -> tuple[str, dict]:
+    """``(model_name, overrides)`` for ``create_model_and_transforms(..., pretrained=None)`` with
+    ``weights=random``: a built-in architecture or a config JSON, with the preprocessing of
+    pretrained tag ``weights`` when one is given (its weights are not loaded); ValueError for a
+    model directory or a hub model (they bring weights), a checkpoint file, or an unknown name."""
+    import open_clip
+
+    path = Path(name).expanduser()
+    if name.startswith("hf-hub:") or path.is_dir():
+        raise ValueError(f"openclip: weights=random takes a built-in architecture or a config JSON, not {name!r}")
+    if name.endswith(".json") or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"openclip: model config {name!r} does not exist")
+        arch, overrides = register_config(path)
+    else:
+        check_architecture(name)
+        arch, overrides = name, {}
+    if not weights:
+        return arch, overrides
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if weights not in tags:
+        raise ValueError(
+            f"openclip: weights=random: @{weights} is not a pretrained tag of {name!r} (known: "
+            f"{', '.join(tags) or 'none'}); with random weights a tag gives only its preprocessing"
+        )
+    return arch, {**overrides, **tag_overrides(open_clip.get_pretrained_cfg(arch, weights))}
 
 
 def tokenize_counted(tokenizer, texts: list[str]) -> tuple[torch.Tensor, int]:
@@ -170,13 +216,20 @@ class OpenClipExtractor(Extractor):
         super().__init__(spec, input, device)
         import open_clip
 
-        model_name, pretrained, overrides = resolve_model(spec.name, spec.weights)
+        random = spec.option("weights") == "random"
+        if random:
+            (model_name, overrides), pretrained = resolve_random(spec.name, spec.weights), None
+        else:
+            model_name, pretrained, overrides = resolve_model(spec.name, spec.weights)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=pretrained, device=self.device, **overrides
-            )
+            with seeded() if random else nullcontext():
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    model_name, pretrained=pretrained, device=self.device, **overrides
+                )
         except Exception as err:  # open_clip / torch.load raise many types for bad files
             raise ValueError(f"openclip: cannot load {spec}: {err}") from err
+        if random:
+            self.random_origin = f"open_clip architecture {model_name}"
         self.model = model.eval()
         self.model_name = model_name
         self.preprocess = preprocess

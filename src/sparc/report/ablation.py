@@ -533,7 +533,10 @@ def comparison_figure(groups: dict[str, list[Record]], path: str | Path) -> Path
 
 # The columns of `python -m sparc show`: the headline metrics that compare runs at a glance (both
 # kinds of codes) and the ablation knobs; fits a 200-column terminal with a grid's names.
+# random_weights (the number of streams from random-weight models, headline.json) appears only
+# when a run shown has it: such a run's numbers are no result.
 SHOW_COLUMNS = (
+    "random_weights",
     "jaccard_d0", "jaccard_live", "jaccard_ps_live", "mixed", "mixed_ps", "nmse_cross_lf", "r1_cap2img",
     "seed", "lambda", "topk", "method",
 )

@@ -38,6 +38,8 @@ The page:
   ``figures.queries`` test captions (evenly spread over the test split's rows that the retrieval
   metric ranks: one caption per image), per caption stream and image stream, the top images by
   cosine similarity of the per-stream codes (the correct image outlined, and its rank).
+* **Random weights**: when metrics.json lists ``random_weights`` streams (models built with
+  ``weights=random``), the title says so and a red banner opens the header.
 * **Text-guided localisation** (linked from the header): the localise stage's AP@0.2 and mIoU per
   method and the chance baseline (``reports/localise/metrics.json``), and its overlay queries
   (``overlays.npz``): the query text, the image with the ground-truth mask (green), per method the
@@ -365,8 +367,12 @@ def browser_data(
         "l0": {k: metrics.get("sparsity", {}).get(f"l0_{k}") for k in CODE_KINDS},
     }
     meta = codes_meta or {}
+    random = metrics.get("random_weights") or []
+    extra = {"random_weights": random} if random else {}
     return {
-        "title": f"SPARC concept browser: {prepared.meta.get('dataset', '')}",
+        **extra,
+        "title": ("RANDOM WEIGHTS, not a result: " if random else "")
+        + f"SPARC concept browser: {prepared.meta.get('dataset', '')}",
         "dataset": prepared.meta.get("dataset", ""),
         "L": params.L,
         "k": params.k,
@@ -505,14 +511,28 @@ def _json_for_script(data: dict) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
+def random_weights_banner(streams: list[str]) -> str:
+    """The warning shown first in the page's header when ``streams`` had random-weight models."""
+    names = html.escape(", ".join(streams))
+    return (
+        '<p id="random-weights" style="background:#b00020;color:#fff;padding:6px 10px;font-weight:bold">'
+        f"Random weights ({names}): these streams were extracted by randomly initialised models; "
+        "every number and concept on this page is meaningless.</p>\n"
+    )
+
+
 def render_html(data: dict) -> str:
-    """The page with its title, thumbnail size and data filled in."""
+    """The page with its title, thumbnail size and data filled in (and, for a run with
+    random-weight streams, :func:`random_weights_banner` at the top of its header)."""
     fill = {
         "TITLE": html.escape(data["title"]),
         "THUMB": str(int(data["thumb_px"])),
         "DATA": _json_for_script(data),
     }
-    return re.sub(r"\{\{(TITLE|THUMB|DATA)\}\}", lambda m: fill[m.group(1)], PAGE)
+    page = re.sub(r"\{\{(TITLE|THUMB|DATA)\}\}", lambda m: fill[m.group(1)], PAGE)
+    if data.get("random_weights"):
+        page = page.replace("<header>\n", "<header>\n" + random_weights_banner(data["random_weights"]), 1)
+    return page
 
 
 def embedded_data(index_html: str | Path) -> dict:
