@@ -181,13 +181,15 @@ def test_manifest_is_sorted_and_deterministic(server, tmp_path: Path) -> None:
     mirror(server)
     raw = tmp_path / "ds"
     result = download_files(files(("c", "a", "b")), raw, dataset="ds", base_url=server.url, workers=3, **FAST)
+    (raw / "img/d.jpg.part").write_bytes(b"left by an older version")
+    (raw / "img/a.jpg.link").write_bytes(b"left by a killed link")
     first = write_manifest(raw, "ds", result, {"n": 3}).read_bytes()
     result2 = download_files(files(("b", "c", "a")), raw, dataset="ds", base_url=server.url, workers=1, **FAST)
     assert write_manifest(raw, "ds", result2, {"n": 3}).read_bytes() == first
     manifest = json.loads(first)
     assert list(manifest["files"]) == ["img/a.jpg", "img/b.jpg", "img/c.jpg"]
     assert manifest["files"]["img/a.jpg"]["md5"] == hashlib.md5(server.files["/a.jpg"]).hexdigest()
-    assert not list(raw.rglob("*.part"))
+    assert not list(raw.rglob("*.part")) and not list(raw.rglob("*.link"))
 
 
 def test_source_url_real_host_or_mirror() -> None:

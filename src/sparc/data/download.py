@@ -62,6 +62,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 RAW_ROOT = Path("data") / "raw"
 MANIFEST = "manifest.json"
@@ -570,7 +571,7 @@ def download_files(
     def count(n: int) -> None:
         transferred[0] += n  # an approximate total across threads: only shown, never checked
 
-    def ensure(f: RemoteFile, journal) -> tuple[FileRecord, bool]:
+    def ensure(f: RemoteFile, journal: TextIO) -> tuple[FileRecord, bool]:
         """Verify or fetch ``f`` in the cache, journal it, link it into ``raw``; (record, fetched)."""
         if stop.is_set():
             raise Stopped(f.path)
@@ -636,7 +637,8 @@ def download_files(
 
 def write_manifest(raw: Path, dataset: str, result: DownloadResult, info: dict | None = None) -> Path:
     """Write ``manifest.json`` (sorted: the same files give the same bytes; the records of an
-    earlier manifest whose files are still there are kept) and return its path."""
+    earlier manifest whose files are still there are kept), delete stray ``.part`` and ``.link``
+    files from the output (an older layout, a killed link), and return its path."""
     records = dict(_read_manifest(raw))
     records.update(result.records)
     records = {p: r for p, r in records.items() if (raw / p).is_file()}
@@ -649,6 +651,8 @@ def write_manifest(raw: Path, dataset: str, result: DownloadResult, info: dict |
     tmp = raw / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, raw / MANIFEST)
+    for stray in [p for p in raw.rglob("*") if p.suffix in (PART_SUFFIX, LINK_SUFFIX) and p.is_file()]:
+        stray.unlink()
     return raw / MANIFEST
 
 
