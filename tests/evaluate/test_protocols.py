@@ -15,6 +15,7 @@ from sparc.evaluate.jaccard import hierarchical_jaccard, jaccard_summary
 from sparc.evaluate.labels import LabelSpace
 from sparc.evaluate.probes import probe_classes, probe_summary, run_probes
 from sparc.evaluate.retrieval import dense_pair_rank_counts, pair_rank_counts, shares_space
+from tests.evaluate.test_retrieval import formula_counts
 
 
 @pytest.fixture
@@ -118,17 +119,6 @@ def test_probe_without_candidates_predicts_prior(space: LabelSpace) -> None:
     assert all(r.test_logloss == pytest.approx(math.log(2)) for r in res)
 
 
-def brute_force(q: np.ndarray, g: np.ndarray) -> tuple[tuple, tuple]:
-    """Both directions from the whole similarity matrix, with the metric's definition."""
-    def unit(x):
-        n = np.linalg.norm(x, axis=1, keepdims=True)
-        return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
-
-    sim = unit(q.astype(np.float32)) @ unit(g.astype(np.float32)).T
-    ans = np.arange(len(q))
-    return m.rank_counts(sim, ans), m.rank_counts(sim.T, ans)
-
-
 def test_code_retrieval_matches_brute_force_in_blocks() -> None:
     rng = np.random.default_rng(0)
     N, L, k = 60, 12, 3
@@ -138,9 +128,9 @@ def test_code_retrieval_matches_brute_force_in_blocks() -> None:
     shifted = np.where(rng.random((N, k)) < 0.7, idx, (idx + 1) % L)
     idx2 = np.stack([r if len(set(r)) == k else idx[i] for i, r in enumerate(shifted)])
     g = m.code_matrix(idx2, val, L)
-    want = brute_force(q.toarray(), g.toarray())
+    want = formula_counts(q, g)
     assert (want[0][1] > 0).any()  # the fixture has ties
-    for block_bytes in (4 * N, 4 * N * 7, 1 << 20):  # 1 row, 7 rows, all rows per block
+    for block_bytes in (8 * N, 8 * N * 7, 1 << 20):  # 1 row, 7 rows, all rows per block
         got = dense_pair_rank_counts(q, g, block_bytes=block_bytes)
         for direction in (0, 1):
             np.testing.assert_array_equal(got[direction][0], want[direction][0])
@@ -151,10 +141,11 @@ def test_dense_retrieval_matches_brute_force() -> None:
     rng = np.random.default_rng(1)
     q = rng.normal(size=(30, 5)).astype(np.float32)
     g = q + rng.normal(scale=0.5, size=q.shape).astype(np.float32)
-    got = pair_rank_counts(q, g, block_bytes=4 * 30 * 7)
-    want = brute_force(q, g)
+    got = pair_rank_counts(q, g, block_bytes=8 * 30 * 7)
+    want = formula_counts(q, g)
     for direction in (0, 1):
         np.testing.assert_array_equal(got[direction][0], want[direction][0])
+        np.testing.assert_array_equal(got[direction][1], want[direction][1])
     with pytest.raises(ValueError, match="differ"):
         pair_rank_counts(q, g[:5])
 

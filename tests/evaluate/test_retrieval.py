@@ -1,4 +1,5 @@
-"""Retrieval rank counts: the inverted-index path against the score formula and the dense reference."""
+"""Retrieval rank counts: the inverted-index path and the dense path against the score formula (exact
+integers, so every path, CPU and BLAS must agree bit for bit)."""
 
 from __future__ import annotations
 
@@ -12,22 +13,22 @@ from sparc.evaluate import metrics as m
 from sparc.evaluate import retrieval as r
 
 SEEDS = range(4)
-# the sparse path falls back to the dense one with a RuntimeWarning: here that would hide a bug
-pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 
-def formula_scores(query: sp.csr_matrix, gallery: sp.csr_matrix) -> np.ndarray:
-    """``[N, N]`` float32 S_ij written from the module docstring alone: rows normalised in float64,
-    stored as float32; float32 products added one by one from the highest latent down."""
-    qd = sp.csr_matrix(m.l2_normalise_rows(query), dtype=np.float32).toarray()
-    gd = sp.csr_matrix(m.l2_normalise_rows(gallery), dtype=np.float32).toarray()
-    S = np.zeros((qd.shape[0], gd.shape[0]), dtype=np.float32)
-    for latent in reversed(range(qd.shape[1])):  # adding the 0 products of unshared latents is exact
-        S += qd[:, latent, None] * gd[None, :, latent]
-    return S
+def formula_rows(x: sp.csr_matrix | np.ndarray) -> np.ndarray:
+    """``[N, L]`` int64 rows written from the module docstring alone: unit rows in float64
+    (``metrics.l2_normalise_rows``), each entry fixed to ``round(x * 2**24)``."""
+    unit = m.l2_normalise_rows(sp.csr_matrix(x, dtype=np.float64)).toarray()
+    return np.rint(unit * 2.0**24).astype(np.int64)
 
 
-def formula_counts(query: sp.csr_matrix, gallery: sp.csr_matrix) -> r.RankCounts:
+def formula_scores(query: sp.csr_matrix | np.ndarray, gallery: sp.csr_matrix | np.ndarray) -> np.ndarray:
+    """``[N, N]`` int64 S_ij, the exact integer dot products of the fixed rows (NumPy's integer
+    matmul: no BLAS, no rounding)."""
+    return formula_rows(query) @ formula_rows(gallery).T
+
+
+def formula_counts(query: sp.csr_matrix | np.ndarray, gallery: sp.csr_matrix | np.ndarray) -> r.RankCounts:
     S = formula_scores(query, gallery)
     answers = np.arange(S.shape[0])
     return m.rank_counts(S, answers), m.rank_counts(S.T, answers)
@@ -83,15 +84,53 @@ def test_sparse_counts_equal_formula_and_dense(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_sparse_scores_are_bit_identical_to_the_dense_kernel(seed: int) -> None:
+def test_every_path_computes_the_exact_scores(seed: int) -> None:
+    """The kernel's, the diagonal's and the dense path's (a float64 BLAS product, here with the
+    latents in two different orders) scores are the formula's integers, whatever the order."""
     q, g = hard_pair(seed)
-    qn, gn = r._normalise(q), r._normalise(g)
+    qn, gn = r.fixed_point_rows(q), r.fixed_point_rows(g)
+    want = formula_scores(q, g)
     index = r.InvertedIndex(gn)
     sparse = np.stack([r.query_scores(qn, index, i) for i in range(q.shape[0])])
-    dense = r._Gallery(gn, "cpu").times(r._dense_block_t(qn, slice(0, q.shape[0]), "cpu")).numpy().T
-    np.testing.assert_array_equal(sparse, formula_scores(q, g))
-    np.testing.assert_array_equal(dense, sparse)
-    np.testing.assert_array_equal(r.paired_scores(qn, gn), np.diag(sparse))
+    np.testing.assert_array_equal(sparse, want)
+    np.testing.assert_array_equal(r.paired_scores(qn, gn), np.diag(want))
+    for order in (slice(None), slice(None, None, -1)):  # a permutation of the latents
+        dense = r._Gallery(sp.csr_matrix(gn[:, order]), "cpu").times(r._dense_block_t(qn[:, order], slice(0, 80), "cpu"))
+        np.testing.assert_array_equal(dense.numpy().T, want)
+
+
+def test_ties_that_summation_order_would_break() -> None:
+    """Query 0 = (1, 1, 1): its answer (a, b, c) and a gallery item (c, a, b) score a + b + c
+    either way, a tie, although float32 sums of the two orders differ here (what made the counts
+    depend on the machine's BLAS)."""
+    rng = np.random.default_rng(5)
+    for _ in range(10000):
+        a, b, c = rng.random(3, dtype=np.float32) / np.float32(3)
+        if (a + b) + c != (c + a) + b:
+            break
+    else:
+        pytest.fail("no float32 triple whose sum depends on the order")
+    q = sp.csr_matrix(np.array([[1, 1, 1], [0, 0, 1], [0, 1, 0]], dtype=np.float32))
+    g = sp.csr_matrix(np.array([[a, b, c], [c, a, b], [0, 1, 0]], dtype=np.float32))
+    want = formula_counts(q, g)
+    assert want[0][1][0] == 1  # the tie with gallery item 1
+    for got in (r.sparse_pair_rank_counts(q, g), r.dense_pair_rank_counts(q, g), r.pair_rank_counts(q.toarray(), g.toarray())):
+        assert_counts_equal(got, want)
+
+
+def test_scores_exact_at_the_largest_values() -> None:
+    """The bound of the docstring: one-latent rows score 2^48, and a long dense row against
+    itself (every partial sum near 2^48) is exact in float64 whatever the order."""
+    one = sp.csr_matrix(np.array([[0, 3.0, 0], [0, 5.0, 0]], dtype=np.float32))
+    fixed = r.fixed_point_rows(one)
+    assert fixed.data.tolist() == [2.0**24, 2.0**24]
+    assert r.paired_scores(fixed, fixed).tolist() == [2**48, 2**48]
+    x = np.random.default_rng(0).random((3, 4096)).astype(np.float32)
+    fx = r.fixed_point_rows(x)
+    exact = formula_scores(x, x)
+    assert exact.max() > 2**47
+    np.testing.assert_array_equal(r._Gallery(fx, "cpu").times(r._dense_block_t(fx, slice(0, 3), "cpu")).numpy(), exact)
+    np.testing.assert_array_equal(r.paired_scores(fx, fx), np.diag(exact))
 
 
 def test_negative_values_and_unsorted_rows() -> None:
@@ -174,23 +213,6 @@ def test_kernel_counts_with_negatives_zeros_duplicates_and_ties(seed: int) -> No
     assert_counts_equal(r.sparse_pair_rank_counts(q[:3], g[:3], threads=8), formula_counts(q[:3], g[:3]))
 
 
-def test_kernel_rounds_product_and_sum_separately() -> None:
-    """``y += g * v`` must round the product to float32, then the sum (no fused multiply-add):
-    values where the two differ, searched for here, must give the separately rounded result."""
-    rng = np.random.default_rng(3)
-    a, b, c, d = rng.random((4, 10000), dtype=np.float32) + np.float32(0.5)
-    first = b * d  # the query's first latent: y = 0 + fl(b * d), exact
-    separate = first + a * c  # then y + fl(a * c), rounded
-    # y + a * c rounded once (exact in float64: 24-bit + 48-bit terms within a factor 9)
-    fused = (first.astype(np.float64) + a.astype(np.float64) * c.astype(np.float64)).astype(np.float32)
-    at = int(np.flatnonzero(separate != fused)[0])
-    # one query with latents 1, 0 (stored order) and values b, a; one gallery row with c, d
-    q = sp.csr_matrix((np.array([b[at], a[at]]), np.array([1, 0]), np.array([0, 2])), shape=(1, 2))
-    index = r.InvertedIndex(sp.csr_matrix(np.array([[c[at], d[at]]], dtype=np.float32)))
-    assert r.query_scores(q, index, 0)[0] == separate[at] != fused[at]
-    assert "fastmath" not in r._scatter.targetoptions and "fastmath" not in r._count_kernel.targetoptions
-
-
 def test_kernel_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Kernels are cached outside the source tree (a DVC dependency), uncached where that fails."""
     calls = []
@@ -219,21 +241,6 @@ def test_kernel_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert not list(Path(r.__file__).parent.glob("__pycache__/*.nb[ic]"))  # numba's default place
 
 
-def test_falls_back_to_dense_when_the_kernels_disagree(monkeypatch: pytest.MonkeyPatch) -> None:
-    q, g = hard_pair(1)
-    formula = r.paired_scores
-
-    def nudged(qn: sp.csr_matrix, gn: sp.csr_matrix) -> np.ndarray:
-        out = formula(qn, gn)
-        out[20] = np.nextafter(out[20], np.float32(2))
-        return out
-
-    monkeypatch.setattr(r, "paired_scores", nudged)
-    with pytest.warns(RuntimeWarning, match="does not round as the score formula"):
-        got = r.sparse_pair_rank_counts(q, g, threads=2)
-    assert_counts_equal(got, formula_counts(q, g))
-
-
 def test_dispatch_and_input_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     q, g = hard_pair(2)
     features = np.random.default_rng(0).normal(size=(80, 5)).astype(np.float32)
@@ -250,14 +257,3 @@ def test_dispatch_and_input_checks(monkeypatch: pytest.MonkeyPatch) -> None:
         r.sparse_pair_rank_counts(features, features)
     with pytest.raises(ValueError, match="differ"):
         r.sparse_pair_rank_counts(q, g[:5])
-
-
-def test_descending_rows() -> None:
-    mat = sp.csr_matrix(
-        (np.array([1.0, 2.0, 3.0, 4.0, 5.0], dtype=np.float32), np.array([0, 3, 1, 2, 2]), np.array([0, 3, 3, 5])),
-        shape=(3, 4),
-    )  # row 0 unsorted, row 1 empty, row 2 one entry stored twice
-    out = r.descending_rows(mat)
-    assert out.indices.tolist() == [3, 1, 0, 2] and out.data.tolist() == [2.0, 3.0, 1.0, 9.0]
-    np.testing.assert_array_equal(out.toarray(), mat.toarray())
-    assert r.descending_rows(out) is out

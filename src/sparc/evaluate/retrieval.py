@@ -7,37 +7,42 @@ L2-normalised raw features for the baseline). Ranks treat ties as a uniformly ra
 (:func:`sparc.evaluate.metrics.retrieval_metrics`); what is computed here are the rank counts
 greater_i = #{j : S_ij > S_ii} and ties_i = #{j != i : S_ij = S_ii} in both directions.
 
-The scores, exactly: codes are normalised in float64 and stored as float32 rows whose entries run
-by decreasing latent index; S_ij is the float32 sum, in that order, of the float32 products
-q_il * g_jl over the latents active in both rows (0 when none is), one rounding per product and
-per addition. That is what a sparse-row x dense-column kernel computes (adding a zero product
-changes nothing), so both computations below give bit-identical scores, hence equal counts
-(tests/evaluate/test_retrieval.py checks it on the machine that runs them).
+The scores, exactly (the tie rule is defined on them). Each row is scaled to unit L2 norm in
+float64 (:func:`sparc.evaluate.metrics.l2_normalise_rows`: a sequential sum of squares, a square
+root, one product per entry) and each entry x is then fixed to the integer grid
+``round(x * 2**24)`` (:data:`SCALE`; halves to even), stored as float32, which holds these
+integers exactly (|x| <= 1). The score is the integer
+
+    S_ij = sum over latents l of  q_il * g_jl          (q, g the integer rows)
+
+Every product is an integer below 2^48 in magnitude, and every partial sum over any subset of the
+latents is bounded by Cauchy-Schwarz by |q_i| |g_j| <= (2^24 + sqrt(L) / 2)^2 < 2^49, so float64
+represents each of them exactly: a float64 dot product gives S_ij exactly whatever its summation
+order, blocking, vector width, fused multiply-adds or device. The numba kernel, the CPU's BLAS or
+sparse-BLAS, and CUDA therefore give bit-identical scores, hence identical rank counts, on every
+machine (the differences a float32 sum would have between kernels, one ulp in about 1% of the
+scores, turned ties into wins on some CPUs). The grid's step, 2^-24 of a unit vector's length, is
+the precision of a float32 near 1: scores closer than that were ties in float32 already.
 
 * :func:`sparse_pair_rank_counts` (codes on the CPU; what :func:`pair_rank_counts` runs there):
   an inverted index and a kernel compiled by numba (:func:`_count_kernel`). The gallery is held
   by columns (latent -> the samples where it is active and their values); for query i, each
-  stored (latent l, value q_il), in the query's stored order, adds ``y[j] += g_jl * q_il`` over
-  the postings of l: a float32 product, then a float32 sum (compiled without ``fastmath``, so
-  with no fused multiply-add and no reassociation), about k * (k / L) * N entries instead of the
-  N * k of a dense column. ``y`` is a full ``[N]`` row of the worker's scratch, so samples sharing
-  no latent with the query score exactly 0 and are ranked (and tied) exactly as in the dense
-  computation, whatever the sign of the values; one vectorised pass over ``y`` counts it against
-  S_ii (forward) and against the diagonal S_jj (the worker's reverse counts) and zeroes it again.
-  (Visiting only the rows a query touches, with a touched list, was measured slower, even than
-  the SciPy mat-vec this replaced: at the paper's sizes a query meets about 0.5 N postings, 40%
-  of the rows, and scattered updates of per-row counters cost more than the pass.) The diagonal
-  comes from :func:`paired_scores` (the formula, vectorised) and every query checks its own kernel
-  score against it: where the kernel rounds otherwise, the counts come from the dense computation
-  instead, with a warning. Queries are interleaved over numba's threads (``prange``); the machine
-  code is cached on disk (:func:`kernel_cache_dir`).
-* :func:`dense_pair_rank_counts` (the reference; raw features; any ``evaluate.device``):
-  S = Q G^T is never held whole. For a block of b query rows, the block is densified (``[L, b]``)
-  and ``S_block^T = G @ Q_block^T`` (``[N, b]``) is a sparse x dense product with the gallery kept
-  as a CSR matrix (torch; dense features use a dense matmul). One pass gives both directions:
-  the columns of the block rank the gallery for queries s -> t, its rows rank the queries for the
-  reverse direction t -> s (``S^{t->s} = S^T``), compared with the diagonal S_jj computed
-  beforehand by the same kernel on the same rows (so exact ties stay exact).
+  stored (latent l, value q_il) adds ``y[j] += g_jl * q_il`` (int64) over the postings of l,
+  about k * (k / L) * N entries instead of the N * k of a dense column. ``y`` is a full ``[N]``
+  int64 row of the worker's scratch, so samples sharing no latent with the query score exactly
+  0 and are ranked (and tied) exactly as in the dense computation, whatever the sign of the
+  values; one vectorised pass over ``y`` counts it against S_ii (forward) and against the diagonal
+  S_jj (the worker's reverse counts) and zeroes it again. (Visiting only the rows a query touches,
+  with a touched list, was measured slower: at the paper's sizes a query meets about 0.5 N
+  postings, 40% of the rows, and scattered updates of per-row counters cost more than the pass.)
+  The diagonal comes from :func:`paired_scores`. Queries are interleaved over numba's threads
+  (``prange``); the machine code is cached on disk (:func:`kernel_cache_dir`).
+* :func:`dense_pair_rank_counts` (raw features; codes on any ``evaluate.device``): S = Q G^T is
+  never held whole. For a block of b query rows, the block is densified (``[L, b]``) and
+  ``S_block^T = G @ Q_block^T`` (``[N, b]``, float64) is a sparse x dense product with the
+  gallery kept as a CSR matrix (torch; dense features use a dense matmul). One pass gives both
+  directions: the columns of the block rank the gallery for queries s -> t, its rows rank the
+  queries for the reverse direction t -> s (``S^{t->s} = S^T``), compared with the diagonal S_jj.
 
 The raw-feature baseline (dense features) applies where two streams share an embedding space: the
 same OpenCLIP model reading the image in one stream and the caption in the other.
@@ -45,12 +50,11 @@ same OpenCLIP model reading the image in one stream and the caption in the other
 Cost per stream pair (both directions), at the paper's scale (N = 126k, L = 8192, k = 64):
 dense, nnz(codes) x N multiply-adds (500-1100 CPU seconds per pair); sparse, about
 N * k^2 / L * N scattered adds (128x fewer, about 1.8 ns each) plus one pass over N scores per
-query (about 0.4 ns per score): about 20 CPU seconds per pair (10-12 s wall on 2 threads), where
-the SciPy mat-vec and four NumPy comparisons it replaced took about 40 (benchmarks/evaluate_memory.py,
-same machine and load). Compiling the kernels takes about 4 CPU seconds, once per machine and
-version of this file (0.3 s to load them from the cache). Memory: the sparse path holds the
-gallery twice (rows and columns), an ``[N]`` float32 scratch and two ``[N]`` int32 counters per
-worker, and numba adds about 0.1 GiB; the dense path one ``[N, b]`` block.
+query (about 0.4 ns per score): about 20 CPU seconds per pair (10-12 s wall on 2 threads)
+(benchmarks/evaluate_memory.py). Compiling the kernels takes about 4 CPU seconds, once per machine
+and version of this file (0.3 s to load them from the cache). Memory: the sparse path holds the
+gallery twice (rows and columns), an ``[N]`` int64 scratch and two ``[N]`` int32 counters per
+worker, and numba adds about 0.1 GiB; the dense path one ``[N, b]`` float64 block.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ import torch
 
 from sparc.evaluate.metrics import l2_normalise_rows
 
-DEFAULT_BLOCK_BYTES = 1 << 27  # one [N, b] float32 similarity block (128 MiB)
+SCALE = float(2**24)  # the integer grid of unit-row entries (module docstring)
+DEFAULT_BLOCK_BYTES = 1 << 27  # one [N, b] float64 similarity block (128 MiB)
 CPU_MAX_ROWS = 128  # measured best block width for the CPU sparse x dense product
 RankCounts = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -77,39 +82,28 @@ def _csr_to_torch(mat: sp.csr_matrix, device: str) -> torch.Tensor:
         return torch.sparse_csr_tensor(
             torch.from_numpy(mat.indptr.astype(np.int64)),
             torch.from_numpy(mat.indices.astype(np.int64)),
-            torch.from_numpy(mat.data.astype(np.float32)),
+            torch.from_numpy(mat.data.astype(np.float64)),
             size=mat.shape,
             device=device,
             check_invariants=False,  # built from a valid SciPy CSR matrix
         )
 
 
-def descending_rows(mat: sp.csr_matrix) -> sp.csr_matrix:
-    """``mat`` with each row's entries stored by decreasing column index (the summation order of
-    the scores); returned as is when already so (what :func:`l2_normalise_rows` gives for sorted
-    input), else a reordered copy. Duplicate entries are summed first."""
-    indptr, indices = mat.indptr, mat.indices
-    steps = np.diff(indices)  # indices are >= 0, so no overflow
-    row_start = np.zeros(indices.size, dtype=bool)
-    row_start[indptr[:-1][np.diff(indptr) > 0]] = True
-    if indices.size < 2 or (steps < 0)[~row_start[1:]].all():
-        return mat
-    out = sp.csr_matrix(mat, copy=True)
-    out.sum_duplicates()  # also sorts each row ascending
-    lengths = np.diff(out.indptr)
-    starts = np.repeat(out.indptr[:-1], lengths)
-    flip = 2 * starts + np.repeat(lengths, lengths) - 1 - np.arange(out.indices.size)
-    return sp.csr_matrix((out.data[flip], out.indices[flip], out.indptr), shape=out.shape)
-
-
-def _normalise(x: sp.csr_matrix | np.ndarray) -> sp.csr_matrix | np.ndarray:
-    """Unit rows (zero rows stay zero), float32: CSR for codes (rows by decreasing latent),
-    ndarray for raw features."""
+def fixed_point_rows(x: sp.csr_matrix | np.ndarray) -> sp.csr_matrix | np.ndarray:
+    """The rows the scores are defined on (module docstring): unit L2 norm in float64 (zero rows
+    stay zero), then ``round(x * SCALE)``, as float32 (integers of magnitude <= 2^24, exact).
+    ``[N, L]`` codes give float32 CSR (duplicate entries summed first), ``[N, d]`` dense features
+    a float32 ndarray."""
     if sp.issparse(x):
-        return descending_rows(sp.csr_matrix(l2_normalise_rows(x), dtype=np.float32))
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+        mat = sp.csr_matrix(x, dtype=np.float64, copy=True)
+        mat.sum_duplicates()
+        unit = l2_normalise_rows(mat)
+        return sp.csr_matrix((np.rint(unit.data * SCALE).astype(np.float32), unit.indices, unit.indptr), shape=unit.shape)
+    x = np.asarray(x)
+    out = np.empty(x.shape, dtype=np.float32)
+    for a in range(0, x.shape[0], 8192):  # the codes' computation, a block of rows at a time
+        out[a : a + 8192] = fixed_point_rows(sp.csr_matrix(x[a : a + 8192])).toarray()
+    return out
 
 
 def _check_pair(query: sp.csr_matrix | np.ndarray, gallery: sp.csr_matrix | np.ndarray) -> None:
@@ -130,9 +124,10 @@ def pair_rank_counts(
     ``query`` and ``gallery``: ``[N, L]`` CSR codes or ``[N, d]`` dense features (same kind).
     Returns ``((greater, ties) for query->gallery, (greater, ties) for gallery->query)``, each
     ``[N]`` int64: greater_i = #{j : S_ij > S_ii}, ties_i = #{j != i : S_ij = S_ii} (row-wise for
-    the first direction, column-wise for the second), as in :func:`metrics.rank_counts`.
-    Codes on the CPU take the inverted index (:func:`sparse_pair_rank_counts`), everything else
-    the blocked dense product (:func:`dense_pair_rank_counts`); both give the same counts.
+    the first direction, column-wise for the second), as in :func:`metrics.rank_counts`, on the
+    exact scores of the module docstring. Codes on the CPU take the inverted index
+    (:func:`sparse_pair_rank_counts`), everything else the blocked dense product
+    (:func:`dense_pair_rank_counts`); both give the same counts on every machine.
     """
     _check_pair(query, gallery)
     if sp.issparse(query) and torch.device(device).type == "cpu":
@@ -140,20 +135,24 @@ def pair_rank_counts(
     return dense_pair_rank_counts(query, gallery, device=device, block_bytes=block_bytes)
 
 
-# --------------------------------------------------------------------------- dense (reference)
+# --------------------------------------------------------------------------- dense
 
 
 class _Gallery:
-    """The gallery on ``device`` (torch CSR or dense) and products with dense query blocks."""
+    """The gallery's integer rows on ``device`` (float64 torch CSR or dense) and its products
+    with dense query blocks."""
 
     def __init__(self, gallery: sp.csr_matrix | np.ndarray, device: str) -> None:
         self.host = gallery
         self.device = device
         self.sparse = sp.issparse(gallery)
-        self.tensor = _csr_to_torch(gallery, device) if self.sparse else torch.from_numpy(gallery).to(device)
+        if self.sparse:
+            self.tensor = _csr_to_torch(gallery, device)
+        else:
+            self.tensor = torch.from_numpy(np.asarray(gallery, dtype=np.float64)).to(device)
 
     def times(self, query_block_t: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-        """``G[rows] @ query_block_t`` (all rows when None): ``[n, b]`` float32."""
+        """``G[rows] @ query_block_t`` (all rows when None): ``[n, b]`` float64, exact."""
         if rows is None:
             mat = self.tensor
         elif self.sparse:
@@ -164,24 +163,17 @@ class _Gallery:
 
 
 def _dense_block_t(query: sp.csr_matrix | np.ndarray, rows: slice, device: str) -> torch.Tensor:
+    """``[L, b]`` float64 transpose of the query rows ``rows`` (integer rows, dense)."""
     block = query[rows].toarray() if sp.issparse(query) else query[rows]
-    return torch.from_numpy(np.ascontiguousarray(block.T, dtype=np.float32)).to(device)
+    return torch.from_numpy(np.ascontiguousarray(block.T, dtype=np.float64)).to(device)
 
 
 def _row_blocks(N: int, device: str, block_bytes: int) -> list[slice]:
-    """Query row blocks whose ``[N, b]`` float32 similarity block fits ``block_bytes``."""
-    b = max(1, block_bytes // (4 * max(N, 1)))
+    """Query row blocks whose ``[N, b]`` float64 similarity block fits ``block_bytes``."""
+    b = max(1, block_bytes // (8 * max(N, 1)))
     if torch.device(device).type == "cpu":
         b = min(b, CPU_MAX_ROWS)
     return [slice(a, min(a + b, N)) for a in range(0, N, b)]
-
-
-def _diagonal(q: sp.csr_matrix | np.ndarray, gal: _Gallery, blocks: list[slice]) -> torch.Tensor:
-    """``[N]`` float32 S_jj for every j, by the dense kernel on the same gallery rows as the main pass."""
-    diag = torch.empty(q.shape[0], dtype=torch.float32, device=gal.device)
-    for rows in blocks:
-        diag[rows] = torch.diagonal(gal.times(_dense_block_t(q, rows, gal.device), rows))
-    return diag
 
 
 def dense_pair_rank_counts(
@@ -191,20 +183,20 @@ def dense_pair_rank_counts(
     block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> RankCounts:
     """:func:`pair_rank_counts` by blocked dense similarity blocks ``[N, b]`` on ``device`` (the
-    reference computation; the one for raw features and for CUDA)."""
+    path for raw features and for codes off the CPU)."""
     _check_pair(query, gallery)
-    q = _normalise(query)
-    gal = _Gallery(_normalise(gallery), device)
+    q = fixed_point_rows(query)
+    g = fixed_point_rows(gallery)
+    gal = _Gallery(g, device)
     N = q.shape[0]
     on_cpu = torch.device(device).type == "cpu"
-    blocks = _row_blocks(N, device, block_bytes)
-    diag = _diagonal(q, gal, blocks)
+    diag = torch.from_numpy(paired_scores(q, g).astype(np.float64)).to(device)  # exact (< 2^49)
 
     fwd_greater = np.empty(N, dtype=np.int64)
     fwd_ties = np.empty(N, dtype=np.int64)
     rev_greater = np.zeros(N, dtype=np.int64)
     rev_ties = np.zeros(N, dtype=np.int64)
-    for rows in blocks:
+    for rows in _row_blocks(N, device, block_bytes):
         st = gal.times(_dense_block_t(q, rows, device))  # [N, b]: st[j, c] = S_{rows.start + c, j}
         counts = _block_counts(st, diag, rows, on_cpu)
         fwd_greater[rows], fwd_ties[rows] = counts[0], counts[1]
@@ -269,8 +261,7 @@ def kernel_cache_dir() -> str | None:
 
 def _jit(**options):
     """``numba.njit(**options)``, its machine code cached in :func:`kernel_cache_dir` (compiled
-    again by each process where that is None). Never ``fastmath``: the scores must round as the
-    module docstring says (no fused multiply-add, no reassociation)."""
+    again by each process where that is None)."""
 
     def wrap(fn):
         cache_dir = kernel_cache_dir()
@@ -288,17 +279,17 @@ def _jit(**options):
 
 class InvertedIndex:
     """The gallery by latent (its CSC form): ``rows[ptr[l]:ptr[l + 1]]`` are the samples where
-    latent l is active (the posting list of l) and ``values[ptr[l]:ptr[l + 1]]`` (float32) their
+    latent l is active (the posting list of l) and ``values[ptr[l]:ptr[l + 1]]`` (int32) their
     values. Indices are unsigned (``ptr`` uint64, ``rows`` uint32), which spares the compiled loops
     the handling of negative indices (a quarter of the scatter's time)."""
 
     def __init__(self, gallery: sp.csr_matrix) -> None:
-        cols = sp.csc_matrix(gallery, dtype=np.float32)
+        cols = sp.csc_matrix(gallery)
         if cols.shape[0] >= 2**32:
             raise ValueError(f"sparse retrieval: {cols.shape[0]} gallery rows do not fit uint32 indices")
         self.ptr = cols.indptr.astype(np.uint64)
         self.rows = _as_uint32(cols.indices)
-        self.values = np.ascontiguousarray(cols.data, dtype=np.float32)
+        self.values = np.ascontiguousarray(cols.data, dtype=np.int32)
         self.N = cols.shape[0]
 
 
@@ -310,56 +301,47 @@ def _as_uint32(indices: np.ndarray) -> np.ndarray:
 
 
 def _query_arrays(q: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(indptr uint64, latents uint32, values float32)`` of CSR query codes, as the kernels take
-    them."""
-    values = np.ascontiguousarray(q.data, dtype=np.float32)
+    """``(indptr uint64, latents uint32, values int32)`` of the integer rows of CSR query codes
+    (:func:`fixed_point_rows`), as the kernels take them."""
+    values = np.ascontiguousarray(q.data, dtype=np.int32)
     return q.indptr.astype(np.uint64), _as_uint32(q.indices), values
 
 
 @_jit(nogil=True)
 def _scatter(i, q_ptr, q_lat, q_val, g_ptr, g_row, g_val, y):
-    """Adds query i's scores against the gallery into ``y`` (``[N]`` float32 holding 0s): for each
-    stored (latent l, value v) of query row i, in stored order, and each posting (j, g) of l,
-    ``y[j] += g * v`` in float32, one rounding for the product and one for the sum (compiled
-    without fastmath: no fused multiply-add). Rows sharing no latent with i stay exactly 0."""
+    """Adds query i's scores against the gallery into ``y`` (``[N]`` int64 holding 0s): for each
+    stored (latent l, value v) of query row i and each posting (j, g) of l, ``y[j] += g * v``
+    (int64, exact). Rows sharing no latent with i stay 0."""
     for p in range(q_ptr[i], q_ptr[i + 1]):
         lat = q_lat[p]
-        v = q_val[p]
+        v = np.int64(q_val[p])
         for e in range(g_ptr[lat], g_ptr[lat + 1]):
             y[g_row[e]] += g_val[e] * v
 
 
 @_jit(nogil=True, parallel=True)
-def _count_kernel(
-    q_ptr, q_lat, q_val, g_ptr, g_row, g_val, diag, fwd_greater, fwd_ties, rev_greater, rev_ties, mismatch
-):
-    """Rank counts of all queries by W = ``mismatch.size`` workers run in parallel (numba prange;
-    worker w takes queries w, w + W, ... with its own ``[N]`` float32 scratch ``y``).
+def _count_kernel(q_ptr, q_lat, q_val, g_ptr, g_row, g_val, diag, fwd_greater, fwd_ties, rev_greater, rev_ties):
+    """Rank counts of all queries by W = ``rev_greater.shape[0]`` workers run in parallel (numba
+    prange; worker w takes queries w, w + W, ... with its own ``[N]`` int64 scratch ``y``).
 
     Query i's scores y_j = S_ij (:func:`_scatter`), then one pass over j that zeroes ``y`` again and
     counts: ``fwd_greater[i]`` = #{j : y_j > S_ii}, ``fwd_ties[i]`` = #{j : y_j = S_ii} - 1 (the
     answer itself), and worker w's share of the reverse direction ``rev_greater[w, j]`` +=
     [y_j > S_jj], ``rev_ties[w, j]`` += [y_j = S_jj] (S_jj = ``diag[j]``; the caller takes the
-    answers off). A query whose own score y_i differs from ``diag[i]`` stops the computation with
-    ``mismatch[w] = i`` (``mismatch`` starts at -1)."""
+    answers off)."""
     N = diag.size
-    workers = mismatch.size
-    y = np.zeros((workers, N), dtype=np.float32)
+    workers = rev_greater.shape[0]
+    y = np.zeros((workers, N), dtype=np.int64)
     for w in numba.prange(workers):
         yw, rg, rt = y[w], rev_greater[w], rev_ties[w]
         for i in range(w, N, workers):
-            if mismatch.max() >= 0:
-                break
             _scatter(i, q_ptr, q_lat, q_val, g_ptr, g_row, g_val, yw)
             s = diag[i]
-            if yw[i] != s:
-                mismatch[w] = i
-                break
             greater = 0
             ties = 0
             for j in range(N):
                 yj = yw[j]
-                yw[j] = 0.0
+                yw[j] = 0
                 greater += yj > s
                 ties += yj == s
                 d = diag[j]
@@ -370,37 +352,21 @@ def _count_kernel(
 
 
 def query_scores(q: sp.csr_matrix, index: InvertedIndex, i: int) -> np.ndarray:
-    """``[N]`` float32 S_ij of query row i of ``q`` against every gallery row j, by the kernel of
-    :func:`sparse_pair_rank_counts` (:func:`_scatter`; 0 where nothing is shared)."""
-    out = np.zeros(index.N, dtype=np.float32)
+    """``[N]`` int64 S_ij of query row i of ``q`` (integer rows, :func:`fixed_point_rows`)
+    against every gallery row j, by the kernel of :func:`sparse_pair_rank_counts` (0 where nothing
+    is shared)."""
+    out = np.zeros(index.N, dtype=np.int64)
     _scatter(i, *_query_arrays(q), index.ptr, index.rows, index.values, out)
     return out
 
 
-def paired_scores(q: sp.csr_matrix, g: sp.csr_matrix, block_bytes: int = 1 << 26) -> np.ndarray:
-    """``[N]`` float32 S_ii = the score of row i of ``q`` with row i of ``g``, both ``[N, L]`` float32
-    with rows by decreasing latent (:func:`descending_rows`), by the formula of the module
-    docstring: float32 products of the shared latents, added one by one in ``g``'s row order.
-    Rows of ``q`` are spread into a dense ``[b, L]`` scratch of ``block_bytes`` at a time."""
-    N, L = g.shape
-    products = np.empty(g.nnz, dtype=np.float32)  # g_il * q_il, 0 where q_il is not stored
-    rows_per_block = max(1, min(N, block_bytes // (4 * max(L, 1))))
-    scratch = np.zeros(rows_per_block * L, dtype=np.float32)  # [b, L] flat
-    for a in range(0, N, rows_per_block):
-        b = min(a + rows_per_block, N)
-        q_part = slice(q.indptr[a], q.indptr[b])
-        g_part = slice(g.indptr[a], g.indptr[b])
-        q_at = np.repeat(np.arange(b - a, dtype=np.int64) * L, np.diff(q.indptr[a : b + 1])) + q.indices[q_part]
-        g_at = np.repeat(np.arange(b - a, dtype=np.int64) * L, np.diff(g.indptr[a : b + 1])) + g.indices[g_part]
-        np.put(scratch, q_at, q.data[q_part])
-        np.multiply(g.data[g_part], np.take(scratch, g_at), out=products[g_part])
-        np.put(scratch, q_at, 0.0)
-    lengths = np.diff(g.indptr)
-    scores = np.zeros(N, dtype=np.float32)
-    for m in range(int(lengths.max()) if N else 0):  # the m-th entry of every row long enough
-        rows = np.flatnonzero(lengths > m)
-        scores[rows] += products[g.indptr[rows] + m]
-    return scores
+def paired_scores(q: sp.csr_matrix | np.ndarray, g: sp.csr_matrix | np.ndarray) -> np.ndarray:
+    """``[N]`` int64 S_ii = the score of row i of ``q`` with row i of ``g`` (integer rows of the
+    same shape, :func:`fixed_point_rows`): the row sums of their elementwise product in int64."""
+    if sp.issparse(q):
+        prod = sp.csr_matrix(q, dtype=np.int64).multiply(sp.csr_matrix(g, dtype=np.int64))
+        return np.asarray(prod.sum(axis=1), dtype=np.int64).ravel()
+    return (np.asarray(q, dtype=np.int64) * np.asarray(g, dtype=np.int64)).sum(axis=1)
 
 
 def sparse_pair_rank_counts(
@@ -409,13 +375,12 @@ def sparse_pair_rank_counts(
     """:func:`pair_rank_counts` of ``[N, L]`` CSR codes by an inverted index on the CPU (module
     docstring): the compiled :func:`_count_kernel` over ``threads`` workers (default
     ``torch.get_num_threads()``; numba runs at most ``numba.config.NUMBA_NUM_THREADS`` at once).
-    Counts equal :func:`dense_pair_rank_counts` on the CPU; where a query's own kernel score is
-    not :func:`paired_scores`'s, the dense computation gives them instead, with a RuntimeWarning."""
+    Counts equal :func:`dense_pair_rank_counts`'s on any device."""
     _check_pair(query, gallery)
     if not sp.issparse(query):
         raise ValueError("sparse retrieval: query and gallery must be sparse codes")
-    q = _normalise(query)
-    g = _normalise(gallery)
+    q = fixed_point_rows(query)
+    g = fixed_point_rows(gallery)
     N = q.shape[0]
     diag = paired_scores(q, g)
     index = InvertedIndex(g)
@@ -424,25 +389,15 @@ def sparse_pair_rank_counts(
     fwd_ties = np.zeros(N, dtype=np.int64)
     rev_greater = np.zeros((workers, N), dtype=np.int32)  # a worker's share is at most N
     rev_ties = np.zeros((workers, N), dtype=np.int32)
-    mismatch = np.full(workers, -1, dtype=np.int64)
     previous = numba.get_num_threads()
     numba.set_num_threads(min(workers, numba.config.NUMBA_NUM_THREADS))
     try:
         _count_kernel(
             *_query_arrays(q), index.ptr, index.rows, index.values, diag,
-            fwd_greater, fwd_ties, rev_greater, rev_ties, mismatch,
+            fwd_greater, fwd_ties, rev_greater, rev_ties,
         )
     finally:
         numba.set_num_threads(previous)
-    if mismatch.max() >= 0:
-        i = int(mismatch[mismatch >= 0][0])
-        warnings.warn(
-            f"sparse retrieval: the compiled kernel does not round as the score formula here (query {i}: "
-            f"kernel score {query_scores(q, index, i)[i]!r}, formula {diag[i]!r}); using the dense computation",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return dense_pair_rank_counts(query, gallery)
     rev_g = rev_greater.sum(axis=0, dtype=np.int64)
     rev_t = rev_ties.sum(axis=0, dtype=np.int64) - 1  # S_jj tied with itself
     return (fwd_greater, fwd_ties), (rev_g, rev_t)
