@@ -68,6 +68,7 @@ def test_two_processes_under_torchrun_equal_one(prepared, tiny_dinov2, single, t
     (tmp_path / "params.yaml").write_text(
         "data:\n  dataset: emoji\n"
         f"streams:\n  tiny:\n    model: dinov2:{tiny_dinov2}\n    input: image\n"
+        f"  other:\n    model: dinov2:{tiny_dinov2}\n    input: image\n"  # SPARC needs two streams
         "extract:\n  batch_size: 2\n  num_workers: 0\n  cpu_threads: 1\n  device: cpu\n  nproc: 2\n"
     )
     for var in ("RANK", "WORLD_SIZE", "PET_NNODES"):
