@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.sparc-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system repro test lint bench paper coco usae clean-venv
+.PHONY: setup system repro test test-kernels lint bench paper coco usae clean-venv
 
 setup: $(STAMP) system
 	@git rev-parse --verify -q HEAD >/dev/null || { echo "error: DVC experiments need a git commit; run 'git commit' first" >&2; exit 1; }
@@ -31,6 +31,17 @@ repro: setup
 test: setup
 	@scripts/system-packages.sh --test
 	$(BIN)/python -m pytest
+	@$(MAKE) --no-print-directory test-kernels
+
+# The numerically sensitive tests (pytest marker `kernels`) once more under other CPU kernels, so
+# that a result depending on one machine's BLAS/ATen code path fails on every machine: MKL's SSE4.2
+# and AVX2 code paths, PyTorch's generic (unvectorised) ATen kernels, one OpenMP thread.
+KERNEL_SETTINGS := MKL_ENABLE_INSTRUCTIONS=SSE4_2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1
+test-kernels: setup
+	@for setting in $(KERNEL_SETTINGS); do \
+	  echo "pytest -m kernels with $$setting"; \
+	  env $$setting $(BIN)/python -m pytest -q -m kernels -p no:cacheprovider || exit 1; \
+	done
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -29,7 +29,7 @@ from sparc.params import params_from_dict
 from tests.device import DEVICE, cpu_path, device_path, needs_device
 from tests.evaluate.test_retrieval import assert_counts_equal, hard_pair
 
-pytestmark = [needs_device, pytest.mark.filterwarnings("error::RuntimeWarning")]
+pytestmark = [needs_device, pytest.mark.kernels, pytest.mark.filterwarnings("error::RuntimeWarning")]
 
 CFG = SAEConfig(dims={"a": 24, "b": 16, "c": 12}, L=64, k=4)
 N = 300

@@ -119,6 +119,7 @@ def test_probe_without_candidates_predicts_prior(space: LabelSpace) -> None:
     assert all(r.test_logloss == pytest.approx(math.log(2)) for r in res)
 
 
+@pytest.mark.kernels
 def test_code_retrieval_matches_brute_force_in_blocks() -> None:
     rng = np.random.default_rng(0)
     N, L, k = 60, 12, 3
@@ -137,6 +138,7 @@ def test_code_retrieval_matches_brute_force_in_blocks() -> None:
             np.testing.assert_array_equal(got[direction][1], want[direction][1])
 
 
+@pytest.mark.kernels
 def test_dense_retrieval_matches_brute_force() -> None:
     rng = np.random.default_rng(1)
     q = rng.normal(size=(30, 5)).astype(np.float32)

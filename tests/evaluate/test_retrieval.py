@@ -12,6 +12,8 @@ import scipy.sparse as sp
 from sparc.evaluate import metrics as m
 from sparc.evaluate import retrieval as r
 
+pytestmark = pytest.mark.kernels  # run again under other CPU kernels (Makefile test-kernels)
+
 SEEDS = range(4)
 
 

@@ -23,7 +23,7 @@ from sparc.model.sparse import CpuBufferPool, gather_logits, sparse_decode
 from sparc.train.loop import make_adam
 from tests.device import DEVICE, cpu_path, device_path, needs_device, to_device
 
-pytestmark = needs_device
+pytestmark = [needs_device, pytest.mark.kernels]
 
 L, D = 64, 16
 CFG = SAEConfig(dims={"a": 24, "b": 16, "c": 12}, L=L, k=4, k_aux=8)

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 import sparc.model.sparse as sparse
 from sparc.model.matmul import linear
 
+pytestmark = pytest.mark.kernels  # run again under other CPU kernels (Makefile test-kernels)
+
 
 @pytest.mark.parametrize("cpu_kernels", [True, False])
 def test_linear_matches_f_linear(cpu_kernels, monkeypatch):

@@ -19,6 +19,8 @@ from sparc.model.sparse import (
     sparse_decode,
 )
 
+pytestmark = pytest.mark.kernels  # run again under other CPU kernels (Makefile test-kernels)
+
 L, D = 40, 7
 
 

@@ -7,6 +7,8 @@ import sparc.model.sparse as sparse
 from sparc.model.sae import MultiStreamSAE, SAEConfig
 from sparc.model.topk import aux_topk, global_topk, local_topk
 
+pytestmark = pytest.mark.kernels  # run again under other CPU kernels (Makefile test-kernels)
+
 # Two streams, two samples, L = 4, k = 2. Sums of the raw logits:
 #   row 0: [0.5, 1.0, 1.7, 1.3] -> global {2, 3};  local a {0, 3}, local b {1, 2}
 #   row 1: [-1.5, 0.2, 0.4, 0.3] -> global {2, 3}; local a {1, 2}, local b {3, 2}

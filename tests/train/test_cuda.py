@@ -33,7 +33,7 @@ from tests.device import DEVICE, cpu_path, device_path, needs_device
 from tests.train import test_stage
 from tests.train.test_loop import DATA, make_spec
 
-pytestmark = needs_device
+pytestmark = [needs_device, pytest.mark.kernels]
 
 LR = 3.0e-3
 WEIGHT_TOL = 3 * LR
