@@ -27,6 +27,7 @@ from sparc.model.codes import SparseCodes
 from sparc.model.io import load_sae, save_sae
 from sparc.model.sae import MultiStreamSAE, SAEConfig
 from sparc.params import Params, ParamsError, params_from_dict
+from tests.topk_codes import assert_topk_code, logit_tol
 
 CLIP = "openclip:ViT-B-32@laion2b_s34b_b79k"
 STREAMS = {
@@ -120,9 +121,12 @@ def test_encode_writes_joint_and_per_stream_codes(setup: Setup, outputs: dict[st
     assert any((local.indices[s] != local.indices["clip_img"]).any() for s in STREAMS)
     model = load_sae(setup.sae)
     x = {s: torch.from_numpy(np.load(setup.features / s / "features.npy")[:5].astype(np.float32)) for s in STREAMS}
-    direct = model.encode(x, mode="local")
+    with torch.no_grad():
+        h = model.logits(x)
     for s in STREAMS:
-        np.testing.assert_array_equal(local.indices[s][:5], direct[s].indices.numpy())
+        # the stage encodes batches of 64 rows, another GEMM shape than these 5: the logits may
+        # differ in the last bit (issue 21), so its ids are a top-k of these up to near-ties
+        assert_topk_code(local.indices[s][:5], h[s], K, logit_tol(h[s], DIMS[s]), values=local.values[s][:5], msg=s)
 
 
 def test_concepts_outputs(outputs: dict[str, Path]) -> None:
@@ -231,7 +235,7 @@ def test_usae_run_is_evaluated_with_its_own_per_stream_rule(setup: Setup, tmp_pa
     codes = setup.encode(tmp_path / "codes", params=params, sae=sae)
     assert json.loads((codes / "meta.json").read_text())["joint_mode"] == "local"
     joint, per_stream = SparseCodes.load(codes / "joint"), SparseCodes.load(codes / "per_stream")
-    for s in STREAMS:
+    for s in STREAMS:  # exact: both are the same local top-k of the same batches' logits
         np.testing.assert_array_equal(joint.indices[s], per_stream.indices[s])
         np.testing.assert_array_equal(joint.values[s], per_stream.values[s])
     with pytest.raises(ParamsError, match="topk must be local"):

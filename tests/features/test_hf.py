@@ -38,7 +38,7 @@ from transformers import (
 )
 
 from sparc.features.base import count_truncated
-from sparc.features.extract import extract_stream
+from sparc.features.extract import cpu_threads, extract_stream, model_threads
 from sparc.features.registry import build_extractor
 from sparc.features.store import open_stream
 
@@ -361,7 +361,10 @@ def test_extract_stage_writes_features_and_counts(tiny, prepared, tmp_path):
     assert stream.meta["counts"] == {"truncated_captions": cut}
     assert stream.meta["model"] == f"transformers:{tiny['bert']}?layer=1&max_length=5"
     assert stream.meta["preprocessing"]["pool"] == "mean" and stream.meta["preprocessing"]["max_length"] == 5
-    direct = torch.cat([run(ex, ex.collate(prepared.captions[i : i + 3])) for i in range(0, len(prepared), 3)])
+    # exact: the same batches of 3 with the stage's model thread count (model_threads(1) with one
+    # loader worker), so the same computation; another thread count may round differently (issue 21)
+    with cpu_threads(model_threads(1)):
+        direct = torch.cat([run(ex, ex.collate(prepared.captions[i : i + 3])) for i in range(0, len(prepared), 3)])
     np.testing.assert_array_equal(np.asarray(stream.features), direct.numpy().astype(np.float16))
     image = extract_stream(prepared, extractor(tiny, "siglip", "image"), tmp_path / "img", batch_size=4, num_workers=0, progress=False)
     assert "counts" not in open_stream(image).meta
