@@ -117,6 +117,7 @@ class TrainParams:
 
     batch_size: int = 256
     epochs: int = 200
+    init: str = ""  # a trained SAE to start from (sparc.model.reference.load_initial); epochs 0: import only
     lr: float = 1.0e-3
     adam_eps: float = 1.0e-8
     k_aux: int = 64
@@ -456,10 +457,14 @@ def check_train(t: TrainParams, topk: str = "global", method: str = "sparc") -> 
     """The ``train`` group; ``topk`` and ``method`` (top level) for the Global TopK options."""
     _positive(
         {name: getattr(t, name) for name in (
-            "batch_size", "epochs", "k_aux", "dead_steps", "revive_every", "checkpoint_every", "log_every",
+            "batch_size", "k_aux", "dead_steps", "revive_every", "checkpoint_every", "log_every",
         )},
         "train",
     )
+    _positive({"epochs": t.epochs}, "train", minimum=0 if t.init else 1)
+    if t.init and method == "usae_paper":
+        raise ParamsError("train.init: method usae_paper has the batchnorm encoder, which no imported SAE has; "
+                          "use method sparc or usae")
     for name in ("lr", "adam_eps"):
         if not getattr(t, name) > 0:
             raise ParamsError(f"train.{name}: must be positive, got {getattr(t, name)}")

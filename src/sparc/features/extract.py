@@ -43,7 +43,7 @@ from sparc.distributed import World, rank_device
 from sparc.features.base import Extractor, resolve_device
 from sparc.features.distributed import extract_sharded
 from sparc.features.random_weights import meta_fields
-from sparc.features.registry import build_extractor
+from sparc.features.registry import FAMILIES, build_extractor, check_spec
 from sparc.features.store import StreamWriter
 
 
@@ -197,6 +197,14 @@ def run_extract(params, stream: str, prepared_dir: str | Path, out_dir: str | Pa
         raise ValueError(f"unknown stream {stream!r} (configured: {', '.join(params.streams)})")
     cfg = params.streams[stream]
     data = load_prepared(prepared_dir)
+    spec = check_spec(cfg.model, cfg.input)
+    if FAMILIES[spec.family].precomputed:  # h5: / npy: files, rows matched by id (no model runs)
+        from sparc.data.download import raw_dir
+        from sparc.features.precomputed import import_stream
+
+        meta = {"stream": stream, "model": cfg.model, "input": cfg.input, "preprocessing": {}, "device": "none",
+                "dataset": data.meta.get("dataset"), "dataset_fingerprint": data.fingerprint}
+        return import_stream(spec, data.ids, out_dir, meta, raw_dir(params.data.dataset))
     world = World.from_env()  # several processes under torchrun: extract.nproc, sparc.distributed
     device = rank_device(resolve_device(params.extract.device), world)
     on_cpu = device.type == "cpu"

@@ -17,6 +17,8 @@ efficientnet   ``efficientnet:lite0``                                    image  
 imgfocus       ``imgfocus:vit-s14``                                      image           384
 minilm         ``minilm:all-MiniLM-L6-v2`` (or a local directory)        caption         384
 python         ``python:my_package.my_module:MyExtractor[?key=value]``   the class's     class's
+h5             ``h5:/dl/features/open_images/{split}/dino.h5?rows=openimages``  image, caption  file's
+npy            ``npy:/path/features.npy`` (rows matched by ``ids.txt`` beside it)  image, caption  file's
 =============  ========================================================  ==============  ======
 
 Families and what they compute:
@@ -42,6 +44,9 @@ Families and what they compute:
   ``sparc.features.offline``); they never reach the network.
 * ``python``: your own :class:`sparc.features.base.Extractor` subclass, imported by module path;
   any options are passed to it (``spec.options``). See ``sparc.features.user``.
+* ``h5``, ``npy``: precomputed features (no model runs): the extract stage copies the file's rows,
+  matched to the prepared samples by id (options ``key``, ``rows``, ``ids``, ``splits``); see
+  ``sparc.features.precomputed``. :func:`build_extractor` refuses them.
 
 Options take values from a fixed list (the first is the default) or, for :class:`IntOption`, a
 decimal integer (absent = the family's documented default). Validation here (what
@@ -76,7 +81,8 @@ class Family:
     ``options``: option key -> allowed values (the first value is the default) or an
     :class:`IntOption`; ``free_options``: any ``key=value`` is accepted and passed on (``python``);
     ``weights``: whether ``@weights`` is accepted; ``check``: further checks of a parsed spec and
-    the stream's input that need no model files (raises ValueError).
+    the stream's input that need no model files (raises ValueError); ``precomputed``: the name is a
+    feature file, no model runs (``target`` is the function that imports it).
     """
 
     target: str  # "module:Class" (a class, or a function with the same signature)
@@ -87,6 +93,7 @@ class Family:
     free_options: bool = False
     weights: bool = False
     check: Callable[[ModelSpec, str], None] | None = None
+    precomputed: bool = False
 
 
 # A Hugging Face repository id: "name" or "namespace/name" (letters, digits, "-", "_", ".").
@@ -133,6 +140,14 @@ def check_python_spec(spec: ModelSpec, input: str) -> None:
         )
 
 
+def check_precomputed(spec: ModelSpec, input: str) -> None:
+    """``h5:``/``npy:``: the options of :mod:`sparc.features.precomputed` (imported lazily: it reads
+    no file here)."""
+    from sparc.features.precomputed import check_precomputed_spec
+
+    check_precomputed_spec(spec, input)
+
+
 # The ``weights`` option of dinov2, openclip and transformers: ``random`` builds the model's real
 # architecture with random weights and no network (sparc.features.random_weights).
 WEIGHTS = ("pretrained", "random")
@@ -172,6 +187,15 @@ FAMILIES: dict[str, Family] = {
     "python": Family(
         "sparc.features.user:build_user_extractor", frozenset({"image", "caption"}), paths=False,
         free_options=True, weights=True, check=check_python_spec,
+    ),
+    # Precomputed features (sparc.features.precomputed); options checked by the family's check.
+    "h5": Family(
+        "sparc.features.precomputed:import_stream", frozenset({"image", "caption"}), free_options=True,
+        check=check_precomputed, precomputed=True,
+    ),
+    "npy": Family(
+        "sparc.features.precomputed:import_stream", frozenset({"image", "caption"}), free_options=True,
+        check=check_precomputed, precomputed=True,
     ),
 }
 
@@ -290,5 +314,7 @@ def build_extractor(spec: str, input: str, device: str = "cpu"):
     cannot be found, or an input the model cannot read.
     """
     parsed = check_spec(spec, input)
+    if FAMILIES[parsed.family].precomputed:
+        raise ValueError(f"model spec {spec!r}: precomputed features, not a model that can be run")
     module, cls = FAMILIES[parsed.family].target.split(":")
     return getattr(importlib.import_module(module), cls)(parsed, input=input, device=device)

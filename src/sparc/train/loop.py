@@ -191,7 +191,7 @@ class Trainer:
     """
 
     def __init__(self, source: FeatureSource, spec: TrainSpec, device: torch.device,
-                 ranks: Ranks | None = None) -> None:
+                 ranks: Ranks | None = None, init: MultiStreamSAE | None = None) -> None:
         self.source, self.spec, self.device = source, spec, device
         t = spec.train
         self.sampler = EpochSampler(len(source), t.batch_size, spec.seed)
@@ -200,7 +200,10 @@ class Trainer:
         self.total_steps = t.epochs * self.sampler.steps_per_epoch
         self.model = MultiStreamSAE(
             spec.sae_config(source.dims), seed=spec.seed, bf16=t.bf16, tf32=t.tf32
-        ).to(device)
+        )
+        if init is not None:  # train.init: start from these weights (a fresh optimizer and counters)
+            self.model.load_state_dict(init.state_dict(), strict=True)
+        self.model.to(device)
         self.model.train()
         self.param_by_name = dict(self.model.named_parameters())
         self.name_of = {p: n for n, p in self.param_by_name.items()}
@@ -385,6 +388,7 @@ def train_sae(
     callback: Callable[[int, MultiStreamSAE], None] | None = None,
     progress: bool = False,
     ranks: Ranks | None = None,
+    init: MultiStreamSAE | None = None,
 ) -> TrainResult:
     """Train a multi-stream SAE on ``source`` (see the module docstring for one step).
 
@@ -393,6 +397,8 @@ def train_sae(
     written there every ``checkpoint_every`` steps. ``max_steps``: stop after this global step
     (a checkpoint is written there), e.g. to split a run; the epoch schedule is unchanged.
     ``callback(step, model)`` runs after every completed step (after any checkpoint of that step).
+    ``init``: a model with the spec's configuration to start from instead of the seeded
+    initialisation (``train.init``); with ``train.epochs`` 0 it is returned as it is.
     Runs ``train.epochs * ceil(N / batch_size)`` steps in total. The model is on the spec's device
     (with ``ranks``, the process's own: :mod:`sparc.train.distributed`; every process resumes
     from the same checkpoint, rank 0 alone writes them and shows progress; give the logger to
@@ -405,7 +411,7 @@ def train_sae(
     device = ranks.device(resolve_device(spec.train.device, "train.device"))
     if source.device != device:
         raise ValueError(f"the feature source yields tensors on {source.device}, training runs on {device}")
-    trainer = Trainer(source, spec, device, ranks)
+    trainer = Trainer(source, spec, device, ranks, init)
     run_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if run_dir is not None and (last := latest_checkpoint(run_dir)) is not None:
         trainer.load(last)

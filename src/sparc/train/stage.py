@@ -4,7 +4,8 @@ Inputs: the prepared dataset (for the split and the sample order) and one featur
 ``streams:`` entry. Outputs:
 
 - ``out_dir`` (``data/sae``): the final model (``save_sae``: model.safetensors + config.json),
-  written atomically only when training finished;
+  written atomically only when training finished; with ``train.init`` training starts from that
+  SAE (:func:`initial_model`), and with ``train.epochs: 0`` the imported SAE is the model;
 - ``reports_dir`` (``reports/train``): DVCLive's ``metrics.json`` (the last logged training
   averages, ``val/...`` terms over the validation split, ``step``) and ``plots/metrics/**.tsv``,
   published only when training finished; an earlier run's files are removed when training starts
@@ -39,6 +40,7 @@ from sparc.data.prepared import PreparedIndex, load_prepared_index
 from sparc.distributed import World, process_group, rank_device
 from sparc.features.base import resolve_device
 from sparc.features.store import FeatureStoreError, FeatureStream, load_streams
+from sparc.model.sae import MultiStreamSAE
 from sparc.params import Params
 from sparc.train.checkpoint import checkpoint_key, prune_run
 from sparc.train.distributed import DataParallel, Ranks
@@ -91,15 +93,41 @@ def check_finite_splits(streams: dict[str, FeatureStream], prepared: PreparedInd
             )
 
 
-def run_key(spec: TrainSpec, streams: dict[str, FeatureStream], rows: np.ndarray) -> str:
-    """Checkpoint key: hash of the training spec, each stream's metadata and the training rows."""
-    return checkpoint_key(
-        {
-            "spec": spec.key_payload(),
-            "streams": {name: dict(s.meta, n=len(s)) for name, s in streams.items()},
-            "rows": hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest(),
-        }
-    )
+def initial_model(spec: TrainSpec, dims: dict[str, int]) -> MultiStreamSAE | None:
+    """The SAE ``train.init`` names (None when empty), checked against the run: its streams and
+    their dims equal ``dims`` (the feature store's), its L, k and TopK rule equal params.yaml's
+    (:func:`sparc.model.reference.load_initial`). ValueError naming what differs."""
+    from sparc.model.reference import load_initial
+
+    path = spec.train.init
+    if not path:
+        return None
+    model = load_initial(path, list(dims), k=spec.k, topk=spec.topk)
+    if sorted(model.cfg.dims.items()) != sorted(dims.items()):
+        raise ValueError(f"train.init: {path} has streams {model.cfg.dims}, the feature store {dims}")
+    ours = {"L": spec.L, "k": spec.k, "topk": spec.topk}
+    theirs = {"L": model.cfg.L, "k": model.cfg.k, "topk": model.cfg.topk}
+    wrong = [f"{key}: {theirs[key]!r} (params.yaml: {ours[key]!r})" for key in ours if ours[key] != theirs[key]]
+    if wrong:
+        raise ValueError(f"train.init: {path} has {', '.join(wrong)}; set params.yaml to the checkpoint's values")
+    return model
+
+
+def run_key(spec: TrainSpec, streams: dict[str, FeatureStream], rows: np.ndarray,
+            init: MultiStreamSAE | None = None) -> str:
+    """Checkpoint key: hash of the training spec, each stream's metadata, the training rows and
+    the initial weights (``train.init``)."""
+    payload = {
+        "spec": spec.key_payload(),
+        "streams": {name: dict(s.meta, n=len(s)) for name, s in streams.items()},
+        "rows": hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest(),
+    }
+    if init is not None:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(init.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().cpu().float().contiguous().numpy().tobytes())
+        payload["init"] = digest.hexdigest()
+    return checkpoint_key(payload)
 
 
 def run_train(
@@ -146,7 +174,8 @@ def run_train(
     source = FeatureSource(arrays, train_rows, ram_budget_bytes=budget, device=device, check_finite=False)
     t = spec.train
     check_train_memory(source.dims, spec.L, spec.k, t.k_aux, t.batch_size, device, bf16=t.bf16)
-    run_dir = checkpoints_dir / run_key(spec, streams, train_rows)
+    init = initial_model(spec, dict(source.dims))
+    run_dir = checkpoints_dir / run_key(spec, streams, train_rows, init)
 
     threads = torch.get_num_threads()
     if spec.train.cpu_threads > 0:
@@ -158,11 +187,13 @@ def run_train(
         with process_group(world, device):
             ranks = DataParallel(world) if world.size > 1 else Ranks()
             result = train_sae(source, spec, checkpoint_dir=run_dir, logger=logger, max_steps=max_steps,
-                               progress=progress, ranks=ranks)
+                               progress=progress, ranks=ranks, init=init)
         if logger is not None and result.finished and len(val_rows):
             val = FeatureSource(arrays, val_rows, ram_budget_bytes=budget, device=device, check_finite=False)
             metrics = evaluate_loss(result.model, val, spec, batch_size=spec.train.batch_size)
             logger.log(result.step, {f"val/{k}": v for k, v in metrics.items()})
+        elif logger is not None and result.step == 0:  # import only, no val split: metrics.json has the step
+            logger.log(0, {})
     finally:
         if logger is not None:
             logger.close()
