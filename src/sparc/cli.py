@@ -289,6 +289,16 @@ def cmd_show(params: Params, args: argparse.Namespace) -> None:
         raise ValueError(f"dvc exp show failed with status {proc.returncode}")
 
 
+def cmd_export(params: Params, args: argparse.Namespace) -> None:
+    """Write the trained SAE (``--sae``, default data/sae) in the SPARC reference code's format:
+    ``msae_checkpoint.pth`` and ``run_config.json`` in ``--reference OUT`` (sparc.model.reference)."""
+    from sparc.model.io import load_sae
+    from sparc.model.reference import export_reference
+
+    out = export_reference(load_sae(args.sae), args.reference)
+    print(f"exported {args.sae} -> {out} (reference format: msae_checkpoint.pth, run_config.json)")
+
+
 COMMANDS = {
     "check": (cmd_check, "validate params.yaml"),
     "download": (cmd_download, "fetch the raw files of data.dataset (openimages, coco) into data/raw"),
@@ -308,6 +318,7 @@ COMMANDS = {
     "sweep": (cmd_sweep, "run a sweep over one parameter (e.g. k=8,16,32) over seeds as DVC experiments"),
     "show": (cmd_show, "dvc exp show with the headline columns that fit a 200-column terminal"),
     "compare": (cmd_compare, "table and figure of the experiments' headline metrics (dvc exp show --json)"),
+    "export": (cmd_export, "write the trained SAE as the SPARC reference code's msae_checkpoint.pth + run_config.json"),
 }
 
 
@@ -352,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "local-lam1, local-lam0, usae, usae-paper), alignment (SPARC's per-stream "
                                "alignment options) or localise (text-guided localisation: sparc, local-lam1, global-lam0)")
                 p.add_argument("--only", default="", help="comma-separated configurations of the grid (default: all)")
+        if name == "export":
+            p.add_argument("--reference", required=True, metavar="OUT",
+                           help="folder for msae_checkpoint.pth and run_config.json (the reference code's format)")
+            p.add_argument("--sae", default=str(paths.sae_dir()), help="the SAE folder to export (default data/sae)")
         if name == "compare":
             p.add_argument("--grid", default="", help="average the seeds of the grid with this name prefix (e.g. ablation)")
             p.add_argument("--figure", default="reports/compare.png", help="comparison figure (default reports/compare.png; '' = none)")

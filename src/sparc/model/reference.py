@@ -77,9 +77,12 @@ def read_state_dict(pth: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(pth, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        # torch's first line suggests weights_only=False (which would run the pickle): name the cause instead
+        why = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
         raise ReferenceCheckpointError(
-            f"{pth}: refused: not a plain state dict of tensors (torch.load weights_only=True: {first})"
+            f"{pth}: refused: not a plain state dict of tensors, never unpickled with code "
+            f"(torch.load weights_only=True: {why.strip() or type(err).__name__})"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ReferenceCheckpointError(f"{pth}: expected a state dict (name -> tensor), got {type(state).__name__}")
