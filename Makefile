@@ -52,7 +52,7 @@ bench: setup
 clean-venv:
 	rm -rf $(VENV)
 
-# The paper setting as a DVC experiment (README "The paper setting"): on Open Images (downloaded
+# The paper setting as a DVC experiment (docs/paper.md): on Open Images (downloaded
 # by the pipeline; MAX_IMAGES=N: the first N images of each split, a quick look), or on your
 # folder-format CSV: make paper [MAX_IMAGES=N] | make paper CSV=/path/to/captions.csv [HIERARCHY=...]
 # WEIGHTS=random: the real architectures with random weights, no model download (outputs marked);
@@ -65,7 +65,7 @@ paper: setup
 coco: setup
 	$(BIN)/python -m sparc coco --max-images "$(or $(MAX_IMAGES),0)" --subset-keep "$(or $(SUBSET_KEEP),1.0)" --weights "$(or $(WEIGHTS),pretrained)" --base-url "$(BASE_URL)"
 
-# The USAE paper's setting as a DVC experiment (README "The USAE setting"): ViT-B/16, DINOv2-S/14
+# The USAE paper's setting as a DVC experiment (docs/paper.md): ViT-B/16, DINOv2-S/14
 # with registers and SigLIP-B/16, L 6144, k 32, on Open Images or a CSV, as make paper:
 # make usae [MAX_IMAGES=N] | make usae CSV=/path/to/captions.csv [HIERARCHY=...]
 usae: setup

@@ -1,6 +1,6 @@
 """The per-stream alignment options on planted-concept data, where the concepts are known.
 
-Why: README "Alignment when a stream is encoded alone" asks whether SPARC's training options
+Why: docs/alignment.md asks whether SPARC's training options
 (``train.subset_keep``, ``train.consistency``) recover the planted concepts better, or only make
 the streams agree. This script trains each configuration of
 :data:`sparc.report.ablation.ALIGNMENT` (and consistency weight 10) for each seed (SPARC, Global TopK, lambda 1, on the

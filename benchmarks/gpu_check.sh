@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of the project in one script (README "Development", "The paper setting"): what a
+# The GPU checks of the project in one script (docs/development.md, docs/paper.md): what a
 # session with a GPU runs, as one command, and what it reports. Under 8 minutes on one H100
 # (planned: CUDA tests ~1 min, train_throughput ~1 min, paper_cost ~3 min with the 1-epoch run,
 # the random-weight paper run ~2 min).

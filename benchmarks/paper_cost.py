@@ -72,7 +72,7 @@ class Dataset:
     image_bytes: float  # the images on disk (prepare hashes them)
 
 
-# Open Images V7 + Localized Narratives (README "Open Images and COCO"; 1.7M training pairs, the
+# Open Images V7 + Localized Narratives (docs/datasets.md; 1.7M training pairs, the
 # 126,020 test pairs, 670k images, 200 GB) and COCO 2017 with captions joined (123,287 images with
 # captions: train2017 split 90/10 into train and val, val2017's 5,000 the test split; 19 GB).
 DATASETS = {

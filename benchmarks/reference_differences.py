@@ -1,6 +1,6 @@
 """Measured effect of each remaining difference from the SPARC reference code, one switch at a time.
 
-Why: README "Differences from the reference code" keeps or aligns each behaviour below; this script
+Why: docs/differences.md keeps or aligns each behaviour below; this script
 prints what each one changes. Every switch turns one behaviour of this project into the
 reference's, all else equal (module constants, restored afterwards):
 

@@ -12,6 +12,7 @@ rows); model L = 512, k = 16, batch 256 (the defaults).
 
     python benchmarks/train_threads.py              # 1 vs 2 threads, 40 steps each
     python benchmarks/train_threads.py --threads 4 --steps 100
+    python benchmarks/train_threads.py --record     # also rewrite its row of docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--L", type=int, default=512)
     parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--record", action="store_true", help="also write the figure into docs/benchmarks.md")
     args = parser.parse_args()
 
     data = make_planted(PlantedConfig(dims={"effnet": 1280, "vit": 384, "minilm": 384}, n_samples=1300,
@@ -60,6 +62,13 @@ def main() -> None:
     for n, m in med.items():
         print(f"{n} thread(s): median {1000 * m:.1f} ms/step")
     print(f"ratio {args.threads} threads / 1 thread: {med[args.threads] / med[1]:.2f}   identical weights: {same}")
+    if args.record:
+        from record import record
+
+        record(f"training step time, {args.threads} threads against 1 (`train.cpu_threads`)",
+               f"{1000 * med[args.threads]:.1f} against {1000 * med[1]:.1f} ms/step "
+               f"({med[args.threads] / med[1]:.2f}x), identical weights: {same}",
+               "python benchmarks/train_threads.py" + (f" --threads {args.threads}" if args.threads != 2 else ""))
 
 
 if __name__ == "__main__":

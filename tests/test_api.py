@@ -36,7 +36,7 @@ from sparc.model.sae import MultiStreamSAE, SAEConfig
 from sparc.params import params_from_dict
 from tests.topk_codes import assert_topk_code, logit_tol
 
-# The README's notebook example; tested below with the fixture repository as the working directory.
+# The notebook example of docs/looking-at-results.md; tested below with the fixture repository as the working directory.
 README_EXAMPLE = '''\
 import numpy as np
 import sparc
@@ -523,6 +523,7 @@ def test_readme_example_runs(repo: Path, monkeypatch: pytest.MonkeyPatch, capsys
 
 
 def test_readme_shows_the_example_that_runs() -> None:
-    """The README's Python example is the one test_readme_example_runs executes."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    """The documented Python example (docs/looking-at-results.md) is the one
+    test_readme_example_runs executes."""
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "looking-at-results.md").read_text()
     assert f"```python\n{README_EXAMPLE}```" in readme

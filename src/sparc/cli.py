@@ -273,8 +273,10 @@ def cmd_compare(params: Params, args: argparse.Namespace) -> None:
     if groups and args.figure:
         print(f"figure -> {ab.comparison_figure(groups, args.figure)}")
     if args.readme:
-        path = Path(args.readme)
-        path.write_text(ab.replace_block(path.read_text(), block, *ab.readme_markers(args.grid or "ablation")))
+        prefix = args.grid or "ablation"
+        path = ab.block_file(prefix) if args.readme == "auto" else Path(args.readme)
+        text = ab.replace_block(path.read_text(), block, *ab.readme_markers(prefix), name=str(path))
+        path.write_text(text)
         print(f"updated {path}")
 
 
@@ -347,8 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("paper", "coco"):
             p.add_argument("--subset-keep", type=float, default=1.0,
                            help="train with the stream-subset rule at this keep probability (experiment "
-                           "<name>-subset<p>; default 1.0: the paper's SPARC; README \"Alignment when a "
-                           "stream is encoded alone\")")
+                           "<name>-subset<p>; default 1.0: the paper's SPARC; docs/alignment.md)")
         if name in ("ablation", "sweep"):
             if name == "sweep":
                 p.add_argument("spec", help="parameter and values, e.g. k=8,16,32 or L=256,512,1024")
@@ -370,8 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "compare":
             p.add_argument("--grid", default="", help="average the seeds of the grid with this name prefix (e.g. ablation)")
             p.add_argument("--figure", default="reports/compare.png", help="comparison figure (default reports/compare.png; '' = none)")
-            p.add_argument("--readme", default="", help="also rewrite the block between this grid's markers "
-                           "(<!-- GRID:begin --> ... <!-- GRID:end -->) of this file")
+            p.add_argument("--readme", nargs="?", const="auto", default="",
+                           help="also rewrite the block between this grid's markers (<!-- GRID:begin --> "
+                           "... <!-- GRID:end -->): of the file named, or without a name of the one that "
+                           "holds them (README.md, docs/alignment.md, docs/localisation.md)")
             p.add_argument("--all-commits", action="store_true",
                            help="experiments run from any commit, not only the current one (the newest of each name)")
     return parser

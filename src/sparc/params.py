@@ -172,7 +172,7 @@ MASK_DATASETS = ("coco",)
 @dataclasses.dataclass(frozen=True)
 class LocaliseParams:
     """The `localise` stage: the composite benchmark with known masks, or a dataset's own instance
-    masks (README "Text-guided localisation")."""
+    masks (docs/localisation.md)."""
 
     queries: int = 200     # composite: canvases, one text query each; masks: images of the split (0 = all)
     grid: int = 2          # items per canvas side (grid x grid items)
@@ -364,7 +364,7 @@ def check_data(data: DataParams) -> None:
     if data.dataset == "folder" and not data.folder.csv.strip():
         raise ParamsError(
             "data.folder.csv: empty; set it to your CSV with columns id,image,caption,labels "
-            "(README, Bring your own data)"
+            "(docs/datasets.md, Bring your own data)"
         )
     check_emoji_options(data.emoji)
     check_clipart_options(data.clipart)
@@ -424,7 +424,7 @@ def check_streams(streams: dict[str, StreamParams]) -> None:
     if len(streams) < 2:
         raise ParamsError(
             f"streams: SPARC aligns several models, so at least two streams are needed, got "
-            f"{len(streams)} ({', '.join(streams) or 'none'}); add a stream (README \"Models\")"
+            f"{len(streams)} ({', '.join(streams) or 'none'}); add a stream (docs/models.md)"
         )
     for name, stream in streams.items():
         if not name.replace("_", "").replace("-", "").isalnum():

@@ -43,7 +43,7 @@ def check_folder_files(params: Params) -> None:
         return
     csv_path = Path(params.data.folder.csv).expanduser()
     if not csv_path.is_file():
-        raise ParamsError(f"data.folder.csv: {csv_path} not found (give the path of your CSV, see README)")
+        raise ParamsError(f"data.folder.csv: {csv_path} not found (give the path of your CSV, see docs/datasets.md)")
     if csv_path.stat().st_size == 0:
         raise ParamsError(f"data.folder.csv: {csv_path} is empty (expected a header row id,image,caption,labels)")
     hierarchy = params.data.folder.hierarchy

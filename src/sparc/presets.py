@@ -180,7 +180,7 @@ def experiment_command(name: str, overrides: list[str]) -> list[str]:
 
 def aligned(name: str, overrides: list[str], subset_keep: float) -> tuple[str, list[str]]:
     """With ``subset_keep < 1``: the name ``<name>-subset<p>`` and the stream-subset training rule
-    added (README "Alignment when a stream is encoded alone"); else both unchanged (the paper's
+    added (docs/alignment.md); else both unchanged (the paper's
     own SPARC)."""
     if not 0.0 < subset_keep <= 1.0:
         raise ValueError(f"--subset-keep: must be in (0, 1], got {subset_keep}")

@@ -16,7 +16,7 @@ from sparc.features.store import open_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The README's example (section "Models"), saved as my_extractors.py by the tests below.
+# The example of docs/models.md ("Your own extractor"), saved as my_extractors.py by the tests below.
 README_EXAMPLE = '''\
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ def module_dir(tmp_path, monkeypatch):
 
 
 def test_readme_shows_the_example():
-    assert f"```python\n# my_extractors.py\n{README_EXAMPLE}```" in (ROOT / "README.md").read_text()
+    assert f"```python\n# my_extractors.py\n{README_EXAMPLE}```" in (ROOT / "docs" / "models.md").read_text()
 
 
 def test_readme_example_through_the_extract_stage(module_dir, prepared, tmp_path):

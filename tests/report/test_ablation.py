@@ -11,6 +11,7 @@ from sparc.report.ablation import (
     README_BEGIN,
     README_END,
     ablation_table,
+    block_file,
     claims,
     comparison_figure,
     each_experiment,
@@ -132,6 +133,24 @@ def test_replace_block():
     assert replace_block(text, "new\n") == f"intro\n{README_BEGIN}\nnew\n{README_END}\nrest\n"
     with pytest.raises(ValueError, match="markers"):
         replace_block("no markers", "x")
+
+
+def test_each_grid_block_lives_in_one_file_of_the_front_page_or_docs():
+    """`compare --readme` without a path writes the file that holds the grid's markers."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    expected = {
+        "ablation": "README.md",
+        "alignment": "docs/alignment.md",
+        "alignment-clipart": "docs/alignment.md",
+        "localise": "docs/localisation.md",
+        "localise-q240": "docs/localisation.md",
+    }
+    for prefix, name in expected.items():
+        assert block_file(prefix, root) == root / name
+    with pytest.raises(ValueError, match="sweepL:begin"):
+        block_file("sweepL", root)
 
 
 def test_each_experiment_table_has_one_column_per_run_without_std():

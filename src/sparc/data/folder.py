@@ -235,7 +235,7 @@ def build_folder(options: FolderOptions, work_dir: Path) -> DatasetBuild:
     if not options.csv:
         raise ValueError(
             "data.folder.csv: set it to a CSV file with columns id,image,caption,labels "
-            "(see README 'Bring your own data')"
+            "(see docs/datasets.md, 'Bring your own data')"
         )
     csv_path = Path(options.csv).expanduser()  # `~/data.csv` as a shell would read it
     if not csv_path.is_file():

@@ -12,7 +12,7 @@ as ``spec.options`` (sorted ``(key, value)`` string pairs) and ``spec.weights``.
 ``sys.path``, which for ``python -m sparc`` (and so for every DVC stage) includes the working
 directory, the repository root. ``python -m sparc check`` checks the spec's form only (importing
 runs your code); the module, the class, its interface and its inputs are checked here, when the
-extract stage builds the extractor. The README ("Models") has an example, run by
+extract stage builds the extractor. docs/models.md has an example, run by
 ``tests/features/test_user.py``.
 """
 

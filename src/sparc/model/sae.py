@@ -117,8 +117,7 @@ BN_EPS = 1e-5
 # usae_paper_loss: weight of the auxiliary term (the reference's penalty=0.1).
 USAE_PAPER_AUX_COEF = 0.1
 # A latent fires in a batch when one of its activations exceeds this (dead-latent counters only;
-# l0 counts every non-zero). The SPARC reference uses 1e-3; see README "Differences from the
-# reference code".
+# l0 counts every non-zero). The SPARC reference uses 1e-3; see docs/differences.md.
 FIRE_THRESHOLD = 0.0
 # Denominator of the AuxK NMSE: "residual" ||x - xhat||^2 (this project) or "reference"
 # ||x - W_dec z||^2 = ||residual + b_pre||^2 (the SPARC and OpenAI reference code).
@@ -498,7 +497,7 @@ class MultiStreamSAE(nn.Module):
         from ``dead``). Targets are the L2-normalised inputs. With ``lam == 0`` the cross terms
         are only measured (no graph), so they send no gradient anywhere. Linear encoder only.
 
-        Training options of Global TopK (README "Alignment when a stream is encoded alone"):
+        Training options of Global TopK (docs/alignment.md):
         ``keep [B, n]`` bool chooses each sample's index set from the summed logits of its kept
         streams only (:func:`~sparc.model.topk.subset_topk`; None = all streams, as above);
         ``consistency > 0`` adds ``consistency * C`` with ``C`` the mean over streams of

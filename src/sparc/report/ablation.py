@@ -10,9 +10,10 @@ workspace is left alone) or ``--queue`` (then ``dvc queue start -j N``).
 records by configuration (every parameter but the seed), and reports mean +- sample std over the
 seeds of the metrics in :data:`TABLE_ROWS`; :func:`claims` checks the paper's claims on those
 means. ``python -m sparc compare`` tabulates every experiment (one column each);
-``python -m sparc compare --grid ablation --readme README.md`` averages the grid's seeds and
-rewrites the README block between ``<!-- ablation:begin -->`` and ``<!-- ablation:end -->``; both
-also draw :func:`comparison_figure`.
+``python -m sparc compare --grid ablation --readme`` averages the grid's seeds and rewrites the
+block between ``<!-- ablation:begin -->`` and ``<!-- ablation:end -->`` of the file that holds
+those markers (:func:`block_file`: README.md for the ablation, docs/alignment.md and
+docs/localisation.md for the other grids); both also draw :func:`comparison_figure`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ ABLATION: dict[str, dict[str, object]] = {
     "usae": {"topk": "local", "lambda": 1.0, "method": "usae"},
     "usae-paper": {"topk": "local", "lambda": 1.0, "method": "usae_paper"},
 }
-# Per-stream alignment options of SPARC (README "Alignment when a stream is encoded alone"): the
+# Per-stream alignment options of SPARC (docs/alignment.md): the
 # stream-subset rule's keep probability and the consistency term's weight, each against SPARC.
 ALIGNMENT: dict[str, dict[str, object]] = {
     "sparc": {"train.subset_keep": 1.0, "train.consistency": 0.0},
@@ -67,6 +68,22 @@ def readme_markers(grid: str) -> tuple[str, str]:
 
 
 README_BEGIN, README_END = readme_markers("ablation")
+# Where the generated blocks live: the front page and the documentation beside it.
+BLOCK_FILES = ("README.md", "docs/*.md")
+
+
+def block_file(prefix: str, root: Path = Path(".")) -> Path:
+    """The file of :data:`BLOCK_FILES` under ``root`` that holds the markers of ``prefix``'s block
+    (``<!-- prefix:begin -->``); ValueError, naming the marker, where none does."""
+    begin, _ = readme_markers(prefix)
+    for pattern in BLOCK_FILES:
+        for path in sorted(root.glob(pattern)):
+            if begin in path.read_text(encoding="utf-8"):
+                return path
+    raise ValueError(
+        f"no file of {', '.join(BLOCK_FILES)} holds {begin}: add the lines {begin} and "
+        f"{readme_markers(prefix)[1]} where the table belongs, or name the file (--readme PATH)"
+    )
 
 
 def grid_of(prefix: str) -> str:
@@ -492,13 +509,15 @@ def claims(groups: dict[str, list[Record]], grid: str = "ablation") -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_block(text: str, block: str, begin: str = README_BEGIN, end: str = README_END) -> str:
+def replace_block(
+    text: str, block: str, begin: str = README_BEGIN, end: str = README_END, name: str = "README"
+) -> str:
     """``text`` with what lies between the ``begin`` and ``end`` marker lines replaced by ``block``."""
     try:
         a = text.index(begin) + len(begin)
         b = text.index(end, a)
     except ValueError:
-        raise ValueError(f"README: markers {begin} ... {end} not found") from None
+        raise ValueError(f"{name}: markers {begin} ... {end} not found") from None
     return text[:a] + "\n" + block.rstrip("\n") + "\n" + text[b:]
 
 

@@ -91,7 +91,7 @@ from sparc.train.sampler import (
 # TrainParams fields that do not change the trained weights or the logged history beyond float
 # rounding (device, nproc: summation order), so a checkpoint resumes under any of their values.
 NOT_IN_KEY = ("device", "checkpoint_every", "ram_budget_mb", "cpu_threads", "nproc")
-# Revival noise (see README "Differences from the reference code"): a re-initialised encoder row
+# Revival noise (see docs/differences.md): a re-initialised encoder row
 # has norm REVIVE_ROW_NORM, or with REVIVE_ENTRY_STD set N(0, REVIVE_ENTRY_STD^2) entries (the SPARC
 # reference: 0.01, a row norm of 0.01 sqrt(d_s)).
 REVIVE_ROW_NORM = 0.01
@@ -285,8 +285,8 @@ class Trainer:
 
         Adam's step count is one per parameter tensor, so after the reset a revived row is updated
         with the bias corrections of the whole tensor (about 1 after many steps): its first update
-        is about ``0.1 / sqrt(0.001) = 3.2`` times the learning rate per entry (see README
-        "Differences from the reference code").
+        is about ``0.1 / sqrt(0.001) = 3.2`` times the learning rate per entry (see
+        docs/differences.md).
         """
         t = self.spec.train
         for i, s in enumerate(self.streams):
