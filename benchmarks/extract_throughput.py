@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from sparc.data.prepared import PreparedData, load_prepared, prepare_dataset
-from sparc.features.base import resolve_device
+from sparc.device import resolve_device
 from sparc.features.extract import (
     cpu_threads,
     deterministic,

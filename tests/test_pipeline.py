@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sparc.evaluate.overlays import read_overlays
+from sparc.localise.overlays import read_overlays
 from sparc.params import read_yaml
 from sparc.report.browser import embedded_data
 from tests.e2e import BIN, copy_repo, ran_stages, run

@@ -224,7 +224,7 @@ class Run:
     @cached_property
     def model(self) -> MultiStreamSAE:
         """The :class:`~sparc.model.sae.MultiStreamSAE` (eval mode, on ``device``), loaded on first use."""
-        from sparc.features.base import resolve_device
+        from sparc.device import resolve_device
         from sparc.model.io import load_sae
 
         try:

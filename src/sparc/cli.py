@@ -118,7 +118,7 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
 
 
 def cmd_localise(params: Params, args: argparse.Namespace) -> None:
-    from sparc.evaluate.localise_stage import run_localise
+    from sparc.localise.stage import run_localise
 
     print(f"localisation -> {run_localise(params)}")
 

@@ -101,20 +101,6 @@ def launch(nproc: int, argv: Sequence[str]) -> None:
                          f"machine failed (status {status}); the failing process's error is printed above")
 
 
-def rank_device(device: torch.device, world: World) -> torch.device:
-    """The device of this process: on CUDA without an index, GPU ``local_rank`` (ValueError when
-    this machine has fewer GPUs than processes); otherwise ``device`` unchanged."""
-    import torch
-
-    if device.type != "cuda" or world.size == 1 or device.index is not None:
-        return device
-    count = torch.cuda.device_count()
-    if world.local_size > count:
-        raise ValueError(f"{world.local_size} processes per machine but {count} visible GPUs: "
-                         "set nproc to at most the GPU count (or CUDA_VISIBLE_DEVICES)")
-    return torch.device("cuda", world.local_rank)
-
-
 def backend_for(device: torch.device) -> str:
     """``nccl`` for CUDA devices, ``gloo`` otherwise."""
     return "nccl" if device.type == "cuda" else "gloo"

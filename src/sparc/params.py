@@ -305,7 +305,7 @@ DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
 
 def check_device_name(device: str, param: str) -> None:
     """Reject a device string torch cannot parse (``tpu``, ``gpu``...); availability is checked
-    by :func:`sparc.features.base.resolve_device` when the stage runs."""
+    by :func:`sparc.device.resolve_device` when the stage runs."""
     import re
 
     if device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", device):

@@ -21,7 +21,7 @@ from sparc.params import Params, ParamsError
 def check_devices(params: Params) -> dict[str, str]:
     """Resolve ``extract.device``, ``train.device``, ``evaluate.device`` and ``localise.device``;
     ParamsError when one names CUDA on a machine without it. Returns parameter -> resolved device."""
-    from sparc.features.base import resolve_device
+    from sparc.device import resolve_device
 
     out = {}
     for param, device in (

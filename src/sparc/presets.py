@@ -106,7 +106,7 @@ COCO_DATA: dict[str, object] = {
     "data.coco.captions": "join",
 }
 # Localisation on COCO (method.md section 4): every val2017 image (the test split), one pair per
-# image and present class, mask = the union of its instances (sparc.evaluate.queries).
+# image and present class, mask = the union of its instances (sparc.localise.queries).
 COCO_LOCALISE: dict[str, object] = {
     "localise.source": "masks",
     "localise.split": "test",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparc.evaluate.overlays import OverlayQuery, write_overlays
+from sparc.localise.overlays import OverlayQuery, write_overlays
 
 METHODS = ["vit", "effnet", "chance"]
 METRICS = {"ap_vit": 0.25, "miou_vit": 0.31, "ap_effnet": 0.5, "miou_effnet": 0.42,

@@ -1,5 +1,5 @@
 """The figures and browser images of the localise stage's overlay data, on tiny queries made in
-code (tests/report/localise_fixtures.py); the overlays.npz storage: tests/evaluate/test_overlays.py."""
+code (tests/report/localise_fixtures.py); the overlays.npz storage: tests/localise/test_overlays.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparc.evaluate.overlays import Overlays, read_overlays
+from sparc.localise.overlays import Overlays, read_overlays
 from sparc.report import figures as F
 from sparc.report import localise_figure as LF
 from tests.report.localise_fixtures import METHODS, METRICS, tiny_queries, write_localise_outputs

@@ -368,7 +368,7 @@ def _load_model(params: Params, sae_dir: Path, device: str):
 
 
 def _device(params: Params, device: str | None) -> str:
-    from sparc.features.base import resolve_device
+    from sparc.device import resolve_device
 
     try:
         return str(resolve_device(device or params.evaluate.device, "evaluate.device"))

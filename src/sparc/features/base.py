@@ -30,22 +30,11 @@ import torch
 from PIL import Image
 
 from sparc.data.images import to_8bit
+from sparc.device import resolve_device
 from sparc.features.registry import ModelSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def resolve_device(device: str, param: str = "extract.device") -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; otherwise ``torch.device(device)``.
-
-    ``param`` names the parameter in the error raised when CUDA is asked for but absent."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{param}: {device!r} requested but CUDA is not available")
-    return dev
 
 
 def open_rgb(path: Path) -> Image.Image:

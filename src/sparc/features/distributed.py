@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -143,25 +144,25 @@ def extract_sharded(
     out_dir: str | Path,
     world: World,
     *,
+    extract: Callable[..., Path],
     batch_size: int = 32,
     num_workers: int = 1,
     stream: str = "",
     progress: bool = True,
     threads: int | None = None,
 ) -> Path:
-    """:func:`~sparc.features.extract.extract_stream` as process ``world.rank`` of ``world.size``:
+    """``extract`` (:func:`sparc.features.extract.extract_stream`, passed in by its caller so that
+    this module does not import it back) as process ``world.rank`` of ``world.size``:
     embed this process's shard (:func:`shard_rows`), wait for every shard, rank 0 merges them
     into ``out_dir`` (:func:`merge_shards`), and every process returns once the stream is
     published. Only rank 0 shows a progress bar (of its shard)."""
-    from sparc.features.extract import extract_stream
-
     out_dir = Path(out_dir)
     stream = stream or out_dir.name
     parts = [shard_rows(len(data), batch_size, r, world.size) for r in range(world.size)]
     mine = parts[world.rank]
     with process_group(world, torch.device("cpu"), timeout=BARRIER_TIMEOUT):
         if len(mine):
-            extract_stream(
+            extract(
                 shard_of(data, mine), extractor, shard_path(out_dir, world.rank), batch_size=batch_size,
                 num_workers=num_workers, stream=stream, progress=progress and world.main, threads=threads,
             )

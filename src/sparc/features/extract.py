@@ -39,8 +39,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from sparc.data.prepared import PreparedData
-from sparc.distributed import World, rank_device
-from sparc.features.base import Extractor, resolve_device
+from sparc.device import rank_device, resolve_device
+from sparc.distributed import World
+from sparc.features.base import Extractor
 from sparc.features.distributed import extract_sharded
 from sparc.features.random_weights import meta_fields
 from sparc.features.registry import FAMILIES, build_extractor, check_spec
@@ -212,7 +213,7 @@ def run_extract(params, stream: str, prepared_dir: str | Path, out_dir: str | Pa
     # The thread count is set before the model is built: ONNX Runtime fixes it at session creation.
     with cpu_threads(threads) if on_cpu else nullcontext():
         extractor = build_extractor(cfg.model, cfg.input, params.extract.device if world.size == 1 else str(device))
-        run = extract_stream if world.size == 1 else partial(extract_sharded, world=world)
+        run = extract_stream if world.size == 1 else partial(extract_sharded, world=world, extract=extract_stream)
         return run(
             data,
             extractor,

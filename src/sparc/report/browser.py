@@ -64,7 +64,6 @@ from sparc import paths
 from sparc.data.prepared import PreparedData, load_prepared
 from sparc.evaluate.labels import LabelSpace
 from sparc.evaluate.metrics import firing_counts, firing_matrix, top_activating
-from sparc.evaluate.overlays import CHANCE, Overlays, read_overlays
 from sparc.evaluate.retrieval import cosine_scores, spread_picks
 from sparc.evaluate.stage import (
     CODE_KINDS,
@@ -77,6 +76,7 @@ from sparc.evaluate.stage import (
     read_json_object,
     split_rows,
 )
+from sparc.localise.overlays import CHANCE, Overlays, read_overlays
 from sparc.params import Params, check_figures
 from sparc.report import localise_figure as LF
 

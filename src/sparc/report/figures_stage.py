@@ -57,7 +57,6 @@ import scipy.sparse as sp
 from sparc import paths
 from sparc.data.prepared import PreparedData, load_prepared
 from sparc.evaluate.metrics import top_activating
-from sparc.evaluate.overlays import read_overlays
 from sparc.evaluate.retrieval import cosine_scores, spread_picks
 from sparc.evaluate.stage import (
     EVAL_SPLIT,
@@ -68,6 +67,7 @@ from sparc.evaluate.stage import (
     read_json_object,
     split_rows,
 )
+from sparc.localise.overlays import read_overlays
 from sparc.params import Params, check_figures
 from sparc.report import figures as F
 from sparc.report import localise_figure as LF

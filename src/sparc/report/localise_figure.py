@@ -1,7 +1,7 @@
 """Heat-map overlays of the `localise` stage drawn: its figures and the browser's images.
 
 The overlay data (``reports/localise/overlays.npz``) is written and read by
-:mod:`sparc.evaluate.overlays` (:class:`~sparc.evaluate.overlays.Overlays`); this module only draws.
+:mod:`sparc.localise.overlays` (:class:`~sparc.localise.overlays.Overlays`); this module only draws.
 
 Figures (matplotlib, :mod:`sparc.report.figures` style) and images:
 
@@ -24,8 +24,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from scipy import ndimage
 
-from sparc.evaluate.localise import binarise, normalise_map
-from sparc.evaluate.overlays import CHANCE, Overlays
+from sparc.localise.maps import binarise, normalise_map
+from sparc.localise.overlays import CHANCE, Overlays
 from sparc.report.figures import new_figure, style, wrap
 
 HEAT_CMAP = "jet"

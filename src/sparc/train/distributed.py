@@ -38,7 +38,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sparc.distributed import World, rank_device
+from sparc.device import rank_device
+from sparc.distributed import World
 from sparc.model.losses import LossOutput
 from sparc.model.sae import MultiStreamSAE
 from sparc.params import USAE_METHODS

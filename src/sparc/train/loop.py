@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sparc.features.base import resolve_device
+from sparc.device import resolve_device
 from sparc.model.sae import MultiStreamSAE, SAEConfig
 from sparc.params import USAE_METHODS, Params, TrainParams, check_top_level, check_train
 from sparc.train.checkpoint import (

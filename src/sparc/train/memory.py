@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from sparc.features.base import resolve_device
+from sparc.device import resolve_device
 from sparc.params import ParamsError
 
 FLOAT = 4

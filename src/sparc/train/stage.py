@@ -37,8 +37,8 @@ import torch
 
 from sparc import paths
 from sparc.data.prepared import PreparedIndex, load_prepared_index
-from sparc.distributed import World, process_group, rank_device
-from sparc.features.base import resolve_device
+from sparc.device import rank_device, resolve_device
+from sparc.distributed import World, process_group
 from sparc.features.store import FeatureStoreError, FeatureStream, load_streams
 from sparc.model.sae import MultiStreamSAE
 from sparc.params import Params

@@ -13,7 +13,8 @@ import torch
 from open_clip.model import CLIP
 from PIL import Image
 
-from sparc.evaluate.heatmaps import (
+from sparc.features.registry import build_extractor
+from sparc.localise.heatmaps import (
     ExplicitAttention,
     OpenClipRollout,
     build_localiser,
@@ -21,9 +22,8 @@ from sparc.evaluate.heatmaps import (
     letterbox_box,
     openclip_box,
 )
-from sparc.evaluate.localise import gradient_rollout
-from sparc.evaluate.localise_stage import clip_similarity, clipsim_streams, same_clip_model
-from sparc.features.registry import build_extractor
+from sparc.localise.maps import gradient_rollout
+from sparc.localise.stage import clip_similarity, clipsim_streams, same_clip_model
 from sparc.params import Params, StreamParams
 
 # 2 blocks of width 32 (2 heads), 8 px patches on a 32 px input: 1 + 4 x 4 tokens
@@ -237,8 +237,8 @@ def test_localise_stage_adds_clipsim_for_one_openclip_model(spec, tmp_path):
     """run_localise on a tiny image + caption OpenCLIP pair of streams: SPARC and the CLIP-similarity
     method are scored; the latter's target is cos(stored caption feature, the canvas's feature)."""
     from sparc.data.prepared import load_prepared
-    from sparc.evaluate.localise_stage import query_pairs, run_localise
     from sparc.features.store import load_streams
+    from sparc.localise.stage import query_pairs, run_localise
     from sparc.params import params_from_dict
 
     raw, paths = tiny_stage_inputs(tmp_path, spec, "code")

@@ -1,14 +1,14 @@
 """The `localise` stage: text-guided localisation, (image, text, mask) pairs scored per image stream.
 
-The pairs come from ``localise.source`` (:mod:`sparc.evaluate.queries`;
-:func:`sparc.params.localise_source`): ``composite`` canvases (:mod:`sparc.evaluate.composite`;
+The pairs come from ``localise.source`` (:mod:`sparc.localise.queries`;
+:func:`sparc.params.localise_source`): ``composite`` canvases (:mod:`sparc.localise.composite`;
 items from ``localise.split``; the query is the caption of one item, the mask its box), or on a
 dataset with instance masks (coco; ``auto`` picks it) one pair per image of ``localise.split`` and
 category present in it (the query ``localise.prompt`` with the category's name, the mask the union
 of its instances; method.md section 4). The text code ``z_t`` is the trained SAE's code of the
 caption stream's feature of the query (the stored feature of the queried item; for a prompt, the
 caption stream's model run on it), the stream encoded alone (per-stream inference). For every image
-stream with a heat-map method (:mod:`sparc.evaluate.heatmaps`) the image goes through the stream's
+stream with a heat-map method (:mod:`sparc.localise.heatmaps`) the image goes through the stream's
 model with gradients, the SAE encodes the stream's feature alone (``z_i``), and the target is
 
 * ``code``: ``<z_t, z_i>`` (dense dot product over the L latents), or
@@ -31,7 +31,7 @@ like the other methods; without such a pair of streams (the default data) there 
 Device (``localise.device``, resolved as ``evaluate.device`` is: ``auto`` is CUDA when present):
 the SAE, the localisers' models, the model inputs and the text codes live there; heat maps come
 back to the CPU for placing and scoring. On a GPU, with convolutions kept in full float32
-(:func:`sparc.evaluate.heatmaps.float32_convolutions`, no TF32), the maps and targets agree with
+(:func:`sparc.localise.heatmaps.float32_convolutions`, no TF32), the maps and targets agree with
 the CPU's to float32 rounding (other kernels sum in other orders), so an IoU near an Otsu cut may
 differ. The device is not written to ``details.json``. The prompts' text features (masks) are
 computed on the CPU.
@@ -40,7 +40,7 @@ Outputs (``reports/localise``): ``metrics.json`` (DVC metrics: ``ap_<stream>``, 
 ``ap_chance``, ``miou_chance``), ``details.json`` (hit rates, counts, the parameters the source
 uses), ``pairs.csv`` (one row per query and method; the pair's columns: ``item_row, caption``, or
 for masks ``image, category, prompt``) and ``overlays.npz`` (image, mask, heat maps and IoUs of the
-``localise.overlays`` queries with the highest targets, :func:`overlay_picks`, :mod:`sparc.evaluate.overlays`; the figures and browser stages
+``localise.overlays`` queries with the highest targets, :func:`overlay_picks`, :mod:`sparc.localise.overlays`; the figures and browser stages
 draw them, :mod:`sparc.report.localise_figure`).
 """
 
@@ -56,11 +56,11 @@ from tqdm import tqdm
 
 from sparc import paths
 from sparc.data.prepared import load_annotations, load_prepared
-from sparc.evaluate.heatmaps import SUPPORTED, build_localiser, float32_convolutions
-from sparc.evaluate.localise import binarise, gaussian_map, iou, place_map, summarise_ious
-from sparc.evaluate.overlays import CHANCE, OverlayQuery, write_overlays
-from sparc.evaluate.queries import QueryPair, composite_queries, mask_queries, prompt_embedder
 from sparc.features.registry import parse_spec
+from sparc.localise.heatmaps import SUPPORTED, build_localiser, float32_convolutions
+from sparc.localise.maps import binarise, gaussian_map, iou, place_map, summarise_ious
+from sparc.localise.overlays import CHANCE, OverlayQuery, write_overlays
+from sparc.localise.queries import QueryPair, composite_queries, mask_queries, prompt_embedder
 from sparc.params import LocaliseParams, Params, ParamsError, check_localise, localise_source
 
 IOU_THRESHOLD = 0.2
@@ -116,9 +116,9 @@ def clip_similarity(caption_feature: torch.Tensor):
 
 
 def localise_device(lp: LocaliseParams) -> torch.device:
-    """``localise.device`` resolved (:func:`sparc.features.base.resolve_device`: ``auto`` is CUDA
+    """``localise.device`` resolved (:func:`sparc.device.resolve_device`: ``auto`` is CUDA
     when present, else the CPU); ParamsError when it names CUDA on a machine without it."""
-    from sparc.features.base import resolve_device
+    from sparc.device import resolve_device
 
     try:
         return resolve_device(lp.device, "localise.device")
@@ -250,7 +250,7 @@ def overlay_picks(targets: list[list[float]], n: int) -> list[int]:
 def query_pairs(params: Params, source: str, prepared, features, caption_streams: list[str],
                 ) -> tuple[list[QueryPair], dict[str, np.ndarray]]:
     """The pairs of ``source`` (composite | masks) and, per caption stream of ``caption_streams``,
-    the text features ``[P, d]`` of their queries (:mod:`sparc.evaluate.queries`)."""
+    the text features ``[P, d]`` of their queries (:mod:`sparc.localise.queries`)."""
     streams = list(dict.fromkeys(caption_streams))
     if source == "masks":
         embedders = {c: prompt_embedder(params.streams[c].model) for c in streams}

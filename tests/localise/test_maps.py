@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sparc.evaluate.composite import build_composites, compose, content_box
-from sparc.evaluate.heatmaps import GradCAM, ViTRollout, centre_crop_box, letterbox_box
-from sparc.evaluate.localise import (
+from sparc.localise.composite import build_composites, compose, content_box
+from sparc.localise.heatmaps import GradCAM, ViTRollout, centre_crop_box, letterbox_box
+from sparc.localise.maps import (
     average_precision,
     binarise,
     gaussian_map,
@@ -161,7 +161,7 @@ def test_build_composites_is_deterministic(tmp_path):
 
 
 def test_overlay_picks_show_the_top_of_the_ranking_across_streams():
-    from sparc.evaluate.localise_stage import overlay_picks
+    from sparc.localise.stage import overlay_picks
 
     # pair 2 is first in both streams; pair 0 is second in one and third in the other; ties by order
     assert overlay_picks([[0.5, 0.1, 0.9, 0.0], [0.2, 0.3, 0.8, 0.0]], 2) == [2, 0]

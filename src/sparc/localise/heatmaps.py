@@ -3,13 +3,13 @@
 A :class:`Localiser` preprocesses an image as the stream's extractor does, computes the stream's
 feature ``[1, d]`` with autograd, calls ``target(feature)`` (a scalar), and turns the gradient into
 a heat map on the model's input grid; :meth:`Localiser.view_box` says which image region that
-grid covers, so :func:`sparc.evaluate.localise.place_map` can put it back onto the image.
+grid covers, so :func:`sparc.localise.maps.place_map` can put it back onto the image.
 
 * ViTs through ``transformers`` (:class:`ViTRollout`): ``dinov2:`` models (CLS after the final
   norm, eager attention) and ``imgfocus:vit-s14`` converted from its ONNX file
   (:mod:`sparc.features.vit_convert`, whose CLS matches ONNX Runtime's within 1e-4 of its norm):
   gradient-weighted attention rollout over the last ``layers`` layers
-  (:func:`sparc.evaluate.localise.gradient_rollout`).
+  (:func:`sparc.localise.maps.gradient_rollout`).
 * OpenCLIP ViTs (:class:`OpenClipRollout`): ``openclip:`` image towers that are an open_clip
   ``VisionTransformer`` with a class token read out (``pool_type='tok'``, no attentional pooler)
   and standard residual blocks. The feature is the stream's stored one,
@@ -40,8 +40,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from sparc.evaluate.localise import cls_patch_map, grad_cam, gradient_rollout
 from sparc.features.registry import parse_spec
+from sparc.localise.maps import cls_patch_map, grad_cam, gradient_rollout
 
 Target = Callable[[Tensor], Tensor]
 SUPPORTED = ("imgfocus", "dinov2", "efficientnet", "openclip")

@@ -19,8 +19,8 @@ from sparc.data.base import DatasetBuild, Sample
 from sparc.data.coco import instance_mask
 from sparc.data.hierarchy import Hierarchy
 from sparc.data.prepared import load_annotations, load_prepared, write_prepared
-from sparc.evaluate.heatmaps import Localiser
-from sparc.evaluate.queries import composite_queries, image_rows, mask_queries, present_categories
+from sparc.localise.heatmaps import Localiser
+from sparc.localise.queries import composite_queries, image_rows, mask_queries, present_categories
 from sparc.params import (
     LocaliseParams,
     ParamsError,
@@ -208,8 +208,8 @@ class RedLocaliser(Localiser):
 
 def test_the_stage_scores_every_image_and_category_pair_in_masks_mode(coco_like: Path, tmp_path: Path,
                                                                       monkeypatch) -> None:
-    from sparc.evaluate import localise_stage
     from sparc.features.store import write_stream
+    from sparc.localise import stage as localise_stage
     from sparc.model.io import save_sae
     from sparc.model.sae import MultiStreamSAE, SAEConfig
 

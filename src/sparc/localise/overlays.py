@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparc.evaluate.localise import normalise_map
+from sparc.localise.maps import normalise_map
 from sparc.npz import save_npz
 
 FORMAT_VERSION = 1

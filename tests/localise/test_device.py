@@ -13,19 +13,19 @@ import pytest
 import torch
 from PIL import Image
 
-from sparc.evaluate import localise_stage
-from sparc.evaluate.heatmaps import (
+from sparc.localise import stage as localise_stage
+from sparc.localise.heatmaps import (
     GradCAM,
     ViTRollout,
     build_localiser,
     float32_convolutions,
     letterbox_box,
 )
-from sparc.evaluate.localise_stage import clip_similarity, localise_device, run_localise
-from sparc.evaluate.overlays import read_overlays
+from sparc.localise.overlays import read_overlays
+from sparc.localise.stage import clip_similarity, localise_device, run_localise
 from sparc.params import LocaliseParams, ParamsError, check_localise, params_from_dict
 from sparc.preflight import check_devices
-from tests.evaluate.test_heatmaps_openclip import save_tiny_clip, tiny_stage_inputs
+from tests.localise.test_heatmaps_openclip import save_tiny_clip, tiny_stage_inputs
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -5,7 +5,7 @@ The `localise` stage scores one heat map per pair and image stream; which pairs 
 with instance masks, coco, and ``composite`` otherwise):
 
 * ``composite`` (:func:`composite_queries`): ``localise.queries`` canvases of
-  :mod:`sparc.evaluate.composite` built from the rows of ``localise.split``; one pair per canvas,
+  :mod:`sparc.localise.composite` built from the rows of ``localise.split``; one pair per canvas,
   the text is the caption of the queried item and its feature the caption stream's stored feature
   of that item's row; the mask is the item's box on the canvas.
 * ``masks`` (:func:`mask_queries`, method.md section 4: COCO val2017, one pair per image and
@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from sparc.data.prepared import PreparedData, spread_subset
-from sparc.evaluate.composite import build_composites
+from sparc.localise.composite import build_composites
 from sparc.params import LocaliseParams
 
 Embed = Callable[[list[str]], np.ndarray]

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparc.evaluate import overlays as OV
-from sparc.evaluate.localise import normalise_map
+from sparc.localise import overlays as OV
+from sparc.localise.maps import normalise_map
 from sparc.npz import ZIP_DATE
 from tests.report.localise_fixtures import (
     METHODS,
