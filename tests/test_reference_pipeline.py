@@ -55,18 +55,21 @@ def repo(tmp_path_factory) -> tuple[Path, str]:
         for cmd in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.name", "t"],
                     ["git", "config", "user.email", "t@t"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
             run(cmd, dst)
-        out = run(["dvc", "repro", "evaluate"], dst).stdout
+        out = run(["dvc", "repro"], dst).stdout
     return dst, out
 
 
-def test_reference_features_and_checkpoint_run_through_evaluate(repo) -> None:
+def test_reference_features_and_checkpoint_run_through_the_browser(repo) -> None:
     dst, out = repo
-    assert ran_stages(out) == {"download", "prepare", "extract@dino", "extract@clip_img", "extract@clip_txt",
-                               "train", "encode", "concepts", "evaluate"}, out
+    assert ran_stages(out) == {"check", "download", "prepare", "extract@dino", "extract@clip_img", "extract@clip_txt",
+                               "train", "encode", "concepts", "evaluate", "localise", "figures", "browser"}, out
     metrics = json.loads((dst / "reports/metrics.json").read_text())
     assert metrics["n_eval"] == 8
     meta = json.loads((dst / "data/features/openimages/dino/meta.json").read_text())
     assert [f["split"] for f in meta["source"]] == ["train", "val", "test"] and meta["n"] == 30
+    # no image model to take heat maps from: localisation scores the chance baseline only
+    assert set(json.loads((dst / "reports/localise/metrics.json").read_text())) == {"ap_chance", "miou_chance"}
+    assert (dst / "reports/browser/index.html").is_file()
 
 
 def test_stored_rows_are_the_h5_rows_of_each_sample(repo) -> None:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -166,8 +167,9 @@ def run_localise(
     features = _load_features(params, Path(features_root or paths.features_root(dataset)), prepared)
     text = text_stream(params)
     streams = image_streams(params)
-    if not streams:
-        raise ValueError(f"localise: no image stream has a heat-map method (supported: {', '.join(SUPPORTED)})")
+    if not streams:  # e.g. precomputed (h5:/npy:) streams: no model to take a heat map from
+        print(f"localise: no image stream has a heat-map method (supported: {', '.join(SUPPORTED)}); "
+              "only the chance baseline is scored", file=sys.stderr)
     clip_streams = clipsim_streams(params)
     source = localise_source(lp.source, dataset)
     pairs, text_features = query_pairs(params, source, prepared, features, [text, *clip_streams.values()])
