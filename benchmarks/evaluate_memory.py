@@ -64,7 +64,7 @@ from sparc.evaluate.reconstruction import reconstruction_matrix
 from sparc.evaluate.retrieval import dense_pair_rank_counts, pair_rank_counts
 from sparc.model.codes import SparseCodes
 
-# the phases of the `evaluate` stage (sparc.evaluate.stage.run_evaluate)
+# the phases of the `evaluate` stage (sparc.evaluate.evaluate_stage.run_evaluate)
 EVALUATE_PHASES = ("prepared", "load", "jaccard", "patterns", "universality", "reconstruction", "probes", "retrieval")
 PHASES = ("concepts", *EVALUATE_PHASES, "retrieval_dense")
 

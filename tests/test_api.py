@@ -28,7 +28,8 @@ from sparc.data.base import DatasetBuild, Sample
 from sparc.data.hierarchy import Hierarchy
 from sparc.data.planted import PlantedConfig, make_planted
 from sparc.data.prepared import write_prepared
-from sparc.evaluate.stage import run_concepts, run_encode
+from sparc.evaluate.concepts_stage import run_concepts
+from sparc.evaluate.encode_stage import run_encode
 from sparc.features.store import write_stream
 from sparc.model.codes import SparseCodes
 from sparc.model.io import save_sae

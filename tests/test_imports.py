@@ -8,7 +8,7 @@ Floors, bottom first (a module may import its own floor and those below it):
 1. data: datasets, downloads, the prepared-data format
 2. features, model: extractors and the feature store; the multi-stream SAE
 3. train, presets: the training loop and stage; the paper settings as overrides
-4. evaluate: metric functions and the encode, concepts and evaluate stages
+4. evaluate: metric functions, the encode, concepts and evaluate stages and their files (run_files)
 5. localise: text-guided localisation and its stage
 6. report: figures, the concept browser, the ablation tables
 7. preflight, api, cli, the package itself and __main__

@@ -69,9 +69,6 @@ SPLITS: tuple[str, ...] = ("train", "val", "test", "all")
 
 PARAMS_FILE = "params.yaml"
 SAE_FILES = ("model.safetensors", "config.json")
-CODES_META = "meta.json"
-CONCEPTS_CSV = {"joint": "concepts.csv", "per_stream": "concepts_per_stream.csv"}
-CONCEPTS_SUMMARY = "summary.json"
 # Match qualities of :meth:`Run.search`, best first (the ``match`` column).
 MATCHES = ("exact", "phrase", "words", "partial")
 
@@ -475,6 +472,8 @@ class Run:
     @cached_property
     def codes_meta(self) -> dict:
         """``data/codes/meta.json``, checked against the model and the prepared data."""
+        from sparc.evaluate.run_files import CODES_META
+
         path = self._path(paths.codes_dir() / CODES_META, "encode", "sparse codes")
         meta = json.loads(path.read_text())
         if meta.get("model_sha256") != self.model_sha256:
@@ -541,6 +540,8 @@ class Run:
             raise ValueError(f"concepts: kind must be one of {MODES}, got {kind!r}")
         if kind not in self._concepts:
             import pandas as pd
+
+            from sparc.evaluate.run_files import CONCEPTS_CSV, CONCEPTS_SUMMARY
 
             rel = paths.concepts_dir()
             csv_path = self._path(rel / CONCEPTS_CSV[kind], "concepts", "concepts")

@@ -100,19 +100,19 @@ def cmd_train(params: Params, args: argparse.Namespace) -> None:
 
 
 def cmd_encode(params: Params, args: argparse.Namespace) -> None:
-    from sparc.evaluate.stage import run_encode
+    from sparc.evaluate.encode_stage import run_encode
 
     print(f"sparse codes -> {run_encode(params)}")
 
 
 def cmd_concepts(params: Params, args: argparse.Namespace) -> None:
-    from sparc.evaluate.stage import run_concepts
+    from sparc.evaluate.concepts_stage import run_concepts
 
     print(f"concepts -> {run_concepts(params)}")
 
 
 def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
-    from sparc.evaluate.stage import run_evaluate
+    from sparc.evaluate.evaluate_stage import run_evaluate
 
     print(f"metrics -> {run_evaluate(params)}")
 

@@ -21,7 +21,7 @@ import torch
 from sparc.evaluate import retrieval as r
 from sparc.evaluate.metrics import code_matrix
 from sparc.evaluate.reconstruction import reconstruction_matrix
-from sparc.evaluate.stage import _device
+from sparc.evaluate.run_files import evaluate_device
 from sparc.model.codes import SparseCodes
 from sparc.model.io import encode_dataset
 from sparc.model.sae import MultiStreamSAE, SAEConfig
@@ -58,7 +58,7 @@ def by_latent(codes: SparseCodes, s: str) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("mode", ["global", "local"])
 def test_encode_on_device_matches_cpu(mode: str, raw: dict) -> None:
     raw["evaluate"]["device"] = str(DEVICE)
-    assert _device(params_from_dict(raw), None) == str(DEVICE)  # the stage encodes there
+    assert evaluate_device(params_from_dict(raw), None) == str(DEVICE)  # the stage encodes there
     rng = np.random.default_rng(0)
     features = {s: rng.standard_normal((N, d)).astype(np.float16) for s, d in CFG.dims.items()}  # cast as the store's
     ids = [f"s{i}" for i in range(N)]

@@ -79,11 +79,11 @@ def test_the_device_reaches_the_sae_the_localiser_and_its_input(clip_spec, tmp_p
     """``auto`` on a machine without CUDA resolves to the CPU, and that device is the one the SAE
     is loaded on, the localiser is moved to (its parameters are there) and every input ``heat``
     gets is on; ``target: concept`` runs too; details.json does not record the device."""
-    from sparc.evaluate import stage
+    from sparc.evaluate import run_files
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     seen: dict[str, list] = {"sae": [], "localiser": [], "to": [], "x": []}
-    load_model = stage._load_model
+    load_model = run_files.load_model
 
     def recording_load(params, sae_dir, device):
         model = load_model(params, sae_dir, device)
@@ -106,7 +106,7 @@ def test_the_device_reaches_the_sae_the_localiser_and_its_input(clip_spec, tmp_p
         seen["localiser"].append(loc)
         return loc
 
-    monkeypatch.setattr(stage, "_load_model", recording_load)
+    monkeypatch.setattr(run_files, "load_model", recording_load)
     monkeypatch.setattr(localise_stage, "build_localiser", recording_build)
     params, paths = tiny_stage_inputs(tmp_path, clip_spec, "concept")
     out = run_on(params, paths, "auto", tmp_path / "out")

@@ -16,7 +16,10 @@ from PIL import Image
 from sparc.data.base import DatasetBuild, Sample
 from sparc.data.planted import PlantedConfig, make_planted
 from sparc.data.prepared import load_prepared, write_prepared
-from sparc.evaluate.stage import codes_to_csr, run_concepts, run_encode, run_evaluate
+from sparc.evaluate.concepts_stage import run_concepts
+from sparc.evaluate.encode_stage import run_encode
+from sparc.evaluate.evaluate_stage import run_evaluate
+from sparc.evaluate.run_files import codes_to_csr
 from sparc.features.store import write_stream
 from sparc.model.codes import SparseCodes
 from sparc.model.io import save_sae

@@ -154,17 +154,17 @@ def run_localise(
     out_dir: str | Path | None = None, progress: bool = True,
 ) -> Path:
     """Run the stage (module docstring); returns ``out_dir`` (default ``reports/localise``)."""
-    from sparc.evaluate.stage import _load_features, _load_model
+    from sparc.evaluate.run_files import load_features, load_model
 
     lp = params.localise
     dataset = params.data.dataset
     check_localise(lp, dataset)
     device = localise_device(lp)
     prepared = load_prepared(prepared_dir or paths.prepared_dir(dataset))
-    model = _load_model(params, Path(sae_dir or paths.sae_dir()), str(device))
+    model = load_model(params, Path(sae_dir or paths.sae_dir()), str(device))
     for p in model.parameters():
         p.requires_grad_(False)
-    features = _load_features(params, Path(features_root or paths.features_root(dataset)), prepared)
+    features = load_features(params, Path(features_root or paths.features_root(dataset)), prepared)
     text = text_stream(params)
     streams = image_streams(params)
     if not streams:  # e.g. precomputed (h5:/npy:) streams: no model to take a heat map from

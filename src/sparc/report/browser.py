@@ -13,7 +13,7 @@
 It reads the prepared dataset (captions, labels, images), the codes (``data/codes/{joint,
 per_stream}``), the concepts stage's tables and summary, and the evaluate stage's
 ``latents.csv``, ``metrics.json`` and ``retrieval.csv``; it refuses codes, concepts or latents
-that do not belong together (the checks of :mod:`sparc.evaluate.stage`, and ``latents.csv``'s
+that do not belong together (the checks of :mod:`sparc.evaluate.run_files`, and ``latents.csv``'s
 firing frequencies and names against the codes and concepts).
 
 The page:
@@ -65,7 +65,7 @@ from sparc.data.prepared import PreparedData, load_prepared
 from sparc.evaluate.labels import LabelSpace
 from sparc.evaluate.metrics import firing_counts, firing_matrix, top_activating
 from sparc.evaluate.retrieval import cosine_scores, spread_picks
-from sparc.evaluate.stage import (
+from sparc.evaluate.run_files import (
     CODE_KINDS,
     EVAL_SPLIT,
     EvaluateInputError,

@@ -58,7 +58,7 @@ from sparc import paths
 from sparc.data.prepared import PreparedData, load_prepared
 from sparc.evaluate.metrics import top_activating
 from sparc.evaluate.retrieval import cosine_scores, spread_picks
-from sparc.evaluate.stage import (
+from sparc.evaluate.run_files import (
     EVAL_SPLIT,
     EvaluateInputError,
     codes_to_csr,
