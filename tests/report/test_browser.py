@@ -13,7 +13,9 @@ they are missing that test fails and says so.
 
 from __future__ import annotations
 
+import ast
 import csv
+import importlib.resources
 import json
 import os
 import re
@@ -40,9 +42,11 @@ from sparc.model.io import save_sae
 from sparc.model.sae import MultiStreamSAE, SAEConfig
 from sparc.params import Params, params_from_dict
 from sparc.report.browser import (
+    PAGE_FILES,
     build_browser,
     embedded_data,
     localisation_section,
+    page_template,
     read_localisation,
     search_matches,
 )
@@ -319,6 +323,24 @@ def test_page_is_self_contained(browser: Path, data: dict) -> None:
     blob = text[text.index('id="data">') : text.index("</script>", text.index('id="data">'))]
     assert "<" not in blob.removeprefix('id="data">')
     assert data["thumb_px"] == THUMB_PX and data["top_n"] == TOP_N
+
+
+def test_page_files_are_package_data_found_through_importlib_resources() -> None:
+    """The page's files are read through importlib.resources (as from an installed package), and
+    pyproject.toml's package-data ships every one of them."""
+    files = importlib.resources.files("sparc.report") / PAGE_FILES
+    names = {f.name for f in files.iterdir()}
+    assert {"index.html", "style.css", "app.js"} <= names
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    section = pyproject[pyproject.index("[tool.setuptools.package-data]") :]
+    patterns = ast.literal_eval(re.search(r'^"sparc\.report" = (\[.*\])$', section, re.M).group(1))
+    for name in names:
+        assert any(Path(f"{PAGE_FILES}/{name}").match(p) for p in patterns), name
+    page = page_template()
+    assert "{{STYLE}}" not in page and "{{SCRIPT}}" not in page
+    assert (files / "style.css").read_text(encoding="utf-8") in page
+    assert (files / "app.js").read_text(encoding="utf-8") in page
+    assert all(f"{{{{{key}}}}}" in page for key in ("TITLE", "THUMB", "DATA"))
 
 
 def test_refuses_stale_evaluation(run: Run, tmp_path: Path) -> None:
