@@ -24,13 +24,8 @@ import torch
 import sparc
 from sparc import paths
 from sparc.api import RunFileError, RunMismatchError, _match_quality, _tokens, load_run
-from sparc.data.base import DatasetBuild, Sample
-from sparc.data.hierarchy import Hierarchy
-from sparc.data.planted import PlantedConfig, make_planted
-from sparc.data.prepared import write_prepared
 from sparc.evaluate.concepts_stage import run_concepts
 from sparc.evaluate.encode_stage import run_encode
-from sparc.features.store import write_stream
 from sparc.model.codes import SparseCodes
 from sparc.model.io import save_sae
 from sparc.model.sae import MultiStreamSAE, SAEConfig
@@ -80,19 +75,14 @@ LEAF_NAMES = [
 ]
 
 
-def build_repo(root: Path) -> Path:
-    """Write a complete tiny repository (every pipeline output up to `concepts`) under ``root``."""
-    planted = make_planted(PlantedConfig(dims=dict(zip("abc", DIMS.values(), strict=True)), n_samples=240))
-    hierarchy = Hierarchy.from_parents(
-        dict(planted.hierarchy.parents), dict(zip(planted.concept_ids, LEAF_NAMES, strict=True))
-    )
-    images = root / "images"
-    images.mkdir(parents=True)
-    samples = []
-    for i, sid in enumerate(planted.ids):
-        img = images / f"{sid}.png"
-        img.write_bytes(f"image {i}".encode())
-        samples.append(Sample(sid, img, f"caption {i}", planted.labels[i]))
+def build_repo(root: Path, tiny_inputs) -> Path:
+    """Write a complete tiny repository (every pipeline output up to `concepts`) under ``root``
+    (``tiny_inputs``: the conftest fixture that writes prepared data, features and SAE)."""
+    prepared = tiny_inputs(
+        root, STREAMS, DIMS, L=L, k=K, n_samples=240, leaf_names=LEAF_NAMES, dataset=DATASET,
+        prepared_dir=root / paths.prepared_dir(DATASET), features_root=root / paths.features_root(DATASET),
+        sae_dir=root / paths.sae_dir(),
+    ).prepared
     raw = {
         "L": L, "k": K, "streams": STREAMS,
         "data": {"dataset": DATASET},
@@ -101,15 +91,6 @@ def build_repo(root: Path) -> Path:
     }
     (root / "params.yaml").write_text(json.dumps(raw, indent=1) + "\n")  # JSON is YAML
     params = params_from_dict(raw)
-    prepared = write_prepared(
-        DatasetBuild(samples, hierarchy), root / paths.prepared_dir(DATASET), dataset=DATASET, options={},
-        max_samples=0, split_seed=0, val_fraction=0.1, test_fraction=0.4,
-    )
-    fingerprint = json.loads((prepared / "meta.json").read_text())["fingerprint"]
-    for (name, spec), feats in zip(STREAMS.items(), planted.features.values(), strict=True):
-        write_stream(root / paths.features_dir(DATASET, name), planted.ids, feats,
-                     {**spec, "dataset_fingerprint": fingerprint})
-    save_sae(MultiStreamSAE(SAEConfig(dims=DIMS, L=L, k=K), seed=1), root / paths.sae_dir())
     codes = run_encode(
         params, sae_dir=root / paths.sae_dir(), features_root=root / paths.features_root(DATASET),
         prepared_dir=prepared, out_dir=root / paths.codes_dir(), device="cpu", progress=False,
@@ -119,8 +100,8 @@ def build_repo(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_repo(tmp_path_factory.mktemp("api") / "repo")
+def repo(tmp_path_factory: pytest.TempPathFactory, tiny_inputs) -> Path:
+    return build_repo(tmp_path_factory.mktemp("api") / "repo", tiny_inputs)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from sparc.data.base import DatasetBuild, Sample
-from sparc.data.planted import PlantedConfig, make_planted
-from sparc.data.prepared import write_prepared
 from sparc.evaluate.concepts_stage import run_concepts
 from sparc.evaluate.encode_stage import run_encode
 from sparc.evaluate.evaluate_stage import run_evaluate
 from sparc.evaluate.run_files import EvaluateInputError
 from sparc.features.random_weights import WARNING, meta_fields
-from sparc.features.store import write_stream
 from sparc.model.codes import SparseCodes
 from sparc.model.io import load_sae, save_sae
 from sparc.model.sae import MultiStreamSAE, SAEConfig
@@ -77,26 +73,10 @@ def make_params(**over) -> Params:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_inputs) -> Setup:
     root = tmp_path_factory.mktemp("stage")
-    planted = make_planted(PlantedConfig(dims=dict(zip(["a", "b", "c"], DIMS.values(), strict=True)), n_samples=240))
-    images = root / "images"
-    images.mkdir()
-    samples = []
-    for i, sid in enumerate(planted.ids):
-        img = images / f"{sid}.png"
-        img.write_bytes(f"image {i}".encode())
-        samples.append(Sample(sid, img, f"caption {i}", planted.labels[i]))
-    prepared = write_prepared(
-        DatasetBuild(samples, planted.hierarchy), root / "prepared", dataset="planted", options={},
-        max_samples=0, split_seed=0, val_fraction=0.1, test_fraction=0.4,
-    )
-    fingerprint = json.loads((prepared / "meta.json").read_text())["fingerprint"]
-    features = root / "features"
-    for (name, spec), feats in zip(STREAMS.items(), planted.features.values(), strict=True):
-        write_stream(features / name, planted.ids, feats, {**spec, "dataset_fingerprint": fingerprint})
-    sae = save_sae(MultiStreamSAE(SAEConfig(dims=DIMS, L=L, k=K), seed=1), root / "sae")
-    return Setup(root, make_params(), prepared, features, sae)
+    made = tiny_inputs(root, STREAMS, DIMS, L=L, k=K, n_samples=240)
+    return Setup(root, make_params(), made.prepared, made.features, made.sae)
 
 
 @pytest.fixture(scope="module")

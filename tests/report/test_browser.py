@@ -29,17 +29,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from sparc.data.base import DatasetBuild, Sample
-from sparc.data.planted import PlantedConfig, make_planted
-from sparc.data.prepared import load_prepared, write_prepared
+from sparc.data.base import Sample
+from sparc.data.prepared import load_prepared
 from sparc.evaluate.concepts_stage import run_concepts
 from sparc.evaluate.encode_stage import run_encode
 from sparc.evaluate.evaluate_stage import run_evaluate
 from sparc.evaluate.run_files import EvaluateInputError
-from sparc.features.store import write_stream
 from sparc.model.codes import SparseCodes
-from sparc.model.io import save_sae
-from sparc.model.sae import MultiStreamSAE, SAEConfig
 from sparc.params import Params, params_from_dict
 from sparc.report.browser import (
     PAGE_FILES,
@@ -101,28 +97,18 @@ def _image(path: Path, labels: tuple[str, ...]) -> None:
     im.save(path)
 
 
-def build_run(root: Path, captions_per_image: int = 1) -> Run:
-    """The stages up to evaluate on planted data; with ``captions_per_image`` > 1, consecutive
+def build_run(root: Path, tiny_inputs, captions_per_image: int = 1) -> Run:
+    """The stages up to evaluate on planted data (``tiny_inputs``: the conftest fixture); with ``captions_per_image`` > 1, consecutive
     samples share an image (a group, as Open Images' narratives)."""
-    planted = make_planted(PlantedConfig(dims=dict(zip(["a", "b", "c"], DIMS.values(), strict=True)), n_samples=200))
-    images = root / "images"
-    images.mkdir()
-    samples = []
-    for i, (sid, labels) in enumerate(zip(planted.ids, planted.labels, strict=True)):
+    def sample(i: int, sid: str, labels: tuple[str, ...], images: Path) -> Sample:
         group = f"img{i // captions_per_image}" if captions_per_image > 1 else ""
         img = images / f"{group or sid}.png"
         if not img.exists():
             _image(img, labels)
-        samples.append(Sample(sid, img, "a picture of " + " and ".join(labels), labels, group=group))
-    prepared = write_prepared(
-        DatasetBuild(samples, planted.hierarchy), root / "prepared", dataset="planted", options={},
-        max_samples=0, split_seed=0, val_fraction=0.1, test_fraction=0.4,
-    )
-    fingerprint = json.loads((prepared / "meta.json").read_text())["fingerprint"]
-    features = root / "features"
-    for (name, spec), feats in zip(STREAMS.items(), planted.features.values(), strict=True):
-        write_stream(features / name, planted.ids, feats, {**spec, "dataset_fingerprint": fingerprint})
-    sae = save_sae(MultiStreamSAE(SAEConfig(dims=DIMS, L=L, k=K), seed=1), root / "sae")
+        return Sample(sid, img, "a picture of " + " and ".join(labels), labels, group=group)
+
+    made = tiny_inputs(root, STREAMS, DIMS, L=L, k=K, n_samples=200, sample=sample)
+    prepared, features, sae = made.prepared, made.features, made.sae
     params = params_from_dict({
         "L": L, "k": K, "streams": STREAMS,
         "concepts": {"top_n": 10, "purity_threshold": 0.25},
@@ -147,8 +133,8 @@ def build_run(root: Path, captions_per_image: int = 1) -> Run:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    return build_run(tmp_path_factory.mktemp("browser"))
+def run(tmp_path_factory: pytest.TempPathFactory, tiny_inputs) -> Run:
+    return build_run(tmp_path_factory.mktemp("browser"), tiny_inputs)
 
 
 @pytest.fixture(scope="module")
@@ -300,10 +286,10 @@ def test_retrieval_examples(run: Run, data: dict) -> None:
     assert ("clip_txt", "dino", "codes") in reps and ("", "", "chance") in reps
 
 
-def test_retrieval_examples_use_one_caption_per_image(tmp_path: Path) -> None:
+def test_retrieval_examples_use_one_caption_per_image(tmp_path: Path, tiny_inputs) -> None:
     """Issue 22.7: with several captions per image the examples ranked every test row (an image
     twice in one top list, two captions of one image both queries), not the metric's rows."""
-    grouped = build_run(tmp_path, captions_per_image=2)
+    grouped = build_run(tmp_path, tiny_inputs, captions_per_image=2)
     prepared = load_prepared(grouped.prepared)
     test = np.flatnonzero(prepared.splits == "test")
     firsts = set(prepared.one_per_group(test).tolist())

@@ -13,17 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparc.data.base import DatasetBuild, Sample
-from sparc.data.planted import PlantedConfig, make_planted
-from sparc.data.prepared import load_prepared, write_prepared
+from sparc.data.base import Sample
+from sparc.data.prepared import load_prepared
 from sparc.evaluate.concepts_stage import run_concepts
 from sparc.evaluate.encode_stage import run_encode
 from sparc.evaluate.evaluate_stage import run_evaluate
 from sparc.evaluate.run_files import codes_to_csr
-from sparc.features.store import write_stream
 from sparc.model.codes import SparseCodes
-from sparc.model.io import save_sae
-from sparc.model.sae import MultiStreamSAE, SAEConfig
 from sparc.params import Params, params_from_dict
 from sparc.report import figures as F
 from sparc.report.figures_stage import (
@@ -189,13 +185,13 @@ def test_retrieval_examples_figure(tmp_path: Path) -> None:
         F.retrieval_examples_figure(examples, [], top_n=5, thumb_px=48)
 
 
-def test_retrieval_examples_use_one_caption_per_image(tmp_path: Path) -> None:
+def test_retrieval_examples_use_one_caption_per_image(tmp_path: Path, tiny_inputs) -> None:
     """Issue 22.7: on Open Images the grid said "gallery: 14 test images" where the metric ranks
     11 (one caption per image), showed an image twice in one top list and queried two narratives of
     one image. Queries and gallery are now the metric's rows."""
     from sparc.report.figures_stage import retrieval_examples
 
-    grouped = pipeline(tmp_path, {"img": "image", "txt": "caption"}, captions_per_image=2)
+    grouped = pipeline(tmp_path, tiny_inputs, {"img": "image", "txt": "caption"}, captions_per_image=2)
     prepared = load_prepared(grouped.prepared)
     test = np.flatnonzero(prepared.splits == "test")
     firsts = prepared.one_per_group(test)
@@ -303,36 +299,32 @@ class Run:
     reports: Path
 
 
-def pipeline(root: Path, kinds: dict[str, str], concepts: list[str] | None = None, captions_per_image: int = 1) -> Run:
-    """prepare (real PNG images) -> features -> untrained SAE -> encode -> concepts -> evaluate;
+def pipeline(root: Path, tiny_inputs, kinds: dict[str, str], concepts: list[str] | None = None,
+             captions_per_image: int = 1) -> Run:
+    """prepare (real PNG images) -> features -> untrained SAE (``tiny_inputs``: the conftest
+    fixture) -> encode -> concepts -> evaluate;
     with ``captions_per_image`` > 1, consecutive samples form a group (one image, several captions)."""
     dims = {s: 12 + 2 * i for i, s in enumerate(kinds)}
-    planted = make_planted(PlantedConfig(dims=dims, n_samples=160))
     images = make_images(root / "src_images", 8)
-    samples = [
-        Sample(sid, images[i % len(images)], f"caption {i} of {' and '.join(planted.labels[i])}", planted.labels[i],
-               group=f"img{i // captions_per_image}" if captions_per_image > 1 else "")
-        for i, sid in enumerate(planted.ids)
-    ]
-    prepared = write_prepared(
-        DatasetBuild(samples, planted.hierarchy), root / "prepared", dataset="planted", options={},
-        max_samples=0, split_seed=0, val_fraction=0.1, test_fraction=0.4,
-    )
-    fingerprint = json.loads((prepared / "meta.json").read_text())["fingerprint"]
+
+    def sample(i: int, sid: str, labels: tuple[str, ...], _: Path) -> Sample:
+        group = f"img{i // captions_per_image}" if captions_per_image > 1 else ""
+        return Sample(sid, images[i % len(images)], f"caption {i} of {' and '.join(labels)}", labels, group=group)
+
     specs = {}
     counters = {"image": 0, "caption": 0}
     for s, inp in kinds.items():
         pool = IMAGE_SPECS if inp == "image" else CAPTION_SPECS
         specs[s] = {"model": pool[counters[inp] % len(pool)], "input": inp}
         counters[inp] += 1
-        write_stream(root / "features" / s, planted.ids, planted.features[s], {**specs[s], "dataset_fingerprint": fingerprint})
+    made = tiny_inputs(root, specs, dims, L=L, k=K, n_samples=160, sample=sample)
+    prepared, sae = made.prepared, made.sae
     params = params_from_dict({
         "L": L, "k": K, "streams": specs,
         "concepts": {"top_n": 8, "purity_threshold": 0.3},
         "evaluate": {"batch_size": 64, "probe_min_positives": 5, "probe_candidates": 3},
         "figures": {"concepts": concepts or ["no-such-concept"], "n_best": 2, "top_n": 4, "queries": 3, "thumb_px": 32},
     })
-    sae = save_sae(MultiStreamSAE(SAEConfig(dims=dims, L=L, k=K), seed=1), root / "sae")
     codes = run_encode(params, sae_dir=sae, features_root=root / "features", prepared_dir=prepared,
                        out_dir=root / "codes", device="cpu", progress=False)
     conc = run_concepts(params, codes_dir=codes, prepared_dir=prepared, out_dir=root / "reports" / "concepts")
@@ -354,8 +346,8 @@ def named_concept(run: Run) -> str:
 
 
 @pytest.fixture(scope="module")
-def mixed(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    return pipeline(tmp_path_factory.mktemp("mixed"), {"img_a": "image", "img_b": "image", "txt": "caption"})
+def mixed(tmp_path_factory: pytest.TempPathFactory, tiny_inputs) -> Run:
+    return pipeline(tmp_path_factory.mktemp("mixed"), tiny_inputs, {"img_a": "image", "img_b": "image", "txt": "caption"})
 
 
 @pytest.fixture(scope="module")
@@ -454,8 +446,8 @@ def test_localisation_figures_with_part_of_the_outputs(tmp_path: Path, capsys: p
     assert saved == [("localisation.png", "")]
 
 
-def test_run_figures_captions_only(tmp_path_factory: pytest.TempPathFactory) -> None:
-    run = pipeline(tmp_path_factory.mktemp("captions"), {"txt_a": "caption", "txt_b": "caption"})
+def test_run_figures_captions_only(tmp_path_factory: pytest.TempPathFactory, tiny_inputs) -> None:
+    run = pipeline(tmp_path_factory.mktemp("captions"), tiny_inputs, {"txt_a": "caption", "txt_b": "caption"})
     out = figures(run)
     index = json.loads((out / "index.json").read_text())
     assert index["retrieval_examples"] is None
@@ -464,8 +456,8 @@ def test_run_figures_captions_only(tmp_path_factory: pytest.TempPathFactory) -> 
     assert (out / "retrieval.png").is_file() and index["latents"]
 
 
-def test_run_figures_images_only(tmp_path_factory: pytest.TempPathFactory) -> None:
-    run = pipeline(tmp_path_factory.mktemp("images"), {"img_a": "image", "img_b": "image"})
+def test_run_figures_images_only(tmp_path_factory: pytest.TempPathFactory, tiny_inputs) -> None:
+    run = pipeline(tmp_path_factory.mktemp("images"), tiny_inputs, {"img_a": "image", "img_b": "image"})
     index = json.loads((figures(run) / "index.json").read_text())
     assert index["retrieval_examples"] is None
     assert "no caption stream: no retrieval example grid" in index["notes"]

@@ -113,6 +113,19 @@ def csv_cell(x) -> object:
     return x
 
 
+
+def csv_number(cell: object, missing: float | None = None) -> float | None:
+    """A CSV cell (or a JSON value) as a float, the reader's side of :func:`csv_cell`: ``missing``
+    for an empty, absent, non-numeric or non-finite one (None, or NaN for arithmetic)."""
+    if cell is None or cell == "":
+        return missing
+    try:
+        x = float(cell)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return missing
+    return x if math.isfinite(x) else missing
+
+
 # --------------------------------------------------------------------------- readers
 
 

@@ -51,11 +51,9 @@ The page:
 
 from __future__ import annotations
 
-import csv
 import html
 import importlib.resources
 import json
-import math
 import re
 import shutil
 from pathlib import Path
@@ -66,14 +64,13 @@ import scipy.sparse as sp
 from sparc import paths
 from sparc.data.prepared import PreparedData, load_prepared
 from sparc.evaluate.labels import LabelSpace
-from sparc.evaluate.metrics import firing_counts, firing_matrix, top_activating
+from sparc.evaluate.metrics import firing_matrix, top_activating
 from sparc.evaluate.retrieval import cosine_scores, spread_picks
 from sparc.evaluate.run_files import (
     CODE_KINDS,
     EVAL_SPLIT,
-    EvaluateInputError,
     codes_to_csr,
-    load_codes,
+    csv_number,
     load_concepts,
     read_codes_meta,
     read_json_object,
@@ -82,61 +79,18 @@ from sparc.evaluate.run_files import (
 from sparc.localise.overlays import CHANCE, Overlays, read_overlays
 from sparc.params import Params, check_figures
 from sparc.report import localise_figure as LF
+from sparc.report.evaluation import RETRIEVAL_CSV, load_evaluation, read_csv_rows
 
 INDEX = "index.html"
 THUMBS = "thumbs"
 N_DIST_LABELS = 8  # labels listed per label distribution (the rest are summed as "other")
 N_RETRIEVED = 5  # gallery images shown per retrieval query
-FREQ_TOLERANCE = 1e-6  # latents.csv rounds to 6 decimals
 LOCALISE = "localise"  # the localise stage's folder under reports/, and the images' folder here
 LOCALISE_PX = 160  # longer side of the localisation images
 PAGE_FILES = "browser_page"  # the page as package files under sparc/report/: index.html, style.css, app.js
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def _read_csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluation outputs incomplete: {path} is missing (run `dvc repro evaluate`)")
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _num(text: str | None) -> float | None:
-    """A CSV cell as a float (None for an empty or non-finite cell)."""
-    if text is None or text == "":
-        return None
-    x = float(text)
-    return x if math.isfinite(x) else None
-
-
-def _check_latents(
-    latents: list[dict], path: Path, streams: list[str], joint_freq: dict[str, np.ndarray], n_eval: int,
-    concepts: list[dict],
-) -> None:
-    """latents.csv must have one row per latent and agree with the codes and concepts."""
-    L = len(concepts)
-    if [r.get("latent") for r in latents] != [str(i) for i in range(L)]:
-        raise EvaluateInputError(f"{path}: expected one row per latent 0..{L - 1}; run `dvc repro evaluate`")
-    need = {"agreed_name", "pattern", "alive_in", "per_stream_pattern", "per_stream_alive_in"}
-    need |= {f"{c}_{s}" for s in streams for c in ("name", "purity", "freq")}
-    missing = sorted(need - set(latents[0]))
-    if missing:
-        raise EvaluateInputError(f"{path}: columns {', '.join(missing)} are missing; run `dvc repro evaluate`")
-    for s in streams:
-        got = np.array([_num(r[f"freq_{s}"]) or 0.0 for r in latents])
-        if np.abs(got - joint_freq[s] / n_eval).max() > FREQ_TOLERANCE:
-            raise EvaluateInputError(
-                f"{path}: firing frequencies of stream {s} do not match the codes (stale evaluation); "
-                "run `dvc repro evaluate`"
-            )
-    for r, c in zip(latents, concepts, strict=True):
-        if r["agreed_name"] != c["agreed_name"] or any(r[f"name_{s}"] != c[f"{s}_name"] for s in streams):
-            raise EvaluateInputError(
-                f"{path}: latent {r['latent']} is named differently from the concepts (stale evaluation); "
-                "run `dvc repro evaluate`"
-            )
 
 
 def _depths(latents: list[dict], prefix: str) -> list[int]:
@@ -218,7 +172,7 @@ def _retrieval_table(rows: list[dict]) -> list[dict]:
             continue
         out.append({
             "query": r["query"], "gallery": r["gallery"], "representation": r["representation"],
-            **{k: _num(r.get(k)) for k in ("R@1", "R@5", "R@10", "median_rank", "MRR")},
+            **{k: csv_number(r.get(k)) for k in ("R@1", "R@5", "R@10", "median_rank", "MRR")},
         })
     return out
 
@@ -296,16 +250,16 @@ def browser_data(
             "l": i,
             "agreed": r["agreed_name"],
             "name": {s: r[f"name_{s}"] for s in streams},
-            "purity": {s: _num(r[f"purity_{s}"]) for s in streams},
-            "freq": {s: _num(r[f"freq_{s}"]) for s in streams},
+            "purity": {s: csv_number(r[f"purity_{s}"]) for s in streams},
+            "freq": {s: csv_number(r[f"freq_{s}"]) for s in streams},
             "jac": {
-                "joint": [_num(r[f"jaccard_d{d}"]) for d in j_depths],
-                "per_stream": [_num(r[f"per_stream_jaccard_d{d}"]) for d in p_depths],
+                "joint": [csv_number(r[f"jaccard_d{d}"]) for d in j_depths],
+                "per_stream": [csv_number(r[f"per_stream_jaccard_d{d}"]) for d in p_depths],
             },
             "pattern": {"joint": r["pattern"], "per_stream": r["per_stream_pattern"]},
             "alive_in": {"joint": r["alive_in"], "per_stream": r["per_stream_alive_in"]},
-            "fe": _num(r.get("firing_entropy")),
-            "cofire": _num(r.get("cofire")),
+            "fe": csv_number(r.get("firing_entropy")),
+            "cofire": csv_number(r.get("cofire")),
             "kinds": {},
         }
         for kind in CODE_KINDS:
@@ -324,7 +278,7 @@ def browser_data(
                 k_entry["stream"][s] = {
                     "name": c[f"{s}_name"],
                     "label": label_index[col_of[dominant]] if dominant in col_of else None,
-                    "purity": _num(c[f"{s}_purity"]),
+                    "purity": csv_number(c[f"{s}_purity"]),
                     "n_active": int(c[f"{s}_n_active"]),
                     "top": top,
                     "dist_top": {"n": int(nt[i]), "labels": _top_labels(ct, i, label_index)},
@@ -579,22 +533,14 @@ def build_browser(
     reports_dir = Path(reports_dir or paths.metrics_path().parent)
     out_dir = Path(out_dir or paths.REPORTS / "browser")
 
-    meta = read_codes_meta(codes_dir)
-    concept_tables, concept_summary = load_concepts(concepts_dir, meta, params.L)
-    c_rows, e_rows = shown_splits(params, prepared, concept_summary)
-    rows = np.union1d(c_rows, e_rows)  # the codes of these rows only
-    codes = {kind: load_codes(codes_dir, kind, prepared, params, rows=rows)[0] for kind in CODE_KINDS}
-    metrics = read_json_object(reports_dir / paths.metrics_path().name, "evaluate", "evaluation outputs")
-    latents_path = reports_dir / "latents.csv"
-    latents = _read_csv(latents_path)
-    retrieval_rows = _read_csv(reports_dir / "retrieval.csv")
-
-    joint = codes_to_csr(codes["joint"], np.searchsorted(rows, e_rows))
-    freq = {s: firing_counts(m) for s, m in joint.items()}
-    _check_latents(latents, latents_path, params.stream_names, freq, int(e_rows.size), concept_tables["joint"])
+    concept_summary = load_concepts(concepts_dir, read_codes_meta(codes_dir), params.L)[1]
+    rows = np.union1d(*shown_splits(params, prepared, concept_summary))  # the codes of these rows only
+    retrieval_rows = read_csv_rows(reports_dir / RETRIEVAL_CSV)
+    ev = load_evaluation(params, prepared, rows, codes_dir=codes_dir, concepts_dir=concepts_dir, reports_dir=reports_dir)
 
     data = browser_data(
-        params, prepared, codes, rows, concept_tables, concept_summary, latents, metrics, retrieval_rows, meta
+        params, prepared, ev.codes, rows, ev.concepts, ev.concept_summary, ev.latents, ev.metrics,
+        retrieval_rows, ev.codes_meta,
     )
     loc_metrics, overlays, loc_notes = read_localisation(Path(localise_dir or reports_dir / LOCALISE))
     data["localisation"] = localisation_section(loc_metrics, overlays, loc_notes)

@@ -25,6 +25,7 @@ import textwrap
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -32,6 +33,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
+from sparc.evaluate.run_files import csv_number
 
 DPI = 100
 KINDS = ("joint", "per_stream")
@@ -84,14 +87,8 @@ def save_png(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _nan(x: object) -> float:
-    """float(x), NaN for None / '' / non-numbers."""
-    if x is None or x == "":
-        return math.nan
-    try:
-        return float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return math.nan
+# a metric value as a float, NaN when absent, empty or not a number
+_nan = partial(csv_number, missing=math.nan)
 
 
 def _fmt(x: float, digits: int = 2) -> str:

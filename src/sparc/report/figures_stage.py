@@ -43,7 +43,6 @@ localise stage's outputs are absent (a run of only part of the pipeline).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -60,10 +59,8 @@ from sparc.evaluate.metrics import top_activating
 from sparc.evaluate.retrieval import cosine_scores, spread_picks
 from sparc.evaluate.run_files import (
     EVAL_SPLIT,
-    EvaluateInputError,
     codes_to_csr,
-    load_codes,
-    load_concepts,
+    csv_number,
     read_json_object,
     split_rows,
 )
@@ -71,10 +68,9 @@ from sparc.localise.overlays import read_overlays
 from sparc.params import Params, check_figures
 from sparc.report import figures as F
 from sparc.report import localise_figure as LF
+from sparc.report.evaluation import METRICS, load_evaluation
 
 INDEX = "index.json"
-METRICS = "metrics.json"
-LATENTS_CSV = "latents.csv"
 FIGURES_DIR = "figures"
 LOCALISE_DIR = "localise"
 OVERLAYS = "overlays.npz"
@@ -88,19 +84,11 @@ class Choice:
     reasons: list[str] = field(default_factory=list)
 
 
-def _f(x: object) -> float:
-    try:
-        v = float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return math.nan
-    return v
-
-
 def _deepest_jaccard(row: dict) -> tuple[int | None, float]:
     depths = sorted(int(k[len("jaccard_d"):]) for k in row if k.startswith("jaccard_d"))
     if not depths:
         return None, math.nan
-    return depths[-1], _f(row[f"jaccard_d{depths[-1]}"])
+    return depths[-1], csv_number(row[f"jaccard_d{depths[-1]}"], math.nan)
 
 
 def _mean(values: list[float]) -> float:
@@ -155,10 +143,10 @@ def choose_latents(
     skipped_latents: dict[int, dict] = {}
 
     def purity(row: dict) -> float:
-        return _mean([_f(row.get(f"purity_{s}")) for s in streams])
+        return _mean([csv_number(row.get(f"purity_{s}"), math.nan) for s in streams])
 
     def freq(row: dict) -> float:
-        return _mean([_f(row.get(f"freq_{s}")) for s in streams])
+        return _mean([csv_number(row.get(f"freq_{s}"), math.nan) for s in streams])
 
     alive = [r for r in latent_rows if r.get("pattern") == "alive_all" and fires[int(r["latent"])]]
     alive.sort(key=lambda r: (
@@ -234,7 +222,7 @@ def latent_view(
             samples.append(F.TopSample(prepared.ids[g], float(v), prepared.captions[g],
                                        prepared.images[g] if spec.input == "image" else None, hit))
         columns.append(F.LatentColumn(
-            stream=s, input=spec.input, name=row.get(f"name_{s}", "") or "", purity=_f(row.get(f"purity_{s}")),
+            stream=s, input=spec.input, name=row.get(f"name_{s}", "") or "", purity=csv_number(row.get(f"purity_{s}"), math.nan),
             n_active=int(csr[s][:, i].count_nonzero()), samples=samples,
         ))
     name = row.get("agreed_name") or ""
@@ -284,19 +272,6 @@ def retrieval_examples(
         g = int(test_rows[r])
         examples.append(F.RetrievalExample(q, prepared.ids[g], prepared.captions[g], results, ranks, int(N)))
     return examples, q, images
-
-
-def _read_latents(path: Path, L: int, streams: list[str]) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing (run `dvc repro evaluate`)")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if [r.get("latent") for r in rows] != [str(i) for i in range(L)]:
-        raise EvaluateInputError(f"{path}: expected one row per latent 0..{L - 1}; run `dvc repro evaluate`")
-    missing = [c for c in ("pattern", "agreed_name", *(f"purity_{s}" for s in streams)) if c not in rows[0]]
-    if missing:
-        raise EvaluateInputError(f"{path}: columns {missing} missing (other streams?); run `dvc repro evaluate`")
-    return rows
 
 
 def localisation_figures(localise: Path, save: Callable[..., None], notes: list[str]) -> None:
@@ -353,18 +328,10 @@ def run_figures(
     streams = params.stream_names
 
     test_rows = split_rows(prepared, EVAL_SPLIT)
-    joint, meta = load_codes(codes_dir, "joint", prepared, params, rows=test_rows)
-    per_stream, _ = load_codes(codes_dir, "per_stream", prepared, params, rows=test_rows)
-    concept_tables, _ = load_concepts(concepts_dir, meta, params.L)
-    metrics = read_json_object(reports_dir / METRICS, "evaluate", "evaluation outputs")
-    latent_rows = _read_latents(reports_dir / LATENTS_CSV, params.L, streams)
-    if metrics.get("n_eval") != int(test_rows.size):
-        raise EvaluateInputError(
-            f"{reports_dir / METRICS}: n_eval {metrics.get('n_eval')} but the prepared data has "
-            f"{test_rows.size} test samples; run `dvc repro evaluate`"
-        )
-    csr = codes_to_csr(joint)
-    local = codes_to_csr(per_stream)
+    ev = load_evaluation(params, prepared, test_rows, codes_dir=codes_dir, concepts_dir=concepts_dir, reports_dir=reports_dir)
+    meta, concept_tables, metrics, latent_rows = ev.codes_meta, ev.concepts, ev.metrics, ev.latents
+    csr = codes_to_csr(ev.codes["joint"])
+    local = codes_to_csr(ev.codes["per_stream"])
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
