@@ -3,7 +3,7 @@
 Why: docs/alignment.md asks whether SPARC's training options
 (``train.subset_keep``, ``train.consistency``) recover the planted concepts better, or only make
 the streams agree. This script trains each configuration of
-:data:`sparc.report.ablation.ALIGNMENT` (and consistency weight 10) for each seed (SPARC, Global TopK, lambda 1, on the
+:data:`sparc.report.experiments.ALIGNMENT` (and consistency weight 10) for each seed (SPARC, Global TopK, lambda 1, on the
 planted data of ``tests/train/test_planted_claims.py``: 3 streams of 48/32/40 dims, 16 leaf
 concepts in 4 families, stream-specific nuisance directions; 1000 training and 300 held-out rows,
 L = 64, k = 4) and reports on the held-out rows, mean +- std over seeds:
@@ -38,7 +38,8 @@ from sparc.evaluate.recovery import model_decoders, recovery
 from sparc.model.losses import nmse
 from sparc.model.sae import MultiStreamSAE
 from sparc.params import TrainParams
-from sparc.report.ablation import ALIGNMENT, COLUMN_TITLES
+from sparc.report.ablation import COLUMN_TITLES
+from sparc.report.experiments import ALIGNMENT
 from sparc.train.loop import TrainSpec, train_arrays
 
 DATA = make_planted(PlantedConfig(n_samples=1300, seed=0))

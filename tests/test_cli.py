@@ -63,12 +63,12 @@ def test_experiments_refused_while_dvc_runs_in_the_workspace(tmp_path, capsys, m
     import subprocess
     import sys
 
-    from sparc.report import ablation
+    from sparc.report import experiments
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     started = []
-    monkeypatch.setattr(ablation, "run_experiments", lambda cmds: started.extend(cmds) or [])
+    monkeypatch.setattr(experiments, "run_experiments", lambda cmds: started.extend(cmds) or [])
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: started.append(cmd))
     grid = ["ablation", "--only", "sparc", "--seeds", "0"]
     assert main(grid) == 0 and len(started) == 1  # nothing running: the grid starts

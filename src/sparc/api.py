@@ -33,6 +33,9 @@ Inputs are L2-normalised per row inside the model (``x <- x / ||x||``); reconstr
 
 Importing this module does not import torch; the model is loaded on first use (``run.model``,
 ``encode``, ``decode``), so concept browsing works without it.
+
+Longer than 500 lines because it is one class, :class:`Run`, whose methods are the notebook API
+over the same cached files and checks; split, one object's surface would be spread over modules.
 """
 
 from __future__ import annotations

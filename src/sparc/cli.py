@@ -179,9 +179,9 @@ def cmd_coco(params: Params, args: argparse.Namespace) -> None:
 
 
 def _check_workspace_free() -> None:
-    """ValueError when DVC is running in this workspace (sparc.report.ablation.dvc_busy): a DVC
+    """ValueError when DVC is running in this workspace (sparc.report.experiments.dvc_busy): a DVC
     experiment started now would change params.yaml under it and then fail on DVC's lock."""
-    from sparc.report.ablation import dvc_busy
+    from sparc.report.experiments import dvc_busy
 
     busy = dvc_busy()
     if busy:
@@ -212,7 +212,7 @@ def _seeds(text: str) -> list[int]:
 def _run_grid(configs: dict, args: argparse.Namespace) -> None:
     import shlex
 
-    from sparc.report.ablation import experiment_commands, grid_overrides, run_experiments
+    from sparc.report.experiments import experiment_commands, grid_overrides, run_experiments
 
     prefix = args.prefix or getattr(args, "grid", "") or "sweep"
     runs = grid_overrides(configs, _seeds(args.seeds), prefix, extra=args.set)
@@ -237,9 +237,9 @@ def _run_grid(configs: dict, args: argparse.Namespace) -> None:
 
 
 def cmd_ablation(params: Params, args: argparse.Namespace) -> None:
-    """A grid of sparc.report.ablation.GRIDS (the paper's ablation, or the per-stream alignment
+    """A grid of sparc.report.experiments.GRIDS (the paper's ablation, or the per-stream alignment
     options) over --seeds, as DVC experiments."""
-    from sparc.report.ablation import GRIDS
+    from sparc.report.experiments import GRIDS
 
     if args.grid not in GRIDS:
         raise ValueError(f"--grid: unknown grid {args.grid!r} (known: {', '.join(GRIDS)})")
@@ -253,7 +253,7 @@ def cmd_ablation(params: Params, args: argparse.Namespace) -> None:
 
 def cmd_sweep(params: Params, args: argparse.Namespace) -> None:
     """A sweep over one parameter (``k=8,16,32``) over --seeds, as DVC experiments."""
-    from sparc.report.ablation import parse_sweep
+    from sparc.report.experiments import parse_sweep
 
     _run_grid(parse_sweep(args.spec), args)
 
@@ -264,10 +264,11 @@ def cmd_compare(params: Params, args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from sparc.report import ablation as ab
+    from sparc.report import experiments as ex
 
-    records = ab.dvc_experiments(all_commits=args.all_commits)
+    records = ex.dvc_experiments(all_commits=args.all_commits)
     groups = ab.group_records(records, args.grid) if args.grid else ab.each_experiment(records)
-    grid = ab.grid_of(args.grid) if args.grid else "ablation"
+    grid = ex.grid_of(args.grid) if args.grid else "ablation"
     block = ab.ablation_table(groups, ab.rows_for(grid, groups)) + ("\n" + ab.claims(groups, grid) if args.grid else "")
     print(block)
     if groups and args.figure:
@@ -281,10 +282,10 @@ def cmd_compare(params: Params, args: argparse.Namespace) -> None:
 
 
 def cmd_show(params: Params, args: argparse.Namespace) -> None:
-    """`dvc exp show` with the headline columns that fit a terminal (sparc.report.ablation)."""
+    """`dvc exp show` with the headline columns that fit a terminal (sparc.report.experiments)."""
     import subprocess
 
-    from sparc.report.ablation import exp_show_command
+    from sparc.report.experiments import exp_show_command
 
     proc = subprocess.run(exp_show_command(args.dvc_args))
     if proc.returncode:

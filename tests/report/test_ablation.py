@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 
 from sparc.report.ablation import (
-    ABLATION,
-    ALIGNMENT,
     ALIGNMENT_ROWS,
     README_BEGIN,
     README_END,
@@ -15,16 +13,20 @@ from sparc.report.ablation import (
     claims,
     comparison_figure,
     each_experiment,
+    group_records,
+    mean_std,
+    readme_markers,
+    replace_block,
+    verdict,
+)
+from sparc.report.experiments import (
+    ABLATION,
+    ALIGNMENT,
     experiment_commands,
     experiment_records,
     grid_of,
     grid_overrides,
-    group_records,
-    mean_std,
     parse_sweep,
-    readme_markers,
-    replace_block,
-    verdict,
 )
 
 STREAMS = {"img": {"model": "efficientnet:lite0", "input": "image"}, "txt": {"model": "minilm:x", "input": "caption"}}
@@ -179,7 +181,7 @@ def test_the_newest_experiment_of_a_name_wins():
 def test_exp_show_view_keeps_the_name_and_the_chosen_columns():
     import re
 
-    from sparc.report.ablation import SHOW_COLUMNS, exp_show_command
+    from sparc.report.experiments import SHOW_COLUMNS, exp_show_command
 
     cmd = exp_show_command(["-A"])
     assert cmd[:4] == ["dvc", "exp", "show", "--no-pager"] and cmd[-1] == "-A"
@@ -215,7 +217,8 @@ def test_alignment_grid_runs_options_on_any_dataset_and_answers_its_questions():
 
 
 def test_localise_grid_tabulates_every_scored_method_and_compares_sparc_with_its_ablations():
-    from sparc.report.ablation import LOCALISE, localise_methods, rows_for
+    from sparc.report.ablation import localise_methods, rows_for
+    from sparc.report.experiments import LOCALISE
 
     runs = dict(grid_overrides(LOCALISE, [0], "localise"))
     assert sorted(runs) == ["localise-global-lam0-s0", "localise-local-lam1-s0", "localise-sparc-s0"]

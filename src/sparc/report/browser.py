@@ -47,6 +47,10 @@ The page:
   (``overlays.npz``): the query text, the image with the ground-truth mask (green), per method the
   heat map blended over the image with its Otsu mask (white) and its IoU. Absent localise outputs
   (a run of part of the pipeline) leave the section with a note, printed too, not an error.
+
+Longer than 500 lines because every section of the page has its data function here, beside the
+stage that writes them, and they share the page's JSON shape; the page itself is browser_page/
+and the inputs are loaded by :mod:`sparc.report.evaluation`.
 """
 
 from __future__ import annotations

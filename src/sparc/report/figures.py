@@ -15,6 +15,9 @@ pipeline's outputs into these inputs.
 
 User text (captions, concept names) is drawn with ``parse_math=False``: a ``$`` in a caption is
 a dollar sign, not mathtext.
+
+Longer than 500 lines because it holds one short, independent function per figure sharing
+:data:`DPI`, the colours and :func:`save_png`; splitting them would only spread those over modules.
 """
 
 from __future__ import annotations
