@@ -40,6 +40,10 @@ Files a dataset marks ``optional`` (single images) that the server answers with 
 are listed under ``unavailable`` in the manifest instead of failing the stage; the dataset
 builders leave their samples out and say so. Any other failure, after the retries, fails the
 stage with the file, the URL and the reason; what was fetched is kept for the next run.
+
+Longer than 500 lines because it is one resumable downloader whose parts (ranged requests,
+retries, verification, the shared cache, parallel workers, progress, the manifest) share one
+state and are only correct together.
 """
 
 from __future__ import annotations

@@ -79,6 +79,10 @@ The USAE paper's SAE (``SAEConfig.encoder == "batchnorm"``, method.md section 3,
   always use the running statistics and never change them;
 - initialisation: the same ``W_enc``/``W_dec`` as the linear encoder (the reference draws an
   independent Gaussian dictionary); BN weight 1, bias 0, running mean 0, running variance 1.
+
+Longer than 500 lines because it is one ``nn.Module`` whose methods (encode, decode, the three
+losses, revival) share its parameters and shapes; what stands alone is already beside it
+(topk.py, sparse.py, losses.py, io.py).
 """
 
 from __future__ import annotations

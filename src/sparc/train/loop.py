@@ -51,6 +51,9 @@ Several processes (``train.nproc``, :mod:`sparc.train.distributed`): each trains
 the same global batch (and of any per-sample draw for it) under DistributedDataParallel; the
 ``fired`` flags and the logged terms of step 6 and 7 are the global batch's (one all-reduce),
 so every process holds the same weights, counters and history, and rank 0 writes checkpoints.
+
+About 500 lines because the steps above share one step state (counters, optimizer, generators);
+what stands alone is already beside it (sampler.py, checkpoint.py, live.py, distributed.py).
 """
 
 from __future__ import annotations
