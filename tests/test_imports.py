@@ -3,8 +3,8 @@ no edge from a lower floor to a higher one.
 
 Floors, bottom first (a module may import its own floor and those below it):
 
-0. params, device, paths, npz, distributed: typed parameters, the one device picker, paths,
-   the npz writer, torchrun plumbing
+0. params, catalog, device, paths, npz, distributed: typed parameters, the datasets and model
+   families params may name, the one device picker, paths, the npz writer, torchrun plumbing
 1. data: datasets, downloads, the prepared-data format
 2. features, model: extractors and the feature store; the multi-stream SAE
 3. train, presets: the training loop and stage; the paper settings as overrides
@@ -21,7 +21,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FLOORS = [
-    {"params", "device", "paths", "npz", "distributed"},
+    {"params", "catalog", "device", "paths", "npz", "distributed"},
     {"data"},
     {"features", "model"},
     {"train", "presets"},
@@ -30,12 +30,6 @@ FLOORS = [
     {"report"},
     {"preflight", "api", "cli", "__main__", ""},
 ]
-# Upward edges not removed yet (issue 23): params validates dataset names and model specs with the
-# data and features packages' own tables. Each is an import inside a function.
-KNOWN_UPWARD = {("sparc.params", "sparc.data"), ("sparc.params", "sparc.features.registry")}
-# Edges of cycles not removed yet: features.registry checks h5:/npy: specs with features.precomputed,
-# which imports registry's ModelSpec (issue 25's new family; an import inside a function).
-KNOWN_CYCLE_EDGES = {("sparc.features.registry", "sparc.features.precomputed")}
 
 
 def module_name(path: Path) -> str:
@@ -75,15 +69,9 @@ def test_no_import_from_a_lower_floor_to_a_higher_one():
     upward = sorted(
         f"{a} (floor {floor(a)}) imports {b} (floor {floor(b)})"
         for a, targets in import_graph().items() for b in targets
-        if floor(b) > floor(a) and (a, b) not in KNOWN_UPWARD
+        if floor(b) > floor(a)
     )
     assert not upward, "\n".join(upward)
-
-
-def test_known_exceptions_still_exist():
-    """Remove an entry of KNOWN_UPWARD or KNOWN_CYCLE_EDGES once its import is gone."""
-    graph = import_graph()
-    assert all(b in graph[a] for a, b in KNOWN_UPWARD | KNOWN_CYCLE_EDGES)
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -126,6 +114,4 @@ def test_cycles_finds_a_cycle():
 
 
 def test_no_import_cycle():
-    known = KNOWN_UPWARD | KNOWN_CYCLE_EDGES
-    graph = {a: {b for b in targets if (a, b) not in known} for a, targets in import_graph().items()}
-    assert cycles(graph) == []
+    assert cycles(import_graph()) == []

@@ -168,7 +168,7 @@ def test_usae_preset_sets_the_usae_setting(usae, name, read, value):
 def test_usae_preset_streams_are_the_papers_three_models_on_images(usae):
     """ViT-B/16, DINOv2-S/14 with registers, SigLIP-B/16, by their hub names, all reading images;
     the specs pass `check` (load_params validated them) without any weights here."""
-    from sparc.features.registry import parse_spec
+    from sparc.catalog import parse_spec
 
     specs = {name: parse_spec(s.model) for name, s in usae.streams.items()}
     assert {name: s.input for name, s in usae.streams.items()} == {"vit": "image", "dino": "image", "siglip": "image"}

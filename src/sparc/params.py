@@ -23,6 +23,8 @@ from typing import Any, Literal, get_args, get_origin
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from sparc.catalog import DATASETS, check_spec
+
 
 class ParamsError(ValueError):
     """A parameter in params.yaml is missing, unknown or out of range; the message names it."""
@@ -351,8 +353,6 @@ def check_top_level(k: int, L: int, lam: float, topk: str, method: str) -> None:
 
 
 def check_data(data: DataParams) -> None:
-    from sparc.data import DATASETS
-
     if data.dataset not in DATASETS:
         raise ParamsError(
             f"data.dataset: unknown dataset {data.dataset!r} (known: {', '.join(sorted(DATASETS))})"
@@ -423,8 +423,6 @@ def check_clipart_options(options: ClipartOptions) -> None:
 
 
 def check_streams(streams: dict[str, StreamParams]) -> None:
-    from sparc.features.registry import check_spec
-
     if len(streams) < 2:
         raise ParamsError(
             f"streams: SPARC aligns several models, so at least two streams are needed, got "

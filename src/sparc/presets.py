@@ -67,7 +67,7 @@ def with_weights(models: dict[str, tuple[str, str]], weights: str) -> dict[str, 
     unchanged for ``pretrained``. ValueError for another value."""
     from dataclasses import replace
 
-    from sparc.features.registry import parse_spec
+    from sparc.catalog import parse_spec
 
     if weights not in WEIGHTS:
         raise ValueError(f"--weights: must be one of {', '.join(WEIGHTS)}, got {weights!r}")

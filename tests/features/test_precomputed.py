@@ -9,8 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
+from sparc.catalog import check_spec
 from sparc.features.precomputed import coco_row_ids, import_stream, openimages_row_ids
-from sparc.features.registry import build_extractor, check_spec
+from sparc.features.registry import build_extractor
 from sparc.features.store import FeatureStoreError, open_stream
 
 META = {"stream": "s", "model": "", "input": "image"}

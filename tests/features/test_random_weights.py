@@ -22,10 +22,11 @@ from transformers import (
     Dinov2WithRegistersModel,
 )
 
+from sparc.catalog import check_spec
 from sparc.features import random_weights as rw
 from sparc.features.extract import extract_stream
 from sparc.features.openclip import resolve_random
-from sparc.features.registry import build_extractor, check_spec
+from sparc.features.registry import build_extractor
 from sparc.features.store import open_stream
 from tests.features.test_openclip import CFG as CLIP_CFG
 

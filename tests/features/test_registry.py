@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from sparc.features.registry import ModelSpec, build_extractor, check_spec, parse_spec
+from sparc.catalog import ModelSpec, check_spec, parse_spec
+from sparc.features.registry import build_extractor
 
 
 @pytest.mark.parametrize(
@@ -122,7 +123,7 @@ def test_check_spec_imports_no_model_library():
 
     code = (
         "import sys\n"
-        "from sparc.features.registry import check_spec\n"
+        "from sparc.catalog import check_spec\n"
         "check_spec('transformers:google/vit-base-patch16-224?layer=8&pool=mean', 'image')\n"
         "check_spec('transformers:./models/bert?max_length=64', 'caption')\n"
         "check_spec('python:not_imported_module:Extractor', 'image')\n"

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sparc.catalog import check_spec
 from sparc.features.base import open_rgb
 from sparc.features.extract import extract_stream
-from sparc.features.registry import build_extractor, check_spec
+from sparc.features.registry import build_extractor
 from sparc.features.store import open_stream
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,30 +1,16 @@
 """Datasets: each yields aligned (id, image, caption, labels) samples and a label hierarchy.
 
-``DATASETS`` maps the ``data.dataset`` parameter to ``module:function`` of a
-:class:`~sparc.data.base.DatasetBuilder`; ``DOWNLOADS`` maps the datasets the `download` stage
-fetches to their downloader (``(options, raw_dir, base_url=, workers=) -> manifest path``, see
-:mod:`sparc.data.download`). Modules are imported only when used.
+``DATASETS`` and ``DOWNLOADS`` (:mod:`sparc.catalog`) name each dataset's builder and downloader;
+:func:`get_builder` and :func:`get_downloader` import them when used.
 """
 
 from __future__ import annotations
 
 import importlib
 
+from sparc.catalog import DATASETS, DOWNLOADS
 from sparc.data.base import DatasetBuild, Sample
 from sparc.data.hierarchy import Hierarchy
-
-DATASETS: dict[str, str] = {
-    "emoji": "sparc.data.emoji:build_emoji",
-    "clipart": "sparc.data.clipart:build_clipart",
-    "folder": "sparc.data.folder:build_folder",
-    "openimages": "sparc.data.openimages:build_openimages",
-    "coco": "sparc.data.coco:build_coco",
-}
-
-DOWNLOADS: dict[str, str] = {
-    "openimages": "sparc.data.openimages:download_openimages",
-    "coco": "sparc.data.coco:download_coco",
-}
 
 
 def get_builder(name: str):

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from sparc.catalog import ModelSpec
 from sparc.data.images import to_8bit
 from sparc.device import resolve_device
-from sparc.features.registry import ModelSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from sparc.catalog import ModelSpec
 from sparc.features.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -38,7 +39,6 @@ from sparc.features.base import (
     source_description,
 )
 from sparc.features.random_weights import config_source, seeded
-from sparc.features.registry import ModelSpec
 
 DINOV2_TYPES = ("dinov2", "dinov2_with_registers")
 RESIZE, CROP = 256, 224

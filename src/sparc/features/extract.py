@@ -38,13 +38,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from sparc.catalog import FAMILIES, check_spec
 from sparc.data.prepared import PreparedData
 from sparc.device import rank_device, resolve_device
 from sparc.distributed import World
 from sparc.features.base import Extractor
 from sparc.features.distributed import extract_sharded
 from sparc.features.random_weights import meta_fields
-from sparc.features.registry import FAMILIES, build_extractor, check_spec
+from sparc.features.registry import build_extractor
 from sparc.features.store import StreamWriter
 
 

@@ -70,6 +70,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from sparc.catalog import ModelSpec
 from sparc.features.base import (
     TRUNCATED,
     Extractor,
@@ -78,7 +79,6 @@ from sparc.features.base import (
     source_description,
 )
 from sparc.features.random_weights import config_source, seeded
-from sparc.features.registry import ModelSpec
 
 TOWERS = {"image": "vision_model", "caption": "text_model"}
 FEATURES = {"image": "get_image_features", "caption": "get_text_features"}

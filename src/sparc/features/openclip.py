@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from sparc.catalog import ModelSpec
 from sparc.features.base import TRUNCATED, Extractor, hub_offline
 from sparc.features.random_weights import seeded
-from sparc.features.registry import ModelSpec
 
 HF_WEIGHTS = "open_clip_pytorch_model.bin"
 PREPROCESS_KEYS = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation",

@@ -48,50 +48,22 @@ run ``dvc repro -f extract@<stream>``.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sparc.features.registry import ModelSpec
+from sparc.catalog import SPLIT, ModelSpec
 from sparc.features.store import FeatureStoreError, StreamWriter
 
 FAMILIES = ("h5", "npy")
-ROWS = ("ids", "openimages", "coco")
-OPTIONS = {"h5": ("key", "rows", "ids", "splits"), "npy": ("rows", "ids", "splits")}
 DEFAULT_SPLITS = ("train", "val", "test")
-SPLIT = "{split}"
 # The reference's split folder names -> the official split of each dataset.
 OPENIMAGES_SPLITS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
 COCO_SPLITS = {"train": "train2017", "val": "val2017"}
-_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 BLOCK = 65536
 HASH_CHUNK = 1 << 24
-
-
-def check_precomputed_spec(spec: ModelSpec, input: str) -> None:
-    """The options of an ``h5:``/``npy:`` spec (no file is read): known keys, ``rows`` one of
-    :data:`ROWS`, ``ids`` only with ``rows=ids``, ``splits`` only with ``{split}`` in the path."""
-    given = dict(spec.options)
-    for key in given:
-        if key not in OPTIONS[spec.family]:
-            raise ValueError(
-                f"model spec {str(spec)!r}: unknown option {key!r} (options of {spec.family}: "
-                f"{', '.join(OPTIONS[spec.family])})"
-            )
-    if given.get("rows", "ids") not in ROWS:
-        raise ValueError(f"model spec {str(spec)!r}: option rows={given['rows']!r} is not one of {', '.join(ROWS)}")
-    if "ids" in given and given.get("rows", "ids") != "ids":
-        raise ValueError(f"model spec {str(spec)!r}: option ids applies to rows=ids")
-    if "splits" in given:
-        if SPLIT not in spec.name:
-            raise ValueError(f"model spec {str(spec)!r}: option splits needs {SPLIT} in the path")
-        if not all(_NAME.fullmatch(s) for s in given["splits"].split(",")):
-            raise ValueError(f"model spec {str(spec)!r}: splits={given['splits']!r} is not a comma-separated list of names")
-    if given.get("rows", "ids") != "ids" and SPLIT not in spec.name:
-        raise ValueError(f"model spec {str(spec)!r}: rows={given['rows']} needs {SPLIT} in the path (one file per split)")
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import importlib
 
+from sparc.catalog import ModelSpec
 from sparc.features.base import Extractor
-from sparc.features.registry import ModelSpec
 
 
 def load_user_class(target: str) -> type[Extractor]:

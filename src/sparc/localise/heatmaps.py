@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from sparc.features.registry import parse_spec
+from sparc.catalog import parse_spec
 from sparc.localise.maps import cls_patch_map, grad_cam, gradient_rollout
 
 Target = Callable[[Tensor], Tensor]

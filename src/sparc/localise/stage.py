@@ -56,8 +56,8 @@ import torch
 from tqdm import tqdm
 
 from sparc import paths
+from sparc.catalog import parse_spec
 from sparc.data.prepared import load_annotations, load_prepared
-from sparc.features.registry import parse_spec
 from sparc.localise.heatmaps import SUPPORTED, build_localiser, float32_convolutions
 from sparc.localise.maps import binarise, gaussian_map, iou, place_map, summarise_ious
 from sparc.localise.overlays import CHANCE, OverlayQuery, write_overlays
