@@ -91,6 +91,7 @@ def test_every_path_computes_the_exact_scores(seed: int) -> None:
     latents in two different orders) scores are the formula's integers, whatever the order."""
     q, g = hard_pair(seed)
     qn, gn = r.fixed_point_rows(q), r.fixed_point_rows(g)
+    np.testing.assert_array_equal(qn.toarray(), formula_rows(q))
     want = formula_scores(q, g)
     index = r.InvertedIndex(gn)
     sparse = np.stack([r.query_scores(qn, index, i) for i in range(q.shape[0])])

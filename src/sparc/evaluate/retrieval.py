@@ -97,8 +97,15 @@ def fixed_point_rows(x: sp.csr_matrix | np.ndarray) -> sp.csr_matrix | np.ndarra
     if sp.issparse(x):
         mat = sp.csr_matrix(x, dtype=np.float64, copy=True)
         mat.sum_duplicates()
-        unit = l2_normalise_rows(mat)
-        return sp.csr_matrix((np.rint(unit.data * SCALE).astype(np.float32), unit.indices, unit.indptr), shape=unit.shape)
+        # l2_normalise_rows's arithmetic (its row norms; one product per entry), in place
+        norms = np.sqrt(np.asarray(mat.multiply(mat).sum(axis=1)).ravel())
+        scale = np.zeros_like(norms)
+        np.divide(1.0, norms, out=scale, where=norms > 0)
+        data = mat.data
+        data *= np.repeat(scale, np.diff(mat.indptr))
+        data *= SCALE  # a power of two: exact
+        np.rint(data, out=data)
+        return sp.csr_matrix((data.astype(np.float32), mat.indices, mat.indptr), shape=mat.shape)
     x = np.asarray(x)
     out = np.empty(x.shape, dtype=np.float32)
     for a in range(0, x.shape[0], 8192):  # the codes' computation, a block of rows at a time
