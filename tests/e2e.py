@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from sparc.params import read_yaml
@@ -62,23 +63,28 @@ def ran_stages(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
-def build_pipeline_repo(dst: Path) -> Path:
-    """Copy the repository to `dst` with tiny params, commit it (git identity `t`) and `dvc repro`.
-
-    `dvc.lock` is left uncommitted, as after a user's first run."""
+def committed_copy(dst: Path, edit_params: Callable[[dict], dict]) -> Path:
+    """Copy the repository's tracked files to `dst`, write back its params.yaml as `edit_params`
+    returns it (given the parsed file), and commit the copy (git identity `t`)."""
     for rel in tracked_files():
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dst / rel)
     from ruamel.yaml import YAML
 
-    raw = tiny_params(read_yaml(dst / "params.yaml"))
+    raw = edit_params(read_yaml(dst / "params.yaml"))
     with (dst / "params.yaml").open("w") as fh:
         YAML().dump(raw, fh)
-    run(["git", "init", "-q", "-b", "main"], dst)
-    run(["git", "config", "user.name", "t"], dst)
-    run(["git", "config", "user.email", "t@t"], dst)
-    run(["git", "add", "-A"], dst)
-    run(["git", "commit", "-qm", "copy"], dst)
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.name", "t"],
+                ["git", "config", "user.email", "t@t"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        run(cmd, dst)
+    return dst
+
+
+def build_pipeline_repo(dst: Path) -> Path:
+    """Copy the repository to `dst` with tiny params, commit it (git identity `t`) and `dvc repro`.
+
+    `dvc.lock` is left uncommitted, as after a user's first run."""
+    committed_copy(dst, tiny_params)
     run(["dvc", "repro"], dst)
     return dst
 

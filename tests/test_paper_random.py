@@ -11,16 +11,14 @@ steps at L 8192, localisation heat maps of two ViT-L towers on 2 composite queri
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from sparc.params import read_yaml
 from tests.data.remote_fixtures import openimages_files, serve_mirror
-from tests.e2e import ROOT, command_env, ran_stages, run, tracked_files
+from tests.e2e import command_env, committed_copy, ran_stages, run
 
 pytestmark = pytest.mark.slow
 
@@ -37,27 +35,16 @@ def offline_env() -> dict[str, str]:
                 https_proxy=dead, NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
 
 
-def committed_copy(dst: Path) -> Path:
-    """The repository at ``dst``, committed, with 2 localisation queries (the default 60 composite
-    queries of two ViT-L towers would take about 10 minutes here)."""
-    for rel in tracked_files():
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dst / rel)
-    from ruamel.yaml import YAML
-
-    raw = read_yaml(dst / "params.yaml")
+def few_queries(raw: dict) -> dict:
+    """2 localisation queries (the default 60 composite queries of two ViT-L towers would take
+    about 10 minutes here)."""
     raw["localise"].update(queries=2, overlays=2)
-    with (dst / "params.yaml").open("w") as fh:
-        YAML().dump(raw, fh)
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.name", "t"],
-                ["git", "config", "user.email", "t@t"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        run(cmd, dst)
-    return dst
+    return raw
 
 
 @pytest.fixture(scope="module")
 def paper_run(tmp_path_factory) -> tuple[Path, str]:
-    repo = committed_copy(tmp_path_factory.mktemp("paper_random"))
+    repo = committed_copy(tmp_path_factory.mktemp("paper_random"), few_queries)
     with serve_mirror({"openimages": openimages_files()}) as server:
         cmd = [sys.executable, "-m", "sparc", "paper", "--weights", "random", "--max-images", "4",
                "--base-url", server.url]

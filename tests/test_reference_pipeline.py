@@ -6,15 +6,13 @@ reference's Global TopK checkpoint imported by `train.init` with `train.epochs: 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sparc.params import read_yaml
 from tests.data.remote_fixtures import openimages_files, serve_mirror
-from tests.e2e import ROOT, ran_stages, run, tiny_params, tracked_files
+from tests.e2e import committed_copy, ran_stages, run, tiny_params
 
 pytestmark = pytest.mark.slow  # `dvc repro` of 9 stages: about 35 s
 
@@ -43,18 +41,8 @@ def reference_params(raw: dict, base_url: str) -> dict:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> tuple[Path, str]:
     dst = tmp_path_factory.mktemp("reference")
-    for rel in tracked_files():
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dst / rel)
-    from ruamel.yaml import YAML
-
     with serve_mirror({"openimages": openimages_files(SIZES)}) as server:
-        raw = reference_params(read_yaml(dst / "params.yaml"), server.url)
-        with (dst / "params.yaml").open("w") as fh:
-            YAML().dump(raw, fh)
-        for cmd in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.name", "t"],
-                    ["git", "config", "user.email", "t@t"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-            run(cmd, dst)
+        committed_copy(dst, lambda raw: reference_params(raw, server.url))
         out = run(["dvc", "repro"], dst).stdout
     return dst, out
 

@@ -10,7 +10,6 @@ partial and finished files live in the download cache beside the output
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -18,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from sparc.data import openimages as oi
-from sparc.params import read_yaml
 from tests.data.remote_fixtures import (
     SLOW_PIECE,
     coco_files,
@@ -28,27 +26,20 @@ from tests.data.remote_fixtures import (
     serve_mirror,
     wait_for,
 )
-from tests.e2e import ROOT, command_env, run, tracked_files
+from tests.e2e import command_env, committed_copy, run
 
 pytestmark = pytest.mark.slow
 
 
 def download_repo(dst: Path, base_url: str) -> Path:
     """A committed copy of the repository set to download openimages from ``base_url``."""
-    for rel in tracked_files():
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dst / rel)
-    from ruamel.yaml import YAML
 
-    raw = read_yaml(dst / "params.yaml")
-    raw["data"]["dataset"] = "openimages"
-    raw["download"].update(base_url=base_url, workers=4)
-    with (dst / "params.yaml").open("w") as fh:
-        YAML().dump(raw, fh)
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.name", "t"],
-                ["git", "config", "user.email", "t@t"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        run(cmd, dst)
-    return dst
+    def edit(raw: dict) -> dict:
+        raw["data"]["dataset"] = "openimages"
+        raw["download"].update(base_url=base_url, workers=4)
+        return raw
+
+    return committed_copy(dst, edit)
 
 
 def test_killed_exp_run_resumes_and_switching_dataset_keeps_the_download(tmp_path: Path) -> None:
