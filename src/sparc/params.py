@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -76,11 +77,17 @@ class CocoOptions:
 
 @dataclasses.dataclass(frozen=True)
 class DataParams:
+    """``data``: the dataset, its subset and split, and where its labels come from: ``labels_from``
+    ``dataset`` (its own) or ``captions`` (WordNet pseudo-labels of the captions' nouns, cut to
+    ``wordnet_depth`` levels below entity.n.01; any dataset, sparc.data.wordnet)."""
+
     dataset: str = "emoji"
     max_samples: int = 0
     split_seed: int = 0
     val_fraction: float = 0.1
     test_fraction: float = 0.2
+    labels_from: Literal["dataset", "captions"] = "dataset"
+    wordnet_depth: int = 6
     emoji: EmojiOptions = dataclasses.field(default_factory=EmojiOptions)
     clipart: ClipartOptions = dataclasses.field(default_factory=ClipartOptions)
     folder: FolderOptions = dataclasses.field(default_factory=FolderOptions)
@@ -148,6 +155,10 @@ class ConceptsParams:
     top_n: int = 50
     purity_threshold: float = 0.3
     split: Literal["train", "val", "test", "all"] = "test"
+    text_words: int = 3           # caption terms kept per latent and stream (sparc.evaluate.text_names)
+    text_min_score: float = 3.0   # text name only when the best term's log-odds z-score reaches this
+    text_vocab: int = 20000       # the most frequent terms (uni- and bigrams) of the split's captions; 0 = all
+    zero_shot_vocab: int = 0      # caption streams: name each latent by the best of this many terms; 0 = off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,6 +381,12 @@ def check_data(data: DataParams) -> None:
             "data.folder.csv: empty; set it to your CSV with columns id,image,caption,labels "
             "(docs/datasets.md, Bring your own data)"
         )
+    _positive({"wordnet_depth": data.wordnet_depth}, "data")
+    if data.labels_from == "captions" and data.dataset == "folder" and data.folder.hierarchy.strip():
+        raise ParamsError(
+            "data.folder.hierarchy: data.labels_from: captions replaces the labels and their hierarchy "
+            "by WordNet's; set data.folder.hierarchy: '' (or data.labels_from: dataset)"
+        )
     check_emoji_options(data.emoji)
     check_clipart_options(data.clipart)
     check_split_list(data.openimages.splits, OPENIMAGES_SPLITS, "data.openimages.splits")
@@ -491,7 +508,10 @@ def check_train(t: TrainParams, topk: str = "global", method: str = "sparc") -> 
 
 
 def check_concepts(c: ConceptsParams) -> None:
-    _positive({"top_n": c.top_n}, "concepts")
+    _positive({"top_n": c.top_n, "text_words": c.text_words}, "concepts")
+    _positive({"text_vocab": c.text_vocab, "zero_shot_vocab": c.zero_shot_vocab}, "concepts", minimum=0)
+    if not math.isfinite(c.text_min_score):
+        raise ParamsError(f"concepts.text_min_score: must be a finite number, got {c.text_min_score}")
     if not 0.0 <= c.purity_threshold <= 1.0:
         raise ParamsError(f"concepts.purity_threshold: must be in [0, 1], got {c.purity_threshold}")
 

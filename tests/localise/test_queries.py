@@ -228,7 +228,7 @@ def test_the_stage_scores_every_image_and_category_pair_in_masks_mode(coco_like:
     sae = save_sae(MultiStreamSAE(SAEConfig(dims=dims, L=8, k=3), seed=0), tmp_path / "sae")
     embed = FakeEmbed()
     monkeypatch.setattr(localise_stage, "build_localiser", lambda spec, layers: RedLocaliser(dims["effnet"]))
-    monkeypatch.setattr(localise_stage, "prompt_embedder", lambda spec: embed)
+    monkeypatch.setattr(localise_stage, "caption_embedder", lambda spec: embed)
     out = localise_stage.run_localise(params, sae_dir=sae, features_root=tmp_path / "features",
                                       prepared_dir=coco_like, concepts_dir=tmp_path, out_dir=tmp_path / "out",
                                       progress=False)

@@ -15,7 +15,7 @@ with instance masks, coco, and ``composite`` otherwise):
   included, in category id order; an image without instances gives none); the mask is
   :func:`sparc.data.coco.category_mask`, the union of the category's instances at the image's
   size; the text is ``localise.prompt.format(category)`` and its feature the caption stream's
-  model run on that text (once per category, :func:`prompt_embedder`), rounded to float16 as the
+  model run on that text (once per category, :func:`sparc.features.registry.caption_embedder`), rounded to float16 as the
   feature store keeps the stored caption features.
 
 Either builder returns the pairs and, per caption stream asked for, the text features ``[P, d]``
@@ -26,7 +26,7 @@ pairs of 640 x 480 images) never sits in memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -150,24 +150,3 @@ def mask_queries(prepared: PreparedData, annotations: Mapping[str, Mapping], lp:
             raise ValueError(f"localise: stream {stream} gave features {feats.shape} for {len(prompts)} prompts")
         out[stream] = feats[order]
     return pairs, out
-
-
-def prompt_embedder(spec: str, batch_size: int = 256) -> Embed:
-    """Texts -> ``[n, d]`` float32 features of the caption stream's model ``spec``, computed as the
-    extract stage does (``embed(collate(texts))``, inference mode, in batches of ``batch_size``)
-    and rounded to float16 as the feature store keeps them."""
-    import torch
-
-    from sparc.features.registry import build_extractor
-
-    extractor = build_extractor(spec, "caption")
-
-    def embed(texts: Sequence[str]) -> np.ndarray:
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                batch = extractor.collate(list(texts[start : start + batch_size]))
-                out.append(extractor.embed(batch).float().cpu().numpy())
-        return np.concatenate(out).astype(np.float16).astype(np.float32)
-
-    return embed

@@ -58,10 +58,11 @@ from tqdm import tqdm
 from sparc import paths
 from sparc.catalog import parse_spec
 from sparc.data.prepared import load_annotations, load_prepared
+from sparc.features.registry import caption_embedder
 from sparc.localise.heatmaps import SUPPORTED, build_localiser, float32_convolutions
 from sparc.localise.maps import binarise, gaussian_map, iou, place_map, summarise_ious
 from sparc.localise.overlays import CHANCE, OverlayQuery, write_overlays
-from sparc.localise.queries import QueryPair, composite_queries, mask_queries, prompt_embedder
+from sparc.localise.queries import QueryPair, composite_queries, mask_queries
 from sparc.params import LocaliseParams, Params, ParamsError, check_localise, localise_source
 
 IOU_THRESHOLD = 0.2
@@ -255,7 +256,7 @@ def query_pairs(params: Params, source: str, prepared, features, caption_streams
     the text features ``[P, d]`` of their queries (:mod:`sparc.localise.queries`)."""
     streams = list(dict.fromkeys(caption_streams))
     if source == "masks":
-        embedders = {c: prompt_embedder(params.streams[c].model) for c in streams}
+        embedders = {c: caption_embedder(params.streams[c].model) for c in streams}
         return mask_queries(prepared, load_annotations(prepared.root), params.localise, embedders)
     return composite_queries(prepared, params.localise, {c: features[c].features for c in streams})
 
