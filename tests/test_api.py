@@ -86,7 +86,8 @@ def build_repo(root: Path, tiny_inputs) -> Path:
     raw = {
         "L": L, "k": K, "streams": STREAMS,
         "data": {"dataset": DATASET},
-        "concepts": {"top_n": TOP_N, "purity_threshold": 0.3},
+        # captions are "caption <i>", each term on one caption: a low score threshold names them
+        "concepts": {"top_n": TOP_N, "purity_threshold": 0.3, "text_min_score": 0.0},
         "evaluate": {"batch_size": 64},
     }
     (root / "params.yaml").write_text(json.dumps(raw, indent=1) + "\n")  # JSON is YAML
@@ -392,6 +393,24 @@ def test_search(run) -> None:
     assert not run.search("flag", kind="per_stream").empty
     with pytest.raises(ValueError, match="no letters or digits"):
         run.search(" - ")
+
+
+def test_search_finds_text_names(run) -> None:
+    """Names from captions are searched too: the fixture's captions are "caption <i>", so a
+    latent's text name (a number, or "caption <i>") matches no label name."""
+    joint = run.concepts
+    assert {f"{s}_text_name" for s in STREAMS} <= set(joint.columns)
+    named = joint[joint.clip_txt_text_name != ""]
+    assert not named.empty
+    latent, text = int(named.latent.iloc[0]), named.clip_txt_text_name.iloc[0]
+    hits = run.search(text)
+    assert list(hits.columns[:6]) == ["latent", "match", "agreed_name", "n_streams", "mean_purity", "n_text_streams"]
+    row = hits[hits.latent == latent].iloc[0]
+    assert row.match == "exact" and row.n_text_streams >= 1 and row.clip_txt_text_name == text
+    assert (hits.n_streams == 0).all() and (hits.mean_purity == 0).all()  # no label name holds a number
+    expected = {int(r.latent) for r in joint.itertuples()
+                if any(_match_quality(_tokens(text), getattr(r, f"{s}_text_name")) for s in STREAMS)}
+    assert set(hits.latent) == expected
 
 
 def test_match_quality() -> None:

@@ -8,7 +8,7 @@
     run.streams, run.L, run.k, run.topk       # from data/sae/config.json
     codes = run.encode({"vit": x})            # numpy [N, d] in, SparseCodes out
     xhat = run.decode(codes, "minilm", source="vit")
-    run.search("cat face")                    # latents named after a concept
+    run.search("cat face")                    # latents named after a concept (labels or captions)
     run.top_samples(28, "vit")                # the samples a latent fires on most
 
 What each method reads (paths relative to the repository root, as in ``dvc.yaml``;
@@ -555,7 +555,8 @@ class Run:
                     f"{csv_path.parent}: concepts were computed from codes of another model than "
                     f"{self.sae_dir / SAE_FILES[0]}; run `dvc repro encode concepts`"
                 )
-            text = [f"{s}_{c}" for s in self.streams for c in ("label", "name")] + ["agreed_name"]
+            text = [f"{s}_{c}" for s in self.streams
+                    for c in ("label", "name", "text_name", "text_words", "zero_shot_name")] + ["agreed_name"]
             table = pd.read_csv(csv_path, keep_default_na=False, dtype=dict.fromkeys(text, str))
             if table["latent"].tolist() != list(range(self.L)):
                 raise RunMismatchError(f"{csv_path}: expected one row per latent 0..{self.L - 1}; "
@@ -568,7 +569,11 @@ class Run:
         """``reports/concepts/concepts.csv`` (joint codes): one row per latent (row ``l`` = latent
         ``l``) with ``latent``, per stream ``<s>_n_active``, ``<s>_label``, ``<s>_name`` ('' when
         the purity is below the threshold), ``<s>_purity``, and ``agreed_name`` ('' unless every
-        stream names the latent with the same label). See :mod:`sparc.evaluate.concepts`."""
+        stream names the latent with the same label); then the names from captions, per stream
+        ``<s>_text_name`` ('' below ``concepts.text_min_score``), ``<s>_text_score``,
+        ``<s>_text_words`` ('|'-joined), and per caption stream ``<s>_zero_shot_name``,
+        ``<s>_zero_shot_score`` when ``concepts.zero_shot_vocab`` > 0. See
+        :mod:`sparc.evaluate.concepts` and :mod:`sparc.evaluate.text_names`."""
         return self._concept_table("joint")
 
     @property
@@ -581,15 +586,18 @@ class Run:
 
         Matching is case-insensitive on word tokens (space, ``-``, ``_`` and other punctuation
         separate them, so "cat face", "Cat-Face" and "cat_face" are the same query), against
-        every stream's ``<s>_name`` and ``agreed_name`` of the ``kind`` concepts. A name
-        matches ``exact`` (same tokens), ``phrase`` (the query's tokens consecutively, e.g.
-        "cat face" in "cat-face-smiling"), ``words`` (each query token, in any order) or
-        ``partial`` (each query token inside the name, e.g. "fla" in "flag").
+        every stream's label-derived ``<s>_name`` and ``agreed_name``, and its names from captions
+        (``<s>_text_name``, ``<s>_zero_shot_name``; :mod:`sparc.evaluate.text_names`), of the
+        ``kind`` concepts. A name matches ``exact`` (same tokens), ``phrase`` (the query's tokens
+        consecutively, e.g. "cat face" in "cat-face-smiling"), ``words`` (each query token, in
+        any order) or ``partial`` (each query token inside the name, e.g. "fla" in "flag").
 
-        Columns: ``latent``, ``match`` (a latent's best match), ``agreed_name``, ``n_streams``
-        (streams whose name matches), ``mean_purity`` (over those streams), then per stream
-        ``<s>_name`` and ``<s>_purity``. Order: match quality, an agreed-name match first, more
-        matching streams, higher mean purity, lower latent. No match: an empty table.
+        Columns: ``latent``, ``match`` (a latent's best match over all its names), ``agreed_name``,
+        ``n_streams`` (streams whose label-derived name matches), ``mean_purity`` (over those
+        streams, 0 when none), ``n_text_streams`` (streams whose text or zero-shot name matches),
+        then per stream ``<s>_name``, ``<s>_purity``, ``<s>_text_name``. Order: match quality, an
+        agreed-name match first, more label-name streams, higher mean purity, more text-name
+        streams, lower latent. No match: an empty table.
         """
         import pandas as pd
 
@@ -597,24 +605,28 @@ class Run:
         if not q:
             raise ValueError(f"search: the query {query!r} has no letters or digits")
         table = self._concept_table(kind)
-        columns = ["latent", "match", "agreed_name", "n_streams", "mean_purity"]
+        columns = ["latent", "match", "agreed_name", "n_streams", "mean_purity", "n_text_streams"]
         for s in self.streams:
-            columns += [f"{s}_name", f"{s}_purity"]
+            columns += [f"{s}_name", f"{s}_purity", f"{s}_text_name"]
         rows, keys = [], []
         for rec in table.to_dict("records"):
             per_stream = {s: _match_quality(q, rec[f"{s}_name"]) for s in self.streams}
+            per_text = {s: max(_match_quality(q, rec.get(f"{s}_text_name", "")),
+                               _match_quality(q, rec.get(f"{s}_zero_shot_name", ""))) for s in self.streams}
             agreed = _match_quality(q, rec["agreed_name"])
-            best = max([agreed, *per_stream.values()])
+            best = max([agreed, *per_stream.values(), *per_text.values()])
             if best == 0:
                 continue
             matched = [s for s, m in per_stream.items() if m > 0]
             purity = float(np.mean([rec[f"{s}_purity"] for s in matched])) if matched else 0.0
+            n_text = sum(m > 0 for m in per_text.values())
             row = {"latent": int(rec["latent"]), "match": MATCHES[4 - best], "agreed_name": rec["agreed_name"],
-                   "n_streams": len(matched), "mean_purity": purity}
+                   "n_streams": len(matched), "mean_purity": purity, "n_text_streams": n_text}
             for s in self.streams:
                 row[f"{s}_name"] = rec[f"{s}_name"]
                 row[f"{s}_purity"] = float(rec[f"{s}_purity"])
+                row[f"{s}_text_name"] = rec.get(f"{s}_text_name", "")
             rows.append(row)
-            keys.append((-best, -(agreed > 0), -len(matched), -purity, row["latent"]))
+            keys.append((-best, -(agreed > 0), -len(matched), -purity, -n_text, row["latent"]))
         order = sorted(range(len(rows)), key=keys.__getitem__)
         return pd.DataFrame([rows[i] for i in order], columns=columns)

@@ -97,15 +97,16 @@ def _image(path: Path, labels: tuple[str, ...]) -> None:
     im.save(path)
 
 
-def build_run(root: Path, tiny_inputs, captions_per_image: int = 1) -> Run:
+def build_run(root: Path, tiny_inputs, captions_per_image: int = 1, keep_labels: bool = True) -> Run:
     """The stages up to evaluate on planted data (``tiny_inputs``: the conftest fixture); with ``captions_per_image`` > 1, consecutive
-    samples share an image (a group, as Open Images' narratives)."""
+    samples share an image (a group, as Open Images' narratives); ``keep_labels`` False: samples
+    without labels (their captions still name the planted concepts)."""
     def sample(i: int, sid: str, labels: tuple[str, ...], images: Path) -> Sample:
         group = f"img{i // captions_per_image}" if captions_per_image > 1 else ""
         img = images / f"{group or sid}.png"
         if not img.exists():
             _image(img, labels)
-        return Sample(sid, img, "a picture of " + " and ".join(labels), labels, group=group)
+        return Sample(sid, img, "a picture of " + " and ".join(labels), labels if keep_labels else (), group=group)
 
     made = tiny_inputs(root, STREAMS, DIMS, L=L, k=K, n_samples=200, sample=sample)
     prepared, features, sae = made.prepared, made.features, made.sae
@@ -212,10 +213,47 @@ def test_search_matches_concept_names(data: dict) -> None:
     hits = search_matches(data, query.upper())
     assert hits == search_matches(data, f"  {query} ")
     for e in data["latents"]:
-        names = [e["agreed"], *e["name"].values()] + [
+        names = [e["agreed"], *e["name"].values(), *e["text"].values()] + [
             n for k in e["kinds"].values() for n in (k["agreed"], *(v["name"] for v in k["stream"].values()))
-        ]
+        ] + [n for k in e["kinds"].values() for v in k["stream"].values() for n in (v["text"], *v["words"])]
         assert (e["l"] in hits) == any(query in n.lower() for n in names)
+
+
+def test_text_names_are_shown_and_searched(run: Run, data: dict) -> None:
+    """Each latent's text names and top terms (sparc.evaluate.text_names) come from the concepts
+    CSVs, and the search finds a latent by a term no label name holds."""
+    tables = {k: read_csv(run.concepts / n) for k, n in (("joint", "concepts.csv"), ("per_stream", "concepts_per_stream.csv"))}
+    texts = set()
+    for e in data["latents"]:
+        for s in STREAMS:
+            assert e["text"][s] == tables["joint"][e["l"]][f"{s}_text_name"]
+            for kind, table in tables.items():
+                v = e["kinds"][kind]["stream"][s]
+                row = table[e["l"]]
+                assert v["text"] == row[f"{s}_text_name"]
+                assert v["words"] == [w for w in row[f"{s}_text_words"].split("|") if w]
+                assert v["text_score"] == (pytest.approx(float(row[f"{s}_text_score"])) if row[f"{s}_text_score"] else None)
+                texts.update(v["words"])
+    label_names = " ".join(
+        n.lower() for e in data["latents"] for k in e["kinds"].values()
+        for n in (e["agreed"], k["agreed"], *(v["name"] for v in k["stream"].values()))
+    )
+    holder = {w: e["l"] for e in data["latents"] for k in e["kinds"].values() for v in k["stream"].values()
+              for w in v["words"] if w not in label_names}
+    assert holder, "the fixture's captions should give terms no label name holds"
+    term, latent = sorted(holder.items())[0]
+    assert latent in search_matches(data, term.upper())
+
+
+def test_a_run_without_labels_shows_and_searches_text_names(tmp_path: Path, tiny_inputs) -> None:
+    run = build_run(tmp_path, tiny_inputs, keep_labels=False)
+    data = embedded_data(run.build(tmp_path / "browser") / "index.html")
+    assert data["latents"] and not data["labels"]
+    assert all(not e["agreed"] and not any(e["name"].values()) for e in data["latents"])
+    named = [e for e in data["latents"] if any(e["text"].values())]
+    assert named
+    text = next(t for t in named[0]["text"].values() if t)
+    assert named[0]["l"] in search_matches(data, text)
 
 
 def test_top_samples_and_label_counts_match_the_concepts(run: Run, data: dict) -> None:
@@ -439,6 +477,7 @@ def test_page_in_headless_chromium(chrome, browser: Path, data: dict, tmp_path: 
     assert _wait(lambda: rows() == every), "the table should list every live latent, by latent id"
     headers = [th.text for th in chrome.find_elements(By.CSS_SELECTOR, "#latents thead th")]
     assert headers[:2] == ["latent", "agreed name"] and f"freq {next(iter(STREAMS))}" in headers
+    assert [f"{s} text name" for s in STREAMS] == [h for h in headers if h.endswith(" text name")]
 
     # sort: a click on "latent" reverses the order
     chrome.find_element(By.CSS_SELECTOR, '#latents thead th[data-col="0"]').click()

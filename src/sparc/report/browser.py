@@ -22,15 +22,17 @@ The page:
 
 * **Latent table**: the live latents (firing on the test split in at least one stream under the
   joint codes: ``alive_in != none`` in latents.csv, ``jaccard.joint.n_live`` of metrics.json), one
-  row each: latent, agreed name, per stream its name and purity, the per-latent hierarchical
+  row each: latent, agreed name, per stream its name and purity, per stream its text name
+  (joint codes; :mod:`sparc.evaluate.text_names`: the caption term that best sets its top samples
+  apart, there with labels or without), the per-latent hierarchical
   Jaccard at the deepest depth (joint and per-stream codes), activation pattern, firing frequency
   per stream. A click on a header sorts by it (again: reverse; empty cells last). The search box
   keeps the latents one of whose concept names contains the query (case-insensitive substring of
-  the agreed name or any stream's name under either kind of codes; :func:`search_matches` is the
-  same rule in Python).
+  the agreed name, any stream's name, text name, top terms or zero-shot name under either kind of
+  codes; :func:`search_matches` is the same rule in Python).
 * **Latent panel** (``#latent-<i>``, opened by clicking a row; Escape or the close button goes
-  back): its statistics (per stream name, dominant label, purity, firings, frequency, under both
-  kinds of codes; Jaccard at every depth; pattern; firing entropy and co-firing), its top
+  back): its statistics (per stream name, dominant label, purity, text name and top terms with
+  the best term's z-score, zero-shot name, firings, frequency, under both kinds of codes; Jaccard at every depth; pattern; firing entropy and co-firing), its top
   ``figures.top_n`` samples per stream on the concepts split (thumbnails for image streams,
   captions for caption streams, with activations; joint or per-stream codes, a toggle), and its
   label distributions: the counts of the labels among the top ``concepts.top_n`` samples (the
@@ -80,6 +82,7 @@ from sparc.evaluate.run_files import (
     read_json_object,
     split_rows,
 )
+from sparc.evaluate.text_names import TERM_SEP
 from sparc.localise.overlays import CHANCE, Overlays, read_overlays
 from sparc.params import Params, check_figures
 from sparc.report import localise_figure as LF
@@ -254,6 +257,7 @@ def browser_data(
             "l": i,
             "agreed": r["agreed_name"],
             "name": {s: r[f"name_{s}"] for s in streams},
+            "text": {s: concept_tables["joint"][i].get(f"{s}_text_name", "") for s in streams},
             "purity": {s: csv_number(r[f"purity_{s}"]) for s in streams},
             "freq": {s: csv_number(r[f"freq_{s}"]) for s in streams},
             "jac": {
@@ -281,6 +285,7 @@ def browser_data(
                     label_index.setdefault(col_of[dominant], len(label_index))
                 k_entry["stream"][s] = {
                     "name": c[f"{s}_name"],
+                    **text_entry(c, s),
                     "label": label_index[col_of[dominant]] if dominant in col_of else None,
                     "purity": csv_number(c[f"{s}_purity"]),
                     "n_active": int(c[f"{s}_n_active"]),
@@ -360,13 +365,30 @@ def browser_data(
     }
 
 
+def text_entry(concept_row: dict, s: str) -> dict:
+    """Stream ``s``'s text names in a concepts CSV row (:mod:`sparc.evaluate.text_names`):
+    ``text`` (name, '' below the score threshold), ``text_score`` (its z, None without terms),
+    ``words`` (the top terms) and, for caption streams with zero-shot names, ``zero_shot``."""
+    words = concept_row.get(f"{s}_text_words", "")
+    out = {
+        "text": concept_row.get(f"{s}_text_name", ""),
+        "text_score": csv_number(concept_row.get(f"{s}_text_score")),
+        "words": words.split(TERM_SEP) if words else [],
+    }
+    if f"{s}_zero_shot_name" in concept_row:
+        out["zero_shot"] = concept_row[f"{s}_zero_shot_name"]
+    return out
+
+
 def search_key(entry: dict) -> str:
-    """The text the search box matches: every concept name of a latent entry, lower-cased,
-    newline-joined (the page's ``search`` field)."""
-    names = [entry["agreed"], *entry["name"].values()]
+    """The text the search box matches: every concept name of a latent entry (label-derived,
+    text names, their top terms, zero-shot names), lower-cased, newline-joined (the page's
+    ``search`` field)."""
+    names = [entry["agreed"], *entry["name"].values(), *entry.get("text", {}).values()]
     for k in entry.get("kinds", {}).values():
         names.append(k.get("agreed", ""))
-        names.extend(v["name"] for v in k["stream"].values())
+        for v in k["stream"].values():
+            names.extend([v["name"], v.get("text", ""), *v.get("words", []), v.get("zero_shot", "")])
     seen: list[str] = []
     for n in names:
         n = n.strip().lower()

@@ -30,6 +30,7 @@ const COLS = [
     {title: s + " name", get: e => e.name[s]},
     {title: s + " purity", num: true, get: e => e.purity[s], fmt: x => fmt(x, 2)},
   ]),
+  ...STREAMS.map(s => ({title: s + " text name", get: e => e.text[s]})),
   {title: "Jaccard d" + (D.depths[DEEP] ?? "") + " joint", num: true, get: e => e.jac.joint[DEEP]},
   {title: "Jaccard d" + (D.depths[DEEP] ?? "") + " per-stream", num: true, get: e => e.jac.per_stream[DEEP]},
   {title: "pattern", get: e => e.pattern.joint, show: e => el("span", {class: "pill " + e.pattern.joint, title: "fires in: " + e.alive_in.joint + " (per-stream codes: " + e.alive_in.per_stream + ")", text: e.pattern.joint})},
@@ -127,11 +128,13 @@ function distBlock(title, dist) {
 
 function statsTable(e) {
   const t = el("table", {class: "data"});
-  t.append(el("tr", {}, ...["stream", "codes", "name", "dominant label", "purity", `firings (${D.concepts_split})`, `freq (${D.eval_split}, joint)`].map(h => el("th", {text: h}))));
+  t.append(el("tr", {}, ...["stream", "codes", "name", "dominant label", "purity", "text name", "top terms (z of the first)", "zero-shot name", `firings (${D.concepts_split})`, `freq (${D.eval_split}, joint)`].map(h => el("th", {text: h}))));
   for (const s of STREAMS) for (const k of Object.keys(KIND_TITLE)) {
     const v = e.kinds[k].stream[s];
     t.append(el("tr", {}, el("td", {text: `${s} (${INPUT[s]})`}), el("td", {text: KIND_TITLE[k]}), el("td", {text: v.name}),
       el("td", {text: v.label === null ? "" : label(v.label), title: v.label === null ? null : D.labels[v.label][0]}), el("td", {class: "num", text: fmt(v.purity, 3)}),
+      el("td", {class: "text-name", text: v.text}), el("td", {text: v.words.join(", ") + (v.words.length ? ` (${fmt(v.text_score, 1)})` : "")}),
+      el("td", {text: v.zero_shot || ""}),
       el("td", {class: "num", text: int(v.n_active)}), el("td", {class: "num", text: k === "joint" ? pct(e.freq[s]) : ""})));
   }
   const g = el("table", {class: "data"});
@@ -163,7 +166,8 @@ function renderPanel() {
   for (const s of STREAMS) {
     const v = e.kinds[kind].stream[s];
     const sec = el("section", {class: "stream", "data-stream": s});
-    sec.append(el("h3", {text: `${s} (${INPUT[s]}): ${v.name || "unnamed"}` + (v.purity !== null ? `, purity ${fmt(v.purity, 2)}` : "")}));
+    sec.append(el("h3", {text: `${s} (${INPUT[s]}): ${v.name || "unnamed"}` + (v.purity !== null ? `, purity ${fmt(v.purity, 2)}` : "") +
+      `; text: ${v.text || "none"}`}));
     if (!v.top.length) sec.append(el("p", {class: "muted", text: `never fires on the ${D.concepts_split} split`}));
     else if (INPUT[s] === "image") sec.append(el("div", {class: "thumbs"}, ...v.top.map(([row, a]) => thumb(row, "activation " + fmt(a)))));
     else sec.append(el("ol", {class: "captions"}, ...v.top.map(([row, a]) => el("li", {}, D.samples[String(row)].caption, el("span", {class: "act", text: fmt(a)})))));
