@@ -5,10 +5,12 @@ prepared dataset has real generated PNG images)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.text
 import numpy as np
 import pytest
 from PIL import Image
@@ -153,6 +155,26 @@ def test_latent_figure(kinds: dict[str, str], tmp_path: Path) -> None:
     fig = F.latent_figure(view_for(kinds, images, 5), top_n=4, thumb_px=48)
     w, h = assert_png(F.save_png(fig, tmp_path / "latent.png"))
     assert w > 300 and h > 300
+
+
+def test_latent_figure_shows_text_names(tmp_path: Path) -> None:
+    """A column's text name (sparc.evaluate.text_names) is drawn under its label-derived name;
+    without any, the header keeps its former lines."""
+    images = make_images(tmp_path / "images", 2)
+    kinds = {"img": "image", "txt": "caption"}
+    plain = view_for(kinds, images, 3)
+    texts = F.LatentView(plain.latent, plain.title, plain.note,
+                         [dataclasses.replace(plain.columns[0], text="red apple"), plain.columns[1]])
+
+    def drawn(fig) -> str:
+        return "\n".join(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+
+    with_text = F.latent_figure(texts, 4, 48)
+    assert "text: red apple" in drawn(with_text) and "text: none" in drawn(with_text)
+    assert "text:" not in drawn(F.latent_figure(plain, 4, 48))
+    _, h_plain = assert_png(F.save_png(F.latent_figure(plain, 4, 48), tmp_path / "a.png"))
+    _, h_text = assert_png(F.save_png(with_text, tmp_path / "b.png"))
+    assert h_text > h_plain
 
 
 def test_latent_figure_height_follows_the_samples(tmp_path: Path) -> None:
@@ -373,10 +395,13 @@ def test_run_figures_end_to_end(mixed: Run) -> None:
         assert_png(p)
     reasons = [r for lat in index["latents"] for r in lat["reasons"]]
     assert "best:1" in reasons and f"concept:{concept}" in reasons
+    with (mixed.concepts / "concepts.csv").open(newline="") as fh:
+        concept_rows = list(csv.DictReader(fh))
     for lat in index["latents"]:
         assert (out / lat["file"]).is_file()
         assert any(lat["top_samples"].values())
         assert set(lat["purity"]) == {"img_a", "img_b", "txt"}
+        assert lat["text_names"] == {s: concept_rows[lat["latent"]][f"{s}_text_name"] for s in ("img_a", "img_b", "txt")}
     assert index["skipped_concepts"] == [{"concept": "no-such-concept", "reason": "no latent is named 'no-such-concept' in any stream"}]
     ret = index["retrieval_examples"]
     assert ret["query_stream"] == "txt" and ret["image_streams"] == ["img_a", "img_b"]

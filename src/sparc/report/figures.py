@@ -323,7 +323,8 @@ class TopSample:
 @dataclass(frozen=True)
 class LatentColumn:
     """One stream's side of a latent: its concept name ('' when unnamed), purity, how many
-    evaluated samples it fires on, and its top samples (best first)."""
+    evaluated samples it fires on, its top samples (best first), and its text name (the best
+    caption term of :mod:`sparc.evaluate.text_names`, '' when none)."""
 
     stream: str
     input: str  # image | caption
@@ -331,6 +332,7 @@ class LatentColumn:
     purity: float
     n_active: int
     samples: list[TopSample]
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -453,8 +455,9 @@ def _caption_cell(grid: _Grid, x: float, y: float, w: float, h: float, text: str
 def latent_figure(view: LatentView, top_n: int, thumb_px: int, thumbs: Thumbnails | None = None) -> Figure:
     """One latent's top ``top_n`` activating samples, one column per stream (from the joint codes):
     a thumbnail for an image stream, the wrapped caption for a caption stream, each with its
-    activation. Column titles: stream, its concept name and purity, how many samples it fires on.
-    A green frame marks a sample carrying that stream's dominant label.
+    activation. Column titles: stream, its concept name, its text name (when any column has
+    one), purity, how many samples it fires on. A green frame marks a sample carrying that
+    stream's dominant label.
 
     ValueError when the latent fires in no stream (nothing to show).
     """
@@ -466,7 +469,8 @@ def latent_figure(view: LatentView, top_n: int, thumb_px: int, thumbs: Thumbnail
     cap_w = 2.5
     cell_h = max(thumb + 0.2, 0.72)
     gap, margin = 0.15, 0.2
-    title_h, header_h, foot_h = 0.62, 0.72, 0.3
+    texts = any(c.text for c in view.columns)
+    title_h, header_h, foot_h = 0.62, 0.86 if texts else 0.72, 0.3
     widths = [img_w if c.input == "image" else cap_w for c in view.columns]
     W = 2 * margin + sum(widths) + gap * (len(widths) - 1)
     W = max(W, 3.2)
@@ -487,6 +491,7 @@ def latent_figure(view: LatentView, top_n: int, thumb_px: int, thumbs: Thumbnail
             header = "\n".join([
                 f"{col.stream} ({col.input})",
                 wrap(name, _chars(w, 7.5), 1),
+                *([wrap(f"text: {col.text or 'none'}", _chars(w, 7.5), 1)] if texts else []),
                 f"purity {purity} · fires on {col.n_active}" if col.input == "caption"
                 else f"purity {purity}\nfires on {col.n_active}",
             ])

@@ -8,7 +8,8 @@ writes ``reports/figures/`` (atomically: ``figures.tmp`` then rename)::
     jaccard_depth.png       hierarchical Jaccard against depth, joint / per-stream, all / live
     patterns.png            alive / mixed / dead latents per kind, dead fraction per stream
     retrieval.png           R@1/5/10 per ordered stream pair with chance (two streams or more)
-    latent_<id>.png         a shown latent's top ``figures.top_n`` test samples per stream
+    latent_<id>.png         a shown latent's top ``figures.top_n`` test samples per stream, each
+                            column titled with its label-derived name and its text name
     retrieval_examples.png  ``figures.queries`` caption queries and the top images of each image
                             stream (needs a caption stream and an image stream)
     localisation.png        the localise stage's overlay queries: the image with its mask and the
@@ -224,6 +225,7 @@ def latent_view(
         columns.append(F.LatentColumn(
             stream=s, input=spec.input, name=row.get(f"name_{s}", "") or "", purity=csv_number(row.get(f"purity_{s}"), math.nan),
             n_active=int(csr[s][:, i].count_nonzero()), samples=samples,
+            text=concept_row.get(f"{s}_text_name", "") or "",
         ))
     name = row.get("agreed_name") or ""
     title = f"latent {i}" + (f" — {name}" if name else "")
@@ -376,6 +378,7 @@ def run_figures(
             "latent": i, "file": name, "reasons": choice.reasons,
             "agreed_name": latent_rows[i].get("agreed_name", ""),
             "names": {c.stream: c.name for c in view.columns},
+            "text_names": {c.stream: c.text for c in view.columns},
             "purity": {c.stream: (c.purity if math.isfinite(c.purity) else None) for c in view.columns},
             "n_active": {c.stream: c.n_active for c in view.columns},
             "jaccard_deepest": (lambda j: j if math.isfinite(j) else None)(_deepest_jaccard(latent_rows[i])[1]),
