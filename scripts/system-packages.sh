@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Install the Debian packages the offline default data needs (Noto Color Emoji + Unicode data)
+# Install the Debian packages the offline default data needs (Noto Color Emoji + Unicode data;
+# WordNet for pseudo-labels from captions)
 # and, with --test, what the concept-browser test needs (headless Chromium + its chromedriver,
 # driven by Selenium), when they are missing. As root this runs apt-get; otherwise it prints the command to run.
 set -euo pipefail
 need=()
 [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || need+=(fonts-noto-color-emoji)
 [ -f /usr/share/unicode/emoji/emoji-test.txt ] || need+=(unicode-data)
+# WordNet 3.0 for data.labels_from: captions (docs/unlabeled.md) and its tests.
+[ -f /usr/share/wordnet/cntlist.rev ] || need+=(wordnet-base)
 for arg in "$@"; do
   case "$arg" in
     --test)  # the concept-browser test (make test)

@@ -302,6 +302,24 @@ def cmd_export(params: Params, args: argparse.Namespace) -> None:
     print(f"exported {args.sae} -> {out} (reference format: msae_checkpoint.pth, run_config.json)")
 
 
+def cmd_validate_text(params: Params, args: argparse.Namespace) -> None:
+    """Validate the label-free tools on a dataset that has labels (docs/unlabeled.md): ``--part
+    names`` compares the latents' names from captions with their names from labels in the run of
+    ``--data-root`` against a shuffled baseline (sparc.report.name_agreement); ``--part
+    hierarchy`` trains the ablation grid in this process and compares its hierarchical Jaccard
+    under the real labels and under WordNet pseudo-labels (sparc.report.pseudo_label_grid)."""
+    from pathlib import Path
+
+    if args.part == "names":
+        from sparc.report.name_agreement import validate_names
+
+        print(validate_names(Path(args.data_root), permutations=args.permutations))
+    if args.part == "hierarchy":
+        from sparc.report.pseudo_label_grid import validate_hierarchy
+
+        print(validate_hierarchy(params, root=Path(args.data_root)))
+
+
 COMMANDS = {
     "check": (cmd_check, "validate params.yaml"),
     "download": (cmd_download, "fetch the raw files of data.dataset (openimages, coco) into data/raw"),
@@ -321,6 +339,9 @@ COMMANDS = {
     "sweep": (cmd_sweep, "run a sweep over one parameter (e.g. k=8,16,32) over seeds as DVC experiments"),
     "show": (cmd_show, "dvc exp show with the headline columns that fit a 200-column terminal"),
     "compare": (cmd_compare, "table and figure of the experiments' headline metrics (dvc exp show --json)"),
+    "validate-text": (cmd_validate_text, "validate the label-free tools against a dataset's real labels "
+                      "(--part names: names from captions vs from labels; --part hierarchy: WordNet "
+                      "pseudo-labels over the ablation grid; docs/unlabeled.md)"),
     "export": (cmd_export, "write the trained SAE as the SPARC reference code's msae_checkpoint.pth + run_config.json"),
 }
 
@@ -365,6 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
                                "local-lam1, local-lam0, usae, usae-paper), alignment (SPARC's per-stream "
                                "alignment options) or localise (text-guided localisation: sparc, local-lam1, global-lam0)")
                 p.add_argument("--only", default="", help="comma-separated configurations of the grid (default: all)")
+        if name == "validate-text":
+            p.add_argument("--part", required=True, choices=("names", "hierarchy"),
+                           help="names: do the latents' names from captions hold their label names (reports/concepts); "
+                           "hierarchy: does Jaccard with WordNet pseudo-labels order the ablation grid as the real labels do")
+            p.add_argument("--permutations", type=int, default=20,
+                           help="names: shuffles of the latent-to-text-names mapping for the baseline (default 20)")
+            p.add_argument("--data-root", default=".", help="repository whose outputs are read (names: params.yaml, "
+                           "reports/concepts; hierarchy: data/prepared, data/features; default: this one); "
+                           "the docs page written is this one's")
         if name == "export":
             p.add_argument("--reference", required=True, metavar="OUT",
                            help="folder for msae_checkpoint.pth and run_config.json (the reference code's format)")

@@ -31,7 +31,7 @@ import shutil
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +117,13 @@ def write_prepared(
     val_fraction: float,
     test_fraction: float,
     min_rows: Mapping[str, int] | None = None,
+    labels: dict | None = None,
 ) -> Path:
     """Write the prepared dataset atomically to ``out_dir`` (``out_dir.tmp`` then rename).
+
+    ``labels``: where the labels came from when not from the dataset itself (meta.json's
+    ``labels``, e.g. ``{"from": "captions", ...}`` from :func:`captions_as_labels`); None = the
+    dataset's own labels, and meta.json has no ``labels`` key.
 
     Images under ``out_dir.tmp`` (rendered by the builder) are stored relative to ``out_dir``,
     like every image when ``build.portable_paths``. The ``group`` column is written only when some
@@ -193,6 +198,8 @@ def write_prepared(
     }
     if grouped:
         meta["n_groups"] = len(kept_groups)
+    if labels is not None:
+        meta["labels"] = labels
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
     # Swap in: the old output is moved aside first, so a crash never leaves out_dir half-written.
     old = out_dir.with_name(out_dir.name + ".old")
@@ -370,6 +377,9 @@ def prepare_dataset(data: DataParams, out_dir: str | Path) -> Path:
     options = getattr(data, data.dataset, None)
     try:
         build = get_builder(data.dataset)(options, tmp / "images")
+        labels = None
+        if data.labels_from == "captions":
+            build, labels = captions_as_labels(build, data.wordnet_depth)
         return write_prepared(
             build,
             out_dir,
@@ -380,8 +390,31 @@ def prepare_dataset(data: DataParams, out_dir: str | Path) -> Path:
             val_fraction=data.val_fraction,
             test_fraction=data.test_fraction,
             min_rows=MIN_SPLIT_ROWS,
+            labels=labels,
         )
     finally:
         # On failure nothing is left behind but an untouched out_dir (if one existed).
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def captions_as_labels(build: DatasetBuild, depth: int) -> tuple[DatasetBuild, dict]:
+    """``build`` with every sample's labels replaced by WordNet pseudo-labels of its caption and
+    the hierarchy by theirs (:func:`sparc.data.wordnet.pseudo_labels`, ``depth`` levels below
+    entity.n.01), and the provenance for meta.json: ``{"from": "captions", "wordnet_depth",
+    "wordnet": the files' sha256, "coverage": fraction of samples with a label, "n_dataset_labels":
+    the labels the dataset had}``. :class:`sparc.data.wordnet.WordNetMissing` (a FileNotFoundError
+    naming the Debian package) when WordNet is not installed."""
+    from sparc.data.wordnet import WORDNET_DIR, WordNet, pseudo_labels, require_wordnet
+
+    root = require_wordnet(WORDNET_DIR)
+    pseudo = pseudo_labels([s.caption for s in build.samples], depth, WordNet(root))
+    samples = [replace(s, labels=lab) for s, lab in zip(build.samples, pseudo.labels, strict=True)]
+    info = {
+        "from": "captions",
+        "wordnet_depth": depth,
+        "wordnet": {name: file_sha256(root / name) for name in ("index.noun", "data.noun")},
+        "coverage": pseudo.coverage(),
+        "n_dataset_labels": len(build.hierarchy.labels),
+    }
+    return replace(build, samples=samples, hierarchy=pseudo.hierarchy), info
