@@ -65,7 +65,8 @@ neither no nor not now of off on once only onto or other our ours out outside ov
 rather same shall she should since so some such than that the their theirs them themselves then there
 these they this those though through to too toward towards under until up upon us very via was we
 well were what when where whether which while who whom whose why will with within without would yet
-you your yours one two three four five six seven eight nine ten
+you your yours one two three four five six seven eight nine ten nothing anything everything none
+nobody someone anyone everyone somebody anybody everybody
 """.split())
 # Nouns that describe the caption or a position rather than what is shown.
 GENERIC_NOUNS = frozenset("""
