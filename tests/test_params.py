@@ -67,6 +67,9 @@ def test_yaml_12_floats(tmp_path):
         (lambda r: r["train"].update(subset_keep=0.0), "train.subset_keep: must be in (0, 1] (1.0 = off), got 0.0"),
         (lambda r: r["train"].update(subset_keep=1.5), "train.subset_keep: must be in (0, 1]"),
         (lambda r: r["train"].update(consistency=-1.0), "train.consistency: must be >= 0 (0.0 = off)"),
+        (lambda r: r["train"].update(precision="fp16"), "train.precision: 'fp16' is not one of auto, float32, bf16"),
+        # issue 26: train.bf16 became train.precision
+        (lambda r: r["train"].update(bf16=True), "train.bf16: replaced by train.precision (bf16: true -> precision: bf16"),
         (lambda r: (r.update(topk="local"), r["train"].update(subset_keep=0.5)),
          "train.subset_keep: a Global TopK training option (method sparc, topk global), but method is sparc with topk local"),
         (lambda r: (r.update(method="usae", topk="local"), r["train"].update(consistency=0.1)),

@@ -144,7 +144,7 @@ class TrainParams:
     usae_update: Literal["source_only", "joint"] = "joint"
     device: str = "auto"
     nproc: int = 1  # data-parallel processes (one per GPU on CUDA); > 1 relaunches under torchrun
-    bf16: bool = False
+    precision: Literal["auto", "float32", "bf16"] = "float32"  # the dense encoder matmul (sparc.train.precision)
     tf32: bool = False
     subset_keep: float = 1.0
     consistency: float = 0.0
@@ -292,8 +292,15 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+# Keys that were replaced: the full key -> how to write it now.
+RENAMED = {
+    "train.bf16": "replaced by train.precision (bf16: true -> precision: bf16; bf16: false -> precision: float32)",
+}
+
+
 def _build(cls: type, raw: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys."""
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys (a :data:`RENAMED` key with
+    its replacement)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -303,6 +310,9 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
         prefix = f"{where}." if where else ""
+        renamed = next((f"{prefix}{key}" for key in unknown if f"{prefix}{key}" in RENAMED), None)
+        if renamed is not None:
+            raise ParamsError(f"{renamed}: {RENAMED[renamed]}")
         close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1)
         hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(fields)})"
         raise ParamsError(f"{prefix}{unknown[0]}: unknown parameter{hint}")
@@ -495,6 +505,8 @@ def check_train(t: TrainParams, topk: str = "global", method: str = "sparc") -> 
             "train.nproc: method usae_paper normalises its codes with the whole batch's statistics "
             "(BatchNorm), which no process of several sees; use train.nproc: 1"
         )
+    if t.precision not in ("auto", "float32", "bf16"):
+        raise ParamsError(f"train.precision: must be auto, float32 or bf16, got {t.precision!r}")
     if not 0.0 < t.subset_keep <= 1.0:
         raise ParamsError(f"train.subset_keep: must be in (0, 1] (1.0 = off), got {t.subset_keep}")
     if not t.consistency >= 0.0:

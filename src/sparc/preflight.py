@@ -81,7 +81,7 @@ def check_memory(params: Params, device: str) -> str:
 
     dims, known = stream_dims(params)
     t = params.train
-    need = check_train_memory(dims, params.L, params.k, t.k_aux, t.batch_size, device, bf16=t.bf16)
+    need = check_train_memory(dims, params.L, params.k, t.k_aux, t.batch_size, device, bf16=t.precision != "float32")
     bound = "" if known else " (a lower bound: the features are not extracted yet)"
     return f"training memory: about {need / 2**30:.2f} GiB on {device}{bound}"
 

@@ -43,9 +43,11 @@ touched rows. On CPU, gradients of 8 MiB or more live in reusable buffers
 default) the same buffers serve every step. Gradients are correct either way.
 
 Precision options (attributes, also constructor keywords; not saved with the weights):
-``bf16=True`` computes the dense encoder matmul with bfloat16 inputs and float32 output (about 2x
-faster than the float32 oneDNN matmul on CPUs with AVX512-BF16, and faster on CUDA; the
-gradients and all sparse work stay float32);
+``bf16=True`` computes the dense encoder matmul with bfloat16 inputs and float32 output (faster
+than the float32 oneDNN matmul on CPUs with AVX512-BF16 or AMX, and on CUDA; the gradients and all
+sparse work stay float32). A training step casts each encoder's weights once (its one encode;
+the weights change at every step, so no copy outlives it; a copy kept between calls would also go
+stale unnoticed, as the fused Adam step does not move a parameter's version counter);
 ``tf32=True`` lets that matmul use TF32 on CUDA (no effect elsewhere). Both only change the logits
 within bf16/TF32 rounding.
 

@@ -81,6 +81,7 @@ from sparc.train.checkpoint import (
 )
 from sparc.train.distributed import Ranks
 from sparc.train.live import MetricLogger
+from sparc.train.precision import resolve_precision
 from sparc.train.sampler import (
     REVIVE,
     USAE_SOURCE,
@@ -158,6 +159,7 @@ class TrainResult:
     metrics: dict[str, float]
     history: list[tuple[int, dict[str, float]]]
     checkpoint: Path | None = None
+    precision: str = "float32"  # the encoder matmul's format the run used (train.precision resolved)
 
     @property
     def finished(self) -> bool:
@@ -201,8 +203,11 @@ class Trainer:
         self.ranks = ranks or Ranks()
         self.ranks.check(spec.method, self.sampler)
         self.total_steps = t.epochs * self.sampler.steps_per_epoch
+        # train.precision resolved to "float32" or "bf16" (auto: by this machine, sparc.train.precision)
+        self.precision = resolve_precision(t.precision, source.dims, spec.L, t.batch_size, device)
+        self.ranks.agree("train.precision auto's choice", self.precision)
         self.model = MultiStreamSAE(
-            spec.sae_config(source.dims), seed=spec.seed, bf16=t.bf16, tf32=t.tf32
+            spec.sae_config(source.dims), seed=spec.seed, bf16=self.precision == "bf16", tf32=t.tf32
         )
         if init is not None:  # train.init: start from these weights (a fresh optimizer and counters)
             self.model.load_state_dict(init.state_dict(), strict=True)
@@ -453,6 +458,7 @@ def train_sae(
         metrics=trainer.history[-1][1] if trainer.history else {},
         history=list(trainer.history),
         checkpoint=last_ckpt,
+        precision=trainer.precision,
     )
 
 

@@ -93,6 +93,14 @@ def check_finite_splits(streams: dict[str, FeatureStream], prepared: PreparedInd
             )
 
 
+def precision_metric(spec: TrainSpec, precision: str) -> dict[str, float]:
+    """``{"precision/bf16": 1.0 or 0.0}``, the encoder matmul's format the run chose, unless
+    ``train.precision`` is float32 (then params.yaml says it, and metrics.json stays as before)."""
+    if spec.train.precision == "float32":
+        return {}
+    return {"precision/bf16": float(precision == "bf16")}
+
+
 def initial_model(spec: TrainSpec, dims: dict[str, int]) -> MultiStreamSAE | None:
     """The SAE ``train.init`` names (None when empty), checked against the run: its streams and
     their dims equal ``dims`` (the feature store's), its L, k and TopK rule equal params.yaml's
@@ -173,7 +181,8 @@ def run_train(
     budget = spec.train.ram_budget_mb * 2**20
     source = FeatureSource(arrays, train_rows, ram_budget_bytes=budget, device=device, check_finite=False)
     t = spec.train
-    check_train_memory(source.dims, spec.L, spec.k, t.k_aux, t.batch_size, device, bf16=t.bf16)
+    check_train_memory(source.dims, spec.L, spec.k, t.k_aux, t.batch_size, device,
+                       bf16=t.precision != "float32")
     init = initial_model(spec, dict(source.dims))
     run_dir = checkpoints_dir / run_key(spec, streams, train_rows, init)
 
@@ -191,7 +200,7 @@ def run_train(
         if logger is not None and result.finished and len(val_rows):
             val = FeatureSource(arrays, val_rows, ram_budget_bytes=budget, device=device, check_finite=False)
             metrics = evaluate_loss(result.model, val, spec, batch_size=spec.train.batch_size)
-            logger.log(result.step, {f"val/{k}": v for k, v in metrics.items()})
+            logger.log(result.step, {f"val/{k}": v for k, v in metrics.items()} | precision_metric(spec, result.precision))
         elif logger is not None and result.step == 0:  # import only, no val split: metrics.json has the step
             logger.log(0, {})
     finally:
