@@ -12,6 +12,9 @@ reference's, all else equal (module constants, restored afterwards):
   (``sparc.train.loop.RESET_ADAM_ROWS``);
 - ``aux_denominator``: the AuxK NMSE divided by ``||x - W_dec z||^2 = ||residual + b_pre||^2``
   instead of ``||residual||^2`` (``sparc.model.sae.AUX_DENOMINATOR``);
+- ``decoder_order``: the decoder rows renormalised after backward, before the gradient
+  projection and the Adam step (the reference's order), instead of after the step
+  (``sparc.train.loop.DECODER_NORMALISE``);
 - ``float32`` (planted data only, the feature store holds float16): training features kept in
   float32 instead of rounded to float16 (every planted variant is evaluated on float32 rows).
 
@@ -26,6 +29,7 @@ whose moments were zeroed after 5000 steps, against a fresh optimiser.
 
     python benchmarks/reference_differences.py                 # seeds 0 1, both data sets
     python benchmarks/reference_differences.py --seeds 0 --data planted
+    python benchmarks/reference_differences.py --seeds 0 1 2 --variants ours decoder_order
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ SWITCHES = {
     "fire_threshold": (sae, "FIRE_THRESHOLD", 1e-3),
     "adam_keep": (loop, "RESET_ADAM_ROWS", False),
     "aux_denominator": (sae, "AUX_DENOMINATOR", "reference"),
+    "decoder_order": (loop, "DECODER_NORMALISE", "before_step"),
 }
 
 
@@ -153,6 +158,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--data", choices=["emoji", "planted", "both"], default="both")
+    parser.add_argument("--variants", nargs="+", choices=["ours", *SWITCHES, "float32"],
+                        help="the rows to train (default: every variant of each data set)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     params = load_params()
@@ -166,6 +173,7 @@ def main() -> None:
         sets["planted"] = planted_data()
     for name, (features, train_rows, test_rows) in sets.items():
         variants = ["ours", *SWITCHES] + (["float32"] if name == "planted" else [])
+        variants = [v for v in variants if args.variants is None or v in args.variants]
         print(f"\n{name}: {len(train_rows)} train / {len(test_rows)} held-out rows, L={params.L} k={params.k} "
               f"lambda={params.lam} topk={params.topk}, {train.epochs} epochs, dead_steps={train.dead_steps}, "
               f"revive_every={train.revive_every}; mean over seeds {args.seeds} (min-max)")

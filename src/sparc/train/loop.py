@@ -22,7 +22,8 @@ One step (global step t, 0-based):
 4. backward; for USAE with ``usae_update == "source_only"`` the gradients of every parameter not
    owned by the source stream are dropped (as in the USAE reference, where only the source
    model's optimizer steps); ``"joint"`` steps every parameter that received a gradient;
-5. ``model.remove_parallel_grad()``, Adam step, ``model.normalise_decoder()``;
+5. ``model.remove_parallel_grad()``, Adam step, ``model.normalise_decoder()`` (the SPARC
+   reference renormalises before the projection instead: ``DECODER_NORMALISE``);
 6. dead-latent counters (steps since each latent last fired, per stream) advance. Streams encoded
    this step: 0 where the latent fired, +1 elsewhere. Streams not encoded (USAE: all but the
    source) depend on the method:
@@ -102,6 +103,11 @@ REVIVE_ROW_NORM = 0.01
 REVIVE_ENTRY_STD: float | None = None
 # Whether revival zeroes the Adam moments of the revived rows (method.md; the reference keeps them).
 RESET_ADAM_ROWS = True
+# When the decoder rows are renormalised: "after_step" (this project: project the gradient, Adam
+# step, renormalise, so every forward pass sees unit rows) or "before_step" (the SPARC reference:
+# renormalise after backward, then project and step, so the forward pass sees the rows as the
+# last step left them, off the unit sphere; see docs/differences.md).
+DECODER_NORMALISE: Literal["after_step", "before_step"] = "after_step"
 
 
 @dataclass(frozen=True)
@@ -264,9 +270,12 @@ class Trainer:
         if self.frozen is not None and src is not None:
             for p in self.frozen[src]:
                 p.grad = None
+        if DECODER_NORMALISE == "before_step":
+            self.model.normalise_decoder()
         self.model.remove_parallel_grad()
         self.optimizer.step()
-        self.model.normalise_decoder()
+        if DECODER_NORMALISE == "after_step":
+            self.model.normalise_decoder()
         terms = {"loss/total": out.total.detach(), **{metric_name(k): v for k, v in out.terms.items()}}
         terms, fired_by_stream = self.ranks.reduce(terms, out.fired, len(batch))  # global-batch values
         for s in self.streams:
