@@ -10,6 +10,7 @@ from safetensors.torch import save
 
 from sparc.data.planted import PlantedConfig, make_planted
 from sparc.params import TrainParams
+from sparc.train import loop
 from sparc.train.checkpoint import latest_checkpoint
 from sparc.train.live import MemoryLogger
 from sparc.train.loop import (
@@ -297,3 +298,18 @@ def test_alignment_options_change_training_and_reduce_to_local_topk_for_one_stre
     one = {"a": DATA.features["a"]}
     alone = train_arrays(one, make_spec(epochs=2, topk="local"))
     assert weights(train_arrays(one, make_spec(epochs=2, subset_keep=0.3)).model) == weights(alone.model)
+
+
+def test_decoder_normalise_order(monkeypatch):
+    """after_step (ours) leaves unit decoder rows after every step; before_step (the SPARC
+    reference's order) renormalises before the step, so the rows end off the unit sphere and the
+    run differs slightly."""
+    ours = train_arrays(DATA.features, make_spec(epochs=2))
+    monkeypatch.setattr(loop, "DECODER_NORMALISE", "before_step")
+    ref = train_arrays(DATA.features, make_spec(epochs=2))
+    for s in STREAMS:
+        norms, ref_norms = (torch.linalg.vector_norm(m.model.W_dec[s], dim=1) for m in (ours, ref))
+        torch.testing.assert_close(norms, torch.ones_like(norms))
+        assert (ref_norms - 1).abs().max() > 1e-6
+        torch.testing.assert_close(ref_norms, torch.ones_like(norms), atol=0.05, rtol=0)
+    assert ours.metrics["loss/total"] == pytest.approx(ref.metrics["loss/total"], rel=0.05)
