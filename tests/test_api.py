@@ -400,6 +400,9 @@ def test_search_finds_text_names(run) -> None:
     latent's text name (a number, or "caption <i>") matches no label name."""
     joint = run.concepts
     assert {f"{s}_text_name" for s in STREAMS} <= set(joint.columns)
+    for s in STREAMS:  # a number, NaN exactly where the latent has no terms (it never fires)
+        assert joint[f"{s}_text_score"].dtype == np.float64
+        assert (joint[f"{s}_text_score"].isna() == (joint[f"{s}_text_words"] == "")).all()
     named = joint[joint.clip_txt_text_name != ""]
     assert not named.empty
     latent, text = int(named.latent.iloc[0]), named.clip_txt_text_name.iloc[0]

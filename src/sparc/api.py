@@ -561,6 +561,8 @@ class Run:
             if table["latent"].tolist() != list(range(self.L)):
                 raise RunMismatchError(f"{csv_path}: expected one row per latent 0..{self.L - 1}; "
                                        "run `dvc repro concepts`")
+            for col in [f"{s}_text_score" for s in self.streams if f"{s}_text_score" in table]:
+                table[col] = pd.to_numeric(table[col], errors="coerce")  # '' (no terms) -> NaN
             self._concepts[kind] = table
         return self._concepts[kind].copy()
 
@@ -570,7 +572,8 @@ class Run:
         ``l``) with ``latent``, per stream ``<s>_n_active``, ``<s>_label``, ``<s>_name`` ('' when
         the purity is below the threshold), ``<s>_purity``, and ``agreed_name`` ('' unless every
         stream names the latent with the same label); then the names from captions, per stream
-        ``<s>_text_name`` ('' below ``concepts.text_min_score``), ``<s>_text_score``,
+        ``<s>_text_name`` ('' below ``concepts.text_min_score``), ``<s>_text_score`` (NaN for a
+        latent whose top captions hold no term),
         ``<s>_text_words`` ('|'-joined), and per caption stream ``<s>_zero_shot_name``,
         ``<s>_zero_shot_score`` when ``concepts.zero_shot_vocab`` > 0. See
         :mod:`sparc.evaluate.concepts` and :mod:`sparc.evaluate.text_names`."""
