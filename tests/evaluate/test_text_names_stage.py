@@ -15,7 +15,7 @@ import torch
 from sparc.data.base import Sample
 from sparc.data.prepared import load_prepared
 from sparc.evaluate.concepts import assign_concepts, concept_rows
-from sparc.evaluate.concepts_stage import run_concepts
+from sparc.evaluate.concepts_stage import run_concepts, zero_shot_streams
 from sparc.evaluate.encode_stage import run_encode
 from sparc.evaluate.labels import LabelSpace
 from sparc.evaluate.run_files import (
@@ -186,3 +186,10 @@ def test_a_run_without_labels_gets_text_names(tmp_path: Path, tiny_inputs) -> No
     assert summary["joint"]["named_fraction"]["txt"] == 0.0 and summary["joint"]["text_named_fraction"]["txt"] > 0
     assert "zero_shot" not in summary
     assert np.isfinite([float(r["txt_text_score"]) for r in table if r["txt_text_score"]]).all()
+
+
+def test_zero_shot_streams_skip_precomputed_features() -> None:
+    params = params_from_dict({"streams": {
+        "img": STREAMS["img"], "pre": {"model": "npy:/nowhere/text.npy", "input": "caption"}, "txt": STREAMS["txt"],
+    }})
+    assert zero_shot_streams(params) == (["txt"], {"pre": "precomputed features: no model to encode the terms"})
