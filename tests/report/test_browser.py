@@ -245,9 +245,15 @@ def test_text_names_are_shown_and_searched(run: Run, data: dict) -> None:
     assert latent in search_matches(data, term.upper())
 
 
-def test_a_run_without_labels_shows_and_searches_text_names(tmp_path: Path, tiny_inputs) -> None:
-    run = build_run(tmp_path, tiny_inputs, keep_labels=False)
-    data = embedded_data(run.build(tmp_path / "browser") / "index.html")
+@pytest.fixture(scope="module")
+def unlabelled(tmp_path_factory: pytest.TempPathFactory, tiny_inputs) -> Path:
+    """The browser of a run whose samples have no labels (their captions name the concepts)."""
+    root = tmp_path_factory.mktemp("unlabelled")
+    return build_run(root, tiny_inputs, keep_labels=False).build(root / "browser")
+
+
+def test_a_run_without_labels_shows_and_searches_text_names(unlabelled: Path) -> None:
+    data = embedded_data(unlabelled / "index.html")
     assert data["latents"] and not data["labels"]
     assert all(not e["agreed"] and not any(e["name"].values()) for e in data["latents"])
     named = [e for e in data["latents"] if any(e["text"].values())]
@@ -531,6 +537,26 @@ def test_page_in_headless_chromium(chrome, browser: Path, data: dict, tmp_path: 
     assert not [u for u in requested if not u.startswith(("file://", "data:", "chrome://", "about:"))], requested
     errors = [m for m in chrome.get_log("browser") if m["level"] == "SEVERE"]
     assert not errors, errors
+
+
+def test_label_free_page_in_headless_chromium(chrome, unlabelled: Path) -> None:
+    """Without labels the table's text-name columns hold names, the search finds a latent by
+    one, and its panel is titled with it."""
+    from selenium.webdriver.common.by import By
+
+    data = embedded_data(unlabelled / "index.html")
+    entry = next(e for e in data["latents"] if any(e["text"].values()))
+    text = next(t for t in entry["text"].values() if t)
+    chrome.get((unlabelled / "index.html").resolve().as_uri())
+    cells = lambda: chrome.execute_script(  # noqa: E731
+        "return [...document.querySelectorAll('#latents tbody tr')].map(tr => tr.innerText)")
+    assert _wait(lambda: any(text in c for c in cells()))
+    chrome.find_element(By.ID, "search").send_keys(text)
+    assert _wait(lambda: sorted(int(c.split()[0].lstrip("#")) for c in cells()) == search_matches(data, text))
+    chrome.find_element(By.CSS_SELECTOR, f'#latents tbody tr[data-latent="{entry["l"]}"] td:nth-child(2)').click()
+    panel = chrome.find_element(By.ID, "panel")
+    assert _wait(lambda: panel.is_displayed() and "(text: " in panel.find_element(By.TAG_NAME, "h2").text)
+    assert text in panel.find_element(By.TAG_NAME, "h2").text
 
 
 def test_localisation_in_headless_chromium(chrome, loc_browser: Path) -> None:

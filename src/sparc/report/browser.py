@@ -31,7 +31,7 @@ The page:
   the agreed name, any stream's name, text name, top terms or zero-shot name under either kind of
   codes; :func:`search_matches` is the same rule in Python).
 * **Latent panel** (``#latent-<i>``, opened by clicking a row; Escape or the close button goes
-  back): its statistics (per stream name, dominant label, purity, text name and top terms with
+  back; titled with its agreed name, else its text names): its statistics (per stream name, dominant label, purity, text name and top terms with
   the best term's z-score, zero-shot name, firings, frequency, under both kinds of codes; Jaccard at every depth; pattern; firing entropy and co-firing), its top
   ``figures.top_n`` samples per stream on the concepts split (thumbnails for image streams,
   captions for caption streams, with activations; joint or per-stream codes, a toggle), and its

@@ -155,7 +155,8 @@ function renderPanel() {
   const i = shown.findIndex(x => x.l === l);
   const prev = el("button", {id: "prev", disabled: i <= 0 ? "disabled" : null, onclick: () => { location.hash = "#latent-" + shown[i - 1].l; }}, "\u2190 prev");
   const next = el("button", {id: "next", disabled: i < 0 || i >= shown.length - 1 ? "disabled" : null, onclick: () => { location.hash = "#latent-" + shown[i + 1].l; }}, "next \u2192");
-  const title = el("h2", {}, `Latent #${l}` + (e && e.agreed ? ": " + e.agreed : ""));
+  const texts = e ? [...new Set(STREAMS.map(s => e.text[s]).filter(Boolean))] : [];
+  const title = el("h2", {}, `Latent #${l}` + (e && e.agreed ? ": " + e.agreed : texts.length ? ` (text: ${texts.join(" / ")})` : ""));
   panel.replaceChildren(el("div", {class: "bar"}, title, prev, next, close));
   panel.hidden = false;
   panel.dataset.latent = l;
