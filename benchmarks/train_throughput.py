@@ -14,21 +14,36 @@ model's own oneDNN call, :func:`sparc.model.matmul.linear`) plus one fused Adam 
 parameters (with dense gradients, as the sparse step's). The sparse step's median over the floor's
 median is printed (target: at most 1.5).
 
+With ``--contend N`` the sparse step and the floor are also timed beside N CPU-bound processes (a
+Python busy loop each), alone and contended in alternation step by step (the busy processes are
+stopped and continued), and each one's slowdown and their ratio are printed (target: the step
+slows at most 1.3x as much as the floor). The script imports :mod:`sparc.train` before torch, so
+it runs under the training's OpenMP wait policy (passive; see that package's docstring), as the
+`train` stage does.
+
 Then the step time of the sparse implementation is printed as a function of L and of the batch
 size (the dense one too, unless ``--quick``).
 
     python benchmarks/train_throughput.py            # paper sizes, ~3-4 minutes on 2 CPU cores
     python benchmarks/train_throughput.py --quick    # fewer steps, sparse-only scaling tables
+    python benchmarks/train_throughput.py --quick --threads 2 --contend 1   # and beside a busy process
     python benchmarks/train_throughput.py --device cuda   # on a GPU (each step timed to its end)
 """
 
 from __future__ import annotations
 
+import sparc.train  # noqa: F401  (first: the training's OpenMP wait policy, set before torch loads OpenMP)
+
+# isort: split
 import argparse
 import os
+import signal
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -176,6 +191,56 @@ def time_steps(steps: dict[str, Callable], data: list[dict[str, Tensor]], n: int
     return times, losses
 
 
+@contextmanager
+def busy_processes(n: int) -> Iterator[list[subprocess.Popen]]:
+    """``n`` CPU-bound processes (a Python busy loop each), stopped (SIGSTOP) until the caller
+    continues them (:func:`set_running`), killed when the block ends."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        set_running(busy, False)
+        yield busy
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+
+
+def set_running(procs: list[subprocess.Popen], running: bool) -> None:
+    """Continue or stop ``procs``; after continuing, give the scheduler a moment to place them."""
+    for proc in procs:
+        proc.send_signal(signal.SIGCONT if running else signal.SIGSTOP)
+    if running:
+        time.sleep(0.05)
+
+
+def contended_slowdown(impls: dict[str, Callable], data: list[dict[str, Tensor]], steps: int, n: int) -> None:
+    """Time the sparse step and the floor alone and beside ``n`` busy processes, the two
+    conditions alternating step by step (so a change of the machine's other load meets both), and
+    print each one's slowdown (contended median / quiet median) and their ratio (target <= 1.3)."""
+    names = ("sparse", "floor")
+    times: dict[tuple[str, bool], list[float]] = {(name, busy): [] for name in names for busy in (False, True)}
+    loads = []
+    with busy_processes(n) as procs:
+        for i in range(steps + 1):  # the first round warms up
+            for busy in (False, True):
+                set_running(procs, busy)
+                for name in names:
+                    start = now()
+                    impls[name](data[i % len(data)])
+                    if i > 0:
+                        times[name, busy].append(now() - start)
+            loads.append(os.getloadavg()[0])
+            set_running(procs, False)
+    med = {key: statistics.median(value) for key, value in times.items()}
+    slow = {name: med[name, True] / med[name, False] for name in names}
+    print(f"\nalone and beside {n} busy process(es), alternating ({steps} steps each; load average "
+          f"{min(loads):.2f}-{max(loads):.2f}):")
+    for name in names:
+        print(f"{name:>7} alone {med[name, False]:.4f} s/step, contended {med[name, True]:.4f} s/step, "
+              f"slowdown {slow[name]:.2f}x")
+    print(f"slowdown sparse / slowdown floor: {slow['sparse'] / slow['floor']:.2f} (target <= 1.3)")
+
+
 def build(L: int, k: int, seed: int, bf16: bool = False) -> tuple[MultiStreamSAE, DenseSAE]:
     sparse = MultiStreamSAE(SAEConfig(dims=DIMS, L=L, k=k, topk="global", k_aux=64), seed=seed, bf16=bf16)
     sparse.to(DEVICE)
@@ -216,6 +281,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: elapsed seconds; cpu: CPU seconds of all threads (less sensitive to "
                         "other processes; samples/s then means per CPU second)")
+    parser.add_argument("--contend", type=int, default=0, metavar="N",
+                        help="also time the sparse step and the floor beside N busy processes")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (wall clock only on CUDA)")
     args = parser.parse_args()
     global DEVICE
@@ -258,6 +325,9 @@ def main() -> None:
     dense_params = dict(dense.named_parameters())
     diff = max(float((p - dense_params[n]).detach().abs().max()) for n, p in sparse.named_parameters())
     print(f"largest parameter difference after training (independent copies): {diff:.2e}")
+
+    if args.contend:
+        contended_slowdown(impls, data, max(steps, 8), args.contend)
 
     bf16_model, _ = build(L, k, args.seed, bf16=True)
     bt, _ = time_steps({"sparse_bf16": make_step(bf16_model, dead)}, data, max(3, steps // 2))
