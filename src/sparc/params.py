@@ -156,7 +156,7 @@ class ConceptsParams:
     purity_threshold: float = 0.3
     split: Literal["train", "val", "test", "all"] = "test"
     text_words: int = 3           # caption terms kept per latent and stream (sparc.evaluate.text_names)
-    text_min_score: float = 3.0   # text name only when the best term's log-odds z-score reaches this
+    text_min_score: float = 2.0   # text name only when the best term's log-odds z-score reaches this
     text_vocab: int = 20000       # the most frequent terms (uni- and bigrams) of the split's captions; 0 = all
     zero_shot_vocab: int = 0      # caption streams: name each latent by the best of this many terms; 0 = off
 
