@@ -329,10 +329,14 @@ def main() -> None:
     if args.contend:
         contended_slowdown(impls, data, max(steps, 8), args.contend)
 
-    bf16_model, _ = build(L, k, args.seed, bf16=True)
-    bt, _ = time_steps({"sparse_bf16": make_step(bf16_model, dead)}, data, max(3, steps // 2))
-    med = statistics.median(bt["sparse_bf16"])
-    print(f"sparse with bf16 encoder matmul: {med:.4f} s/step, {batch / med:.0f} samples/s")
+    pair = {"float32": make_step(build(L, k, args.seed)[0], dead),
+            "bf16": make_step(build(L, k, args.seed, bf16=True)[0], dead)}
+    bt, bl = time_steps(pair, data, steps)  # fresh models from the same init, in alternation
+    med = {name: statistics.median(v) for name, v in bt.items()}
+    rel = abs(bl["bf16"][-1] - bl["float32"][-1]) / abs(bl["float32"][-1])
+    print(f"sparse with bf16 encoder matmul (train.precision: bf16): {med['bf16']:.4f} s/step against "
+          f"float32's {med['float32']:.4f} ({med['float32'] / med['bf16']:.2f}x), loss after "
+          f"{len(bl['bf16'])} steps {bl['bf16'][-1]:.6f} against {bl['float32'][-1]:.6f} (relative difference {rel:.1e})")
 
     scale_steps = 2 if args.quick else 3
     scaling_table("step time vs L (batch 256)", [2048, 4096, 8192, 16384], lambda v: (v, batch),
