@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save
 
 from sparc.data.planted import PlantedConfig, make_planted
+from sparc.model import sae
 from sparc.params import TrainParams
 from sparc.train import loop
 from sparc.train.checkpoint import latest_checkpoint
@@ -313,3 +314,36 @@ def test_decoder_normalise_order(monkeypatch):
         assert (ref_norms - 1).abs().max() > 1e-6
         torch.testing.assert_close(ref_norms, torch.ones_like(norms), atol=0.05, rtol=0)
     assert ours.metrics["loss/total"] == pytest.approx(ref.metrics["loss/total"], rel=0.05)
+
+
+@pytest.mark.parametrize(("method", "topk"), [("sparc", "global"), ("sparc", "local"), ("usae", "local")])
+def test_skipping_auxk_without_dead_latents_is_bit_identical(monkeypatch, method, topk):
+    """Streams without dead latents get no mask (every step up to dead_steps): weights and logged
+    history (aux/<s> at 0 included) equal those of passing the all-False masks, at a size where
+    the CPU kernels take the pooled MKL CSR path ([8192, 256] float32 gradients: 8 MiB)."""
+    gen = np.random.default_rng(0)
+    feats = {s: gen.standard_normal((128, d)).astype(np.float32) for s, d in {"a": 256, "b": 96, "c": 64}.items()}
+    spec = make_spec(method=method, topk=topk, L=8192, k=16, batch_size=64, epochs=6, dead_steps=2,
+                     revive_every=10**6)
+    runs, selections = {}, {}
+    for skip in (False, True):
+        monkeypatch.setattr(loop, "SKIP_EMPTY_AUXK", skip)
+        calls = []
+        monkeypatch.setattr(sae, "aux_topk", lambda *a, f=sae.aux_topk, calls=calls: calls.append(1) or f(*a))
+        runs[skip] = train_arrays(feats, spec)
+        selections[skip] = len(calls)
+        monkeypatch.undo()
+    assert 0 < selections[True] < selections[False]  # the first dead_steps + 1 steps select nothing
+    assert weights(runs[True].model) == weights(runs[False].model)
+    assert runs[True].history == runs[False].history
+    assert any(m["loss/aux"] > 0 for _, m in runs[True].history)  # the later steps have dead latents
+
+
+def test_none_dead_streams():
+    trainer = Trainer(FeatureSource(DATA.features), make_spec(dead_steps=5), torch.device("cpu"))
+    dead = {s: trainer.since[s] > 5 for s in STREAMS}
+    assert trainer.none_dead(dead) == set(STREAMS)  # step 0 <= dead_steps: no counter can exceed it
+    trainer.step = 6
+    trainer.since["b"][3] = 6
+    dead = {s: trainer.since[s] > 5 for s in STREAMS}
+    assert trainer.none_dead(dead) == {"a", "c"}

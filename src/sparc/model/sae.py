@@ -30,10 +30,7 @@ and make the gathered logits differentiable with a sparse backward
 read and receive gradient; each target decoder is decoded by all source streams (and its AuxK
 code) in one call, whose backward reads each touched decoder row once. On accelerators no step
 synchronises with the host (no ``.item()``, no branching on tensor values); on CPU the AuxK
-selection looks at the dead mask on the host (see :func:`sparc.model.topk.aux_topk`), and a stream
-whose mask holds no dead latent (every step before ``train.dead_steps``) skips the AuxK selection
-and decode (``SKIP_EMPTY_AUXK``; its term is the masked computation's exact 0, the weights equal
-to the bit).
+selection looks at the dead mask on the host (see :func:`sparc.model.topk.aux_topk`).
 :meth:`encode`, :meth:`logits` and :meth:`decode` use ordinary differentiable ops (for inference,
 and for gradients with respect to the inputs, e.g. localisation).
 
@@ -43,11 +40,9 @@ touched rows. On CPU, gradients of 8 MiB or more live in reusable buffers
 default) the same buffers serve every step. Gradients are correct either way.
 
 Precision options (attributes, also constructor keywords; not saved with the weights):
-``bf16=True`` computes the dense encoder matmul with bfloat16 inputs and float32 output (faster
-than the float32 oneDNN matmul on CPUs with AVX512-BF16 or AMX, and on CUDA; the gradients and all
-sparse work stay float32). A training step casts each encoder's weights once (its one encode;
-the weights change at every step, so no copy outlives it; a copy kept between calls would also go
-stale unnoticed, as the fused Adam step does not move a parameter's version counter);
+``bf16=True`` computes the dense encoder matmul with bfloat16 inputs and float32 output (about 2x
+faster than the float32 oneDNN matmul on CPUs with AVX512-BF16, and faster on CUDA; the
+gradients and all sparse work stay float32);
 ``tf32=True`` lets that matmul use TF32 on CUDA (no effect elsewhere). Both only change the logits
 within bf16/TF32 rounding.
 
@@ -102,7 +97,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparc.model import sparse
 from sparc.model.losses import NMSE_EPS, LossOutput, nmse, nmse_sources
 from sparc.model.matmul import linear
 from sparc.model.sparse import (
@@ -129,19 +123,9 @@ USAE_PAPER_AUX_COEF = 0.1
 # A latent fires in a batch when one of its activations exceeds this (dead-latent counters only;
 # l0 counts every non-zero). The SPARC reference uses 1e-3; see docs/differences.md.
 FIRE_THRESHOLD = 0.0
-# Skip the AuxK selection and decode of a stream whose dead mask holds no dead latent (on CPU, where
-# the mask is on the host; its term is then the exact 0 of the masked computation). False: the
-# masked computation, whose result it equals to the bit (tests/model/test_sae_loss.py).
-SKIP_EMPTY_AUXK = True
 # Denominator of the AuxK NMSE: "residual" ||x - xhat||^2 (this project) or "reference"
 # ||x - W_dec z||^2 = ||residual + b_pre||^2 (the SPARC and OpenAI reference code).
 AUX_DENOMINATOR: Literal["residual", "reference"] = "residual"
-
-
-def _none_dead(mask: Tensor) -> bool:
-    """Whether ``mask`` (bool ``[L]``) is known to hold no dead latent without waiting for a
-    device: checked on CPU (``SKIP_EMPTY_AUXK``), never assumed on accelerators."""
-    return SKIP_EMPTY_AUXK and sparse.cpu_path(mask) and not bool(mask.any())
 
 
 class Code(NamedTuple):
@@ -439,7 +423,7 @@ class MultiStreamSAE(nn.Module):
                 idx = {s: shared for s in h}
             else:
                 idx = self._select(h, mode)
-            aux_sel = {s: aux_topk(h[s], dead[s], self.cfg.k_aux) for s in h if s in dead and not _none_dead(dead[s])}
+            aux_sel = {s: aux_topk(h[s], dead[s], self.cfg.k_aux) for s in h if s in dead}
         z, aux, terms = {}, {}, []
         for s in h:
             cols = idx[s] if s not in aux_sel else torch.cat([idx[s], aux_sel[s][0]], dim=1)
@@ -557,8 +541,6 @@ class MultiStreamSAE(nn.Module):
             if e_aux is not None:
                 xhat_self = rec[:, streams.index(t)]
                 aux_terms.append(self._aux_term(t, e_aux, xn[t], xhat_self, dead_m[t]))
-            elif t in dead_m:  # no latent dead: the masked term's exact 0, without its work
-                aux_terms.append(rec.new_zeros(()))
         M = torch.stack(cols, dim=1)  # [source, target] NMSE
         diag = torch.diagonal(M)
         l_self = diag.mean()
@@ -579,7 +561,7 @@ class MultiStreamSAE(nn.Module):
                 if t != s:
                     terms[f"cross_nmse/{s}->{t}"] = Md[i, j]
             terms[f"l0/{s}"], fired[s] = self._stats(z[s], idx[s], self.cfg.L)
-        for s, a in zip([s for s in streams if s in dead_m], aux_terms, strict=True):
+        for s, a in zip([s for s in streams if s in aux], aux_terms, strict=True):
             terms[f"aux/{s}"] = a.detach()
         terms.update(self_nmse=l_self.detach(), cross_nmse=l_cross.detach(), aux=l_aux.detach())
         if c_term is not None:
@@ -630,8 +612,6 @@ class MultiStreamSAE(nn.Module):
                 if len(outs) > 1:
                     aux_term = self._aux_term(t, outs[1][:, 0], xn[t], xhat, dead_m[t])
                     terms[f"aux/{t}"] = aux_term.detach()
-                elif t in dead_m:  # no latent dead: the masked term's exact 0, without its work
-                    terms[f"aux/{t}"] = aux_term
             else:
                 cross_terms.append(e)
                 terms[f"cross_nmse/{source}->{t}"] = e.detach()

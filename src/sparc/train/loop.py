@@ -17,7 +17,10 @@ One step (global step t, 0-based):
    linear encoder, NMSE, AuxK on dead latents) or ``model.usae_paper_loss(x, source, lam=lam)``
    (``method == "usae_paper"``: the paper's BatchNorm encoder, L1 error + 0.1 x auxiliary term,
    bias-free dictionary; the model is in training mode, so BN uses batch statistics).
-   ``dead[s] = since[s] > dead_steps`` feeds the AuxK term (not used by ``usae_paper``). For both
+   ``dead[s] = since[s] > dead_steps`` feeds the AuxK term (not used by ``usae_paper``); a stream
+   known to have no dead latent (every stream up to step ``dead_steps``; on CPU any stream whose
+   mask is all False) gets no mask and its ``aux/<s>`` term is logged as the exact 0 the masked
+   computation gives (``Trainer.none_dead``). For both
    USAE methods ``lam`` weights the cross-decoding terms (1: every target alike, 0: self only);
 4. backward; for USAE with ``usae_update == "source_only"`` the gradients of every parameter not
    owned by the source stream are dropped (as in the USAE reference, where only the source
@@ -103,6 +106,8 @@ REVIVE_ROW_NORM = 0.01
 REVIVE_ENTRY_STD: float | None = None
 # Whether revival zeroes the Adam moments of the revived rows (method.md; the reference keeps them).
 RESET_ADAM_ROWS = True
+# Skip the AuxK work of streams without dead latents (Trainer.none_dead); False: pass every mask.
+SKIP_EMPTY_AUXK = True
 # When the decoder rows are renormalised: "after_step" (this project: project the gradient, Adam
 # step, renormalise, so every forward pass sees unit rows) or "before_step" (the SPARC reference:
 # renormalise after backward, then project and step, so the forward pass sees the rows as the
@@ -251,6 +256,8 @@ class Trainer:
             following = self.sampler.batch(step + 1)
             self.source.prefetch(following[self.ranks.part(len(following))])
         dead = {s: self.since[s] > t.dead_steps for s in self.streams}
+        none_dead = self.none_dead(dead)
+        dead = {s: m for s, m in dead.items() if s not in none_dead}
         if spec.method in USAE_METHODS:
             src = self.streams[int(counter_rng(spec.seed, USAE_SOURCE, step).integers(len(self.streams)))]
             if spec.method == "usae":
@@ -277,6 +284,8 @@ class Trainer:
         if DECODER_NORMALISE == "after_step":
             self.model.normalise_decoder()
         terms = {"loss/total": out.total.detach(), **{metric_name(k): v for k, v in out.terms.items()}}
+        if spec.method != "usae_paper":  # the AuxK term of a stream without dead latents: exactly 0
+            terms.update({f"aux/{s}": out.total.new_zeros(()) for s in none_dead if src in (None, s)})
         terms, fired_by_stream = self.ranks.reduce(terms, out.fired, len(batch))  # global-batch values
         for s in self.streams:
             fired = fired_by_stream.get(s)
@@ -288,6 +297,18 @@ class Trainer:
         for name, value in terms.items():
             self._accumulate(name, value.float())
         self.step += 1
+
+    def none_dead(self, dead: dict[str, torch.Tensor]) -> set[str]:
+        """Streams whose ``dead`` mask is known to hold no dead latent without waiting for a device:
+        all of them while ``step <= dead_steps`` (a counter is at most the step), and on CPU those
+        whose mask has no True (``SKIP_EMPTY_AUXK``). Their masks are not passed to the loss, so
+        the AuxK selection and decode, whose term would be multiplied by 0, are skipped; the
+        results equal the masked computation's to the bit (tests/train/test_loop.py)."""
+        if not SKIP_EMPTY_AUXK:
+            return set()
+        if self.step <= self.spec.train.dead_steps:
+            return set(dead)
+        return {s for s, m in dead.items() if m.device.type == "cpu" and not bool(m.any())}
 
     def _accumulate(self, name: str, value: torch.Tensor) -> None:
         if name in self.sums:
