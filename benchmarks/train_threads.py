@@ -1,8 +1,11 @@
 """Training step time with 1 and with N CPU threads, on data the size of the default emoji run.
 
 Why: ``train.cpu_threads`` (params.yaml) fixes the number of PyTorch CPU threads of the `train`
-stage. On a busy 2-core machine, 2 threads can be many times slower than 1 (threads waiting for
-each other at every small parallel region); on an idle machine more threads may help. This script
+stage. On a busy 2-core machine, 2 threads were many times slower than 1 under libgomp's default
+wait policy (threads spinning at the end of every small parallel region, on cores other processes
+need); :mod:`sparc.train` sets the passive policy, which this script runs under too (it imports
+that package before torch; ``OMP_WAIT_POLICY=`` in the environment gives the default policy back
+for comparison). On an idle machine more threads may help. This script
 times full training steps (:meth:`sparc.train.loop.Trainer.train_step`) of two identical trainers,
 one per thread count, in alternation (so machine load affects both alike), checks that both end
 with identical weights, and prints the ratio of their median step times.
@@ -17,6 +20,9 @@ rows); model L = 512, k = 16, batch 256 (the defaults).
 
 from __future__ import annotations
 
+import sparc.train  # noqa: F401  (first: the training's OpenMP wait policy, set before torch loads OpenMP)
+
+# isort: split
 import argparse
 import statistics
 import time
