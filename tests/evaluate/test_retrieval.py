@@ -260,3 +260,23 @@ def test_dispatch_and_input_checks(monkeypatch: pytest.MonkeyPatch) -> None:
         r.sparse_pair_rank_counts(features, features)
     with pytest.raises(ValueError, match="differ"):
         r.sparse_pair_rank_counts(q, g[:5])
+
+
+def test_near_ties_that_float32_cannot_separate() -> None:
+    """Gallery rows a few grid steps from the answer: their exact scores differ from S_ii by a
+    few units while float32 sums of them (24-bit mantissa, scores near 2^48) round to the same
+    value, so the kernel's float32 scores cannot decide them and the exact path must."""
+    rng = np.random.default_rng(3)
+    N, L = 120, 6
+    base = rng.random(L) + 0.5
+    q = sp.csr_matrix(np.tile(base, (N, 1)) * (1.0 + 1e-7 * rng.integers(-3, 4, size=(N, L))))
+    g = sp.csr_matrix(np.tile(base, (N, 1)) * (1.0 + 1e-7 * rng.integers(-3, 4, size=(N, L))))
+    S = formula_scores(q, g)
+    float32 = np.stack([formula_rows(q)[i].astype(np.float32) * formula_rows(g).astype(np.float32) for i in range(N)])
+    float32 = float32.sum(axis=2, dtype=np.float32)
+    collisions = (float32 == np.diag(float32)[:, None]) & (S != np.diag(S)[:, None])
+    assert collisions.sum() > N  # float32 ties many pairs the integers order
+    want = formula_counts(q, g)
+    for threads in (1, 2):
+        assert_counts_equal(r.sparse_pair_rank_counts(q, g, threads=threads), want)
+    assert_counts_equal(r.dense_pair_rank_counts(q, g), want)
