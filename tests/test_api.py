@@ -41,7 +41,8 @@ run = sparc.load_run(".")           # the repository root, or a path to data/sae
 print(run)                          # streams, L, k and the TopK rule
 
 # Latents named after a concept (best first) and the samples they fire on most
-hits = run.search("country flag")   # case and separators do not matter: "Country-Flag", "country_flag"
+hits = run.search("country flag")   # case and separators do not matter: "Country-Flag", "country_flag";
+                                    # label names and names from captions (<s>_text_name, zero-shot) both match
 latent = int(hits.latent.iloc[0])
 print(run.top_samples(latent, stream=run.streams[0], n=5)[["id", "caption", "activation"]])
 
