@@ -5,16 +5,19 @@ lambda in {0, 1}, :data:`CONFIGS`, seeds 0, 1, 2; every other parameter from par
 this process from the extracted features of ``data/features/<dataset>`` and the prepared rows
 of ``data/prepared/<dataset>`` (nothing of DVC's is run or written), encodes the test split both
 ways (joint and per-stream, as the `encode` stage does), and computes hierarchical Jaccard by
-depth (:func:`sparc.evaluate.jaccard.hierarchical_jaccard`) twice: with the dataset's own
-labels and with WordNet pseudo-labels of the same captions
-(:func:`sparc.data.wordnet.pseudo_labels`, ``data.wordnet_depth``). It reports:
+depth (:func:`sparc.evaluate.jaccard.hierarchical_jaccard`) three times: with the dataset's own
+labels, with WordNet pseudo-labels of the same captions (:func:`sparc.data.wordnet.pseudo_labels`,
+``data.wordnet_depth``), and, as a control, with those pseudo-labels shuffled across the samples
+(:func:`shuffled`: the same labels, hierarchy and label frequencies, unrelated to the content). An
+ordering the shuffled labels reproduce as well says nothing about concepts: it comes from which
+latents fire in which stream. It reports:
 
-* the Jaccard rows of the ablation table (:data:`sparc.report.ablation.TABLE_ROWS`) under both
-  label sets, mean +- std over seeds;
-* Spearman's rho and Kendall's tau between the two label sets' values over the 12 runs, per row,
-  and over the 4 configuration means (the ordering of the methods);
+* the Jaccard rows of the ablation table (:data:`sparc.report.ablation.TABLE_ROWS`) under each
+  label set, mean +- std over seeds;
+* Spearman's rho and Kendall's tau between the real labels' values and each other label set's,
+  over the 12 runs, per row, and over the 4 configuration means (the ordering of the methods);
 * the label-dependent claims of :data:`sparc.report.ablation.CLAIMS` with their verdicts under
-  both label sets (:func:`sparc.report.ablation.verdict`);
+  every label set (:func:`sparc.report.ablation.verdict`);
 
 and writes them between ``<!-- pseudo-labels:begin -->`` and ``<!-- pseudo-labels:end -->`` of
 the docs page that holds those markers (docs/unlabeled.md).
@@ -46,7 +49,9 @@ from sparc.report.experiments import Record
 
 CONFIGS = ("sparc", "global-lam0", "local-lam1", "local-lam0")
 SEEDS = (0, 1, 2)
-LABEL_SETS = ("real", "wordnet")
+LABEL_SETS = ("real", "wordnet", "shuffled")
+TITLES = {"real": "real labels", "wordnet": "WordNet pseudo-labels", "shuffled": "shuffled pseudo-labels"}
+SHUFFLE_SEED = 0
 # The rows of the ablation table that depend on the labels.
 JACCARD_ROWS = [row for row in TABLE_ROWS if row[0].startswith("Jaccard")]
 BLOCK = "pseudo-labels"
@@ -153,16 +158,22 @@ def groups_of(runs: Sequence[GridRun], label_set: str) -> dict[str, list[Record]
     return groups
 
 
-def rank_agreement(runs: Sequence[GridRun]) -> str:
-    """Markdown table: per Jaccard row, Spearman's rho and Kendall's tau between the real and the
-    WordNet values, over the runs and over the configuration means, and both orderings of the
-    configurations (highest first)."""
+def shuffled(labels: Sequence[Sequence[str]], seed: int = SHUFFLE_SEED) -> list[Sequence[str]]:
+    """``labels`` (one tuple per sample) permuted across the samples by a seeded permutation."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    return [labels[i] for i in order]
+
+
+def rank_agreement(runs: Sequence[GridRun], label_set: str = "wordnet") -> str:
+    """Markdown table: per Jaccard row, Spearman's rho and Kendall's tau between the real values
+    and those of ``label_set``, over the runs and over the configuration means, and both orderings
+    of the configurations (highest first)."""
     from scipy.stats import kendalltau, spearmanr
 
-    real, wn = summarise(groups_of(runs, "real"), JACCARD_ROWS), summarise(groups_of(runs, "wordnet"), JACCARD_ROWS)
+    real, wn = summarise(groups_of(runs, "real"), JACCARD_ROWS), summarise(groups_of(runs, label_set), JACCARD_ROWS)
     configs = list(real)
     lines = ["| row | runs | Spearman ρ (runs) | Kendall τ (runs) | Spearman ρ (4 means) | Kendall τ (4 means) "
-             "| order, real labels | order, WordNet |", "|---|---|---|---|---|---|---|---|"]
+             f"| order, real labels | order, {TITLES[label_set]} |", "|---|---|---|---|---|---|---|---|"]
     for label, _, _ in JACCARD_ROWS:
         a = [v for c in configs for v in real[c][label]]
         b = [v for c in configs for v in wn[c][label]]
@@ -184,18 +195,23 @@ def _corr(func: Callable, a: Sequence[float], b: Sequence[float]) -> str:
 
 
 def claims_table(runs: Sequence[GridRun]) -> str:
-    """Markdown table: each label-dependent ablation claim, its verdict under the real and under
-    the WordNet labels, and whether they agree."""
-    values = {ls: summarise(groups_of(runs, ls), JACCARD_ROWS) for ls in LABEL_SETS}
+    """Markdown table: each label-dependent ablation claim, its verdict under every label set of
+    the runs (:data:`LABEL_SETS` order), and whether each other set's verdict is the real labels'."""
+    sets = [ls for ls in LABEL_SETS if ls in runs[0].metrics]
+    values = {ls: summarise(groups_of(runs, ls), JACCARD_ROWS) for ls in sets}
     rows = {label for label, _, _ in JACCARD_ROWS}
-    lines = ["| claim | real labels | WordNet pseudo-labels | same verdict |", "|---|---|---|---|"]
+    others = sets[1:]
+    lines = ["| claim | " + " | ".join(TITLES[ls] for ls in sets) + " | "
+             + " | ".join(f"same verdict ({ls})" for ls in others) + " |",
+             "|---|" + "---|" * (len(sets) + len(others))]
     for text, label, high, low in CLAIMS:
         if label not in rows or high not in values["real"] or low not in values["real"]:
             continue
-        v = {ls: verdict(values[ls][high][label], values[ls][low][label]) for ls in LABEL_SETS}
+        v = {ls: verdict(values[ls][high][label], values[ls][low][label]) for ls in sets}
         cells = [f"{v[ls]} ({mean_std(values[ls][high][label])[0]:.3f} vs {mean_std(values[ls][low][label])[0]:.3f})"
-                 for ls in LABEL_SETS]
-        lines.append(f"| {text} | {cells[0]} | {cells[1]} | {'yes' if v['real'] == v['wordnet'] else '**no**'} |")
+                 for ls in sets]
+        same = ["yes" if v["real"] == v[ls] else "**no**" for ls in others]
+        lines.append(f"| {text} | " + " | ".join(cells) + " | " + " | ".join(same) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -218,10 +234,16 @@ def report(runs: Sequence[GridRun], *, dataset: str, depth: int, real_depth: int
         "WordNet pseudo-labels from the same captions:",
         "",
         ablation_table(groups_of(runs, "wordnet"), JACCARD_ROWS),
-        "Agreement of the orderings (Spearman and Kendall between the two label sets' values):",
+        f"The control: the same pseudo-labels shuffled across the samples (seed {SHUFFLE_SEED}):",
         "",
-        rank_agreement(runs),
-        "The label-dependent claims of the ablation under both label sets:",
+        ablation_table(groups_of(runs, "shuffled"), JACCARD_ROWS),
+        "Agreement of the orderings with the real labels' (Spearman and Kendall), WordNet pseudo-labels:",
+        "",
+        rank_agreement(runs, "wordnet"),
+        "... and shuffled pseudo-labels (the control):",
+        "",
+        rank_agreement(runs, "shuffled"),
+        "The label-dependent claims of the ablation under each label set:",
         "",
         claims_table(runs),
     ])
@@ -250,7 +272,8 @@ def validate_hierarchy(params: Params, *, root: Path = Path("."), configs: Seque
         raise ValueError(f"{root / paths.features_root(dataset)}: feature rows do not match the prepared ids")
     pseudo = pseudo_labels(prepared.captions, params.data.wordnet_depth)
     spaces = {"real": (LabelSpace(prepared.hierarchy), prepared.labels),
-              "wordnet": (LabelSpace(pseudo.hierarchy), pseudo.labels)}
+              "wordnet": (LabelSpace(pseudo.hierarchy), pseudo.labels),
+              "shuffled": (LabelSpace(pseudo.hierarchy), shuffled(pseudo.labels))}
     runs = run_grid(params, prepared, {s: fs.features for s, fs in streams.items()}, spaces,
                     configs=configs, seeds=seeds)
     block = report(runs, dataset=dataset, depth=pseudo.depth, real_depth=prepared.hierarchy.max_depth,
