@@ -307,7 +307,8 @@ def cmd_validate_text(params: Params, args: argparse.Namespace) -> None:
     names`` compares the latents' names from captions with their names from labels in the run of
     ``--data-root`` against a shuffled baseline (sparc.report.name_agreement); ``--part
     hierarchy`` trains the ablation grid in this process and compares its hierarchical Jaccard
-    under the real labels and under WordNet pseudo-labels (sparc.report.pseudo_label_grid)."""
+    under the real labels, WordNet pseudo-labels and those shuffled across samples (a control;
+    sparc.report.pseudo_label_grid)."""
     from pathlib import Path
 
     if args.part == "names":
