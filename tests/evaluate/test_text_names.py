@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from sparc.evaluate.metrics import top_activating
 from sparc.evaluate.text_names import (
     PRIOR,
     caption_terms,
@@ -38,6 +39,11 @@ def codes() -> sp.csr_matrix:
     return sp.csr_matrix(z)
 
 
+def tops(codes: sp.csr_matrix, top_n: int) -> sp.csr_matrix:
+    """``[L, N]`` indicator of each latent's ``top_n`` strongest samples, as the stage builds it."""
+    return top_indicator(top_activating(codes, top_n), codes.shape)
+
+
 def test_caption_terms_drop_stop_words_and_keep_bigrams() -> None:
     terms = caption_terms(["a red apple on the table", "the red apple"])
     assert terms.terms == sorted(terms.terms)
@@ -49,7 +55,7 @@ def test_caption_terms_drop_stop_words_and_keep_bigrams() -> None:
 def test_caption_terms_without_any_term_are_empty() -> None:
     terms = caption_terms(["", "the a of", "a"])
     assert terms.terms == [] and terms.counts.shape == (3, 0)
-    named = text_names(sp.csr_matrix(np.eye(3)), terms, top_n=2, n_words=3, min_score=0.0)
+    named = text_names(tops(sp.csr_matrix(np.eye(3)), 2), terms, n_words=3, min_score=0.0)
     assert named.name == ["", "", ""] and named.words == [[], [], []] and np.isnan(named.score).all()
 
 
@@ -61,7 +67,7 @@ def test_max_terms_keeps_the_most_frequent() -> None:
 
 def test_text_names_find_the_theme_of_each_latent() -> None:
     terms = caption_terms(CAPTIONS)
-    named = text_names(codes(), terms, top_n=6, n_words=3, min_score=1.0)
+    named = text_names(tops(codes(), 6), terms, n_words=3, min_score=1.0)
     # equal z (the same counts everywhere): the alphabetical order; "red" is also on a car caption
     assert named.words[0] == ["apple", "red apple", "red"] and named.name[0] == "apple"
     assert named.words[1] == ["blue", "blue sky", "sky"] and named.name[1] == "blue"
@@ -74,14 +80,14 @@ def test_text_names_find_the_theme_of_each_latent() -> None:
 
 def test_min_score_only_hides_the_name() -> None:
     terms = caption_terms(CAPTIONS)
-    named = text_names(codes(), terms, top_n=6, n_words=2, min_score=1e9)
+    named = text_names(tops(codes(), 6), terms, n_words=2, min_score=1e9)
     assert named.name == ["", "", "", ""]
     assert named.words[2][0] == "car" and len(named.words[2]) == 2
 
 
 def test_log_odds_matches_the_formula_entry_by_entry() -> None:
     terms = caption_terms(CAPTIONS)
-    top = top_indicator(codes(), 6)
+    top = tops(codes(), 6)
     z = log_odds_z(top, terms.counts)
     C = terms.counts.toarray()
     T = top.toarray()
@@ -103,7 +109,7 @@ def test_log_odds_matches_the_formula_entry_by_entry() -> None:
 
 
 def test_top_indicator_takes_the_strongest_samples() -> None:
-    top = top_indicator(codes(), 6).toarray()
+    top = tops(codes(), 6).toarray()
     assert top.shape == (4, len(CAPTIONS))
     assert np.flatnonzero(top[2]).tolist() == list(range(12, 18))
     assert top[3].sum() == 0
@@ -127,7 +133,7 @@ def test_zero_shot_names_pick_the_largest_preactivation() -> None:
 
 def test_text_columns_cells() -> None:
     terms = caption_terms(CAPTIONS)
-    named = {s: text_names(codes(), terms, 6, 2, 1.0) for s in ("img", "txt")}
+    named = {s: text_names(tops(codes(), 6), terms, 2, 1.0) for s in ("img", "txt")}
     rows = text_columns(["img", "txt"], named)
     assert list(rows[2]) == ["img_text_name", "img_text_score", "img_text_words",
                              "txt_text_name", "txt_text_score", "txt_text_words"]

@@ -18,6 +18,7 @@ from sparc.evaluate.concepts import assign_concepts, concept_rows
 from sparc.evaluate.concepts_stage import run_concepts, zero_shot_streams
 from sparc.evaluate.encode_stage import run_encode
 from sparc.evaluate.labels import LabelSpace
+from sparc.evaluate.metrics import top_activating
 from sparc.evaluate.run_files import (
     EvaluateInputError,
     codes_to_csr,
@@ -124,8 +125,8 @@ def test_text_names_are_those_of_the_top_captions(labelled: dict[str, Path]) -> 
     table = read_rows(labelled["concepts"] / "concepts_per_stream.csv")
     named = 0
     for s in STREAMS:
-        want = text_names(csr[s], terms, TOP_N, 3, 1.0)
-        top = top_indicator(csr[s], TOP_N)
+        top = top_indicator(top_activating(csr[s], TOP_N), csr[s].shape)
+        want = text_names(top, terms, 3, 1.0)
         for i, r in enumerate(table):
             assert r[f"{s}_text_name"] == want.name[i]
             assert r[f"{s}_text_words"] == "|".join(want.words[i])

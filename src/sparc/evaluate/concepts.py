@@ -20,13 +20,16 @@ from sparc.evaluate.metrics import dominant_labels, firing_counts, top_activatin
 
 @dataclass(frozen=True)
 class ConceptTable:
-    """Per stream, ``[L]`` arrays / lists: firings, dominant label id ('' if none), purity, name."""
+    """Per stream, ``[L]`` arrays / lists: firings, dominant label id ('' if none), purity, name;
+    and ``top[s]``, the ``(latents, rows)`` pairs of the top samples the names come from
+    (:func:`sparc.evaluate.metrics.top_activating`; the text names read the same ones)."""
 
     streams: list[str]
     n_active: dict[str, np.ndarray]
     label: dict[str, list[str]]
     purity: dict[str, np.ndarray]
     name: dict[str, list[str]]
+    top: dict[str, tuple[np.ndarray, np.ndarray]]
 
     @property
     def L(self) -> int:
@@ -53,10 +56,10 @@ def assign_concepts(
     ``labels`` ``[N, B]`` multi-hot over ``space.label_ids``."""
     streams = list(codes)
     ids = space.label_ids
-    table = ConceptTable(streams, {}, {}, {}, {})
+    table = ConceptTable(streams, {}, {}, {}, {}, {})
     for s, mat in codes.items():
         L = mat.shape[1]
-        lat, rows = top_activating(mat, top_n)
+        lat, rows = table.top[s] = top_activating(mat, top_n)
         dominant, purity, _ = dominant_labels(lat, rows, labels, L)
         label = [ids[j] if j >= 0 else "" for j in dominant]
         table.n_active[s] = firing_counts(mat)

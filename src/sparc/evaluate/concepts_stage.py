@@ -67,6 +67,7 @@ from sparc.evaluate.text_names import (
     caption_terms,
     text_columns,
     text_names,
+    top_indicator,
     zero_shot_names,
 )
 from sparc.params import Params, check_concepts
@@ -146,7 +147,10 @@ def run_concepts(
         codes, meta = load_codes(codes_dir, kind, prepared, params, rows=rows)
         csr = codes_to_csr(codes)
         tables[kind] = assign_concepts(csr, labels, space, cp.top_n, cp.purity_threshold)
-        texts[kind] = {s: text_names(csr[s], terms, cp.top_n, cp.text_words, cp.text_min_score) for s in csr}
+        texts[kind] = {
+            s: text_names(top_indicator(tables[kind].top[s], csr[s].shape), terms, cp.text_words, cp.text_min_score)
+            for s in csr
+        }
         summary[kind] = concept_summary(tables[kind])
         summary[kind]["text_named_fraction"] = {s: float(np.mean([bool(n) for n in t.name])) for s, t in texts[kind].items()}
     summary["codes"] = {k: meta.get(k) for k in ("model_sha256", "dataset_fingerprint", "ids_sha256")}

@@ -49,8 +49,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from sparc.evaluate.metrics import top_activating
-
 PRIOR = 100.0  # a0: strength of the informative Dirichlet prior, in pseudo-counts of terms
 TERM_SEP = "|"  # joins a latent's top terms in one CSV cell
 
@@ -89,11 +87,12 @@ def caption_terms(captions: Sequence[str], max_terms: int = 0) -> TermMatrix:
     return TermMatrix(counts.tocsr(), vectoriser.get_feature_names_out().tolist())
 
 
-def top_indicator(codes: sp.csr_matrix, top_n: int) -> sp.csr_matrix:
-    """``T`` ``[L, N]``: 1 where sample n is among latent l's (up to) ``top_n`` most activating
-    samples of ``codes`` ``[N, L]`` (:func:`sparc.evaluate.metrics.top_activating`)."""
-    lat, rows = top_activating(codes, top_n)
-    N, L = codes.shape
+def top_indicator(top: tuple[np.ndarray, np.ndarray], shape: tuple[int, int]) -> sp.csr_matrix:
+    """``T`` ``[L, N]``: 1 where sample n is among latent l's top samples, given as the
+    ``(latents, rows)`` pairs of :func:`sparc.evaluate.metrics.top_activating` on ``[N, L]``
+    codes of ``shape``."""
+    lat, rows = top
+    N, L = shape
     return sp.csr_matrix((np.ones(lat.size), (lat, rows)), shape=(L, N))
 
 
@@ -153,17 +152,17 @@ class TextNames:
 
 
 def text_names(
-    codes: sp.csr_matrix, terms: TermMatrix, top_n: int, n_words: int, min_score: float,
-    prior: float = PRIOR,
+    top: sp.csr_matrix, terms: TermMatrix, n_words: int, min_score: float, prior: float = PRIOR,
 ) -> TextNames:
-    """Name every latent of ``codes`` ``[N, L]`` from the captions of its top ``top_n`` samples
-    (``terms`` holds the same N captions' terms; module docstring), keeping ``n_words`` terms."""
-    if codes.shape[0] != terms.counts.shape[0]:
-        raise ValueError(f"codes have {codes.shape[0]} rows, the term matrix {terms.counts.shape[0]}")
-    z = log_odds_z(top_indicator(codes, top_n), terms.counts, prior)
+    """Name every latent from the captions of its top samples, ``top`` ``[L, N]``
+    (:func:`top_indicator`; ``terms`` holds the same N captions' terms; module docstring),
+    keeping ``n_words`` terms."""
+    if top.shape[1] != terms.counts.shape[0]:
+        raise ValueError(f"codes have {top.shape[1]} rows, the term matrix {terms.counts.shape[0]}")
+    z = log_odds_z(top, terms.counts, prior)
     idx, scores = top_terms(z, n_words)
     words = [[terms.terms[j] for j in row if j >= 0] for row in idx]
-    best = scores[:, 0] if n_words else np.full(codes.shape[1], np.nan)
+    best = scores[:, 0] if n_words else np.full(top.shape[0], np.nan)
     name = [w[0] if w and s >= min_score else "" for w, s in zip(words, best, strict=True)]
     return TextNames(name, best, words)
 
