@@ -218,26 +218,28 @@ def test_kernel_counts_with_negatives_zeros_duplicates_and_ties(seed: int) -> No
 
 def test_kernel_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Kernels are cached outside the source tree (a DVC dependency), uncached where that fails."""
+    from sparc.model import jit as j
+
     calls = []
 
     def njit(**options):
-        calls.append((options, r.numba.config.CACHE_DIR))
+        calls.append((options, j.numba.config.CACHE_DIR))
         return lambda fn: fn
 
-    monkeypatch.setattr(r.numba, "njit", njit)
-    monkeypatch.setattr(r.numba.config, "CACHE_DIR", "")
+    monkeypatch.setattr(j.numba, "njit", njit)
+    monkeypatch.setattr(j.numba.config, "CACHE_DIR", "")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert r.kernel_cache_dir() == str(tmp_path / "sparc" / "numba")
-    assert r._jit(nogil=True)(len) is len
+    assert j.kernel_cache_dir() == str(tmp_path / "sparc" / "numba")
+    assert j.jit(nogil=True)(len) is len
     assert calls.pop() == ({"cache": True, "nogil": True}, str(tmp_path / "sparc" / "numba"))
-    assert r.numba.config.CACHE_DIR == ""
+    assert j.numba.config.CACHE_DIR == ""
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # not a directory
-    assert r.kernel_cache_dir() is None
-    assert r._jit(nogil=True)(len) is len
+    assert j.kernel_cache_dir() is None
+    assert j.jit(nogil=True)(len) is len
     assert calls.pop() == ({"nogil": True}, "")
-    monkeypatch.setattr(r.numba.config, "CACHE_DIR", str(tmp_path / "mine"))
-    assert r.kernel_cache_dir() == str(tmp_path / "mine")
+    monkeypatch.setattr(j.numba.config, "CACHE_DIR", str(tmp_path / "mine"))
+    assert j.kernel_cache_dir() == str(tmp_path / "mine")
     monkeypatch.undo()
     q, g = hard_pair(0)
     r.sparse_pair_rank_counts(q, g)  # compiled, or loaded from the cache

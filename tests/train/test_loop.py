@@ -11,7 +11,7 @@ from safetensors.torch import save
 from sparc.data.planted import PlantedConfig, make_planted
 from sparc.model import sae
 from sparc.params import TrainParams
-from sparc.train import loop
+from sparc.train import fused, loop
 from sparc.train.checkpoint import latest_checkpoint
 from sparc.train.live import MemoryLogger
 from sparc.train.loop import (
@@ -221,7 +221,9 @@ def test_train_sae_rejects_a_source_on_another_device():
 @pytest.mark.parametrize("method", ["sparc", "usae", "usae_paper"])
 def test_no_host_reads_in_a_plain_step(monkeypatch, method):
     """Between logs and revivals the training loop's own code reads no tensor value on the host
-    (the model's CPU kernels may; on accelerators they do not, see sparc.model)."""
+    (the model's CPU kernels may; on accelerators they do not, see sparc.model). The loop as it
+    runs on accelerators: the fused step (CPU only, numpy throughout) is switched off."""
+    monkeypatch.setattr(fused, "FUSED", False)
     trainer = Trainer(FeatureSource(DATA.features), make_spec(method=method, revive_every=1000), torch.device("cpu"))
     trainer.train_step()
     read = []
@@ -288,7 +290,7 @@ def test_evaluate_loss_uses_running_statistics_and_keeps_the_mode():
     assert metrics["loss/total"] > 0 and "cross_nmse/a_to_b" in metrics
 
 
-def test_alignment_options_change_training_and_reduce_to_local_topk_for_one_stream():
+def test_alignment_options_change_training_and_reduce_to_local_topk_for_one_stream(monkeypatch):
     plain = train_arrays(DATA.features, make_spec(epochs=2))
     subset = train_arrays(DATA.features, make_spec(epochs=2, subset_keep=0.5))
     consistent = train_arrays(DATA.features, make_spec(epochs=2, consistency=1.0))
@@ -297,6 +299,7 @@ def test_alignment_options_change_training_and_reduce_to_local_topk_for_one_stre
     assert "loss/consistency" in consistent.metrics and "loss/consistency" not in plain.metrics
     assert subset.model.cfg == plain.model.cfg  # inference keeps Global TopK over the streams given
     one = {"a": DATA.features["a"]}
+    monkeypatch.setattr(fused, "FUSED", False)  # bit for bit: the stream-subset option's (autograd) path
     alone = train_arrays(one, make_spec(epochs=2, topk="local"))
     assert weights(train_arrays(one, make_spec(epochs=2, subset_keep=0.3)).model) == weights(alone.model)
 
@@ -316,11 +319,14 @@ def test_decoder_normalise_order(monkeypatch):
     assert ours.metrics["loss/total"] == pytest.approx(ref.metrics["loss/total"], rel=0.05)
 
 
-@pytest.mark.parametrize(("method", "topk"), [("sparc", "global"), ("sparc", "local"), ("usae", "local")])
-def test_skipping_auxk_without_dead_latents_is_bit_identical(monkeypatch, method, topk):
+@pytest.mark.parametrize(("method", "topk", "fused_on"), [("sparc", "global", True), ("sparc", "local", True),
+                                                       ("sparc", "global", False), ("sparc", "local", False),
+                                                       ("usae", "local", False)])
+def test_skipping_auxk_without_dead_latents_is_bit_identical(monkeypatch, method, topk, fused_on):
     """Streams without dead latents get no mask (every step up to dead_steps): weights and logged
-    history (aux/<s> at 0 included) equal those of passing the all-False masks, at a size where
-    the CPU kernels take the pooled MKL CSR path ([8192, 256] float32 gradients: 8 MiB)."""
+    history (aux/<s> at 0 included) equal those of passing the all-False masks, in the fused step
+    and on the autograd path, at a size where the latter's CPU kernels take the pooled MKL CSR
+    path ([8192, 256] float32 gradients: 8 MiB)."""
     gen = np.random.default_rng(0)
     feats = {s: gen.standard_normal((128, d)).astype(np.float32) for s, d in {"a": 256, "b": 96, "c": 64}.items()}
     spec = make_spec(method=method, topk=topk, L=8192, k=16, batch_size=64, epochs=6, dead_steps=2,
@@ -328,8 +334,10 @@ def test_skipping_auxk_without_dead_latents_is_bit_identical(monkeypatch, method
     runs, selections = {}, {}
     for skip in (False, True):
         monkeypatch.setattr(loop, "SKIP_EMPTY_AUXK", skip)
+        monkeypatch.setattr(fused, "FUSED", fused_on)
         calls = []
         monkeypatch.setattr(sae, "aux_topk", lambda *a, f=sae.aux_topk, calls=calls: calls.append(1) or f(*a))
+        monkeypatch.setattr(fused, "_aux_picks", lambda *a, f=fused._aux_picks, calls=calls: calls.append(1) or f(*a))
         runs[skip] = train_arrays(feats, spec)
         selections[skip] = len(calls)
         monkeypatch.undo()

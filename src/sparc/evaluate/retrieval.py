@@ -59,8 +59,6 @@ worker, and numba adds about 0.1 GiB; the dense path one ``[N, b]`` float64 bloc
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 
 import numba
@@ -69,6 +67,7 @@ import scipy.sparse as sp
 import torch
 
 from sparc.evaluate.metrics import l2_normalise_rows
+from sparc.model.jit import jit, kernel_cache_dir  # noqa: F401  (kernel_cache_dir: part of this module's API)
 
 SCALE = float(2**24)  # the integer grid of unit-row entries (module docstring)
 DEFAULT_BLOCK_BYTES = 1 << 27  # one [N, b] float64 similarity block (128 MiB)
@@ -251,39 +250,6 @@ def _block_counts(st: torch.Tensor, diag: torch.Tensor, rows: slice, on_cpu: boo
 # --------------------------------------------------------------------------- sparse (inverted index)
 
 
-def kernel_cache_dir() -> str | None:
-    """Where the compiled kernels are cached: ``$NUMBA_CACHE_DIR`` when set, else
-    ``$XDG_CACHE_HOME/sparc/numba`` (``~/.cache/sparc/numba``); None when it cannot be written.
-    Never numba's default ``__pycache__`` beside this file: ``src/sparc/evaluate`` is a dependency
-    of DVC stages (dvc.yaml), whose hash would change with the files written there."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    path = numba.config.CACHE_DIR or os.path.join(base, "sparc", "numba")
-    try:
-        os.makedirs(path, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError:
-        return None
-    return path
-
-
-def _jit(**options):
-    """``numba.njit(**options)``, its machine code cached in :func:`kernel_cache_dir` (compiled
-    again by each process where that is None)."""
-
-    def wrap(fn):
-        cache_dir = kernel_cache_dir()
-        if cache_dir is None:
-            return numba.njit(**options)(fn)
-        previous = numba.config.CACHE_DIR  # numba picks the cache location when decorating
-        numba.config.CACHE_DIR = cache_dir
-        try:
-            return numba.njit(cache=True, **options)(fn)
-        finally:
-            numba.config.CACHE_DIR = previous
-
-    return wrap
-
-
 class InvertedIndex:
     """The gallery by latent (its CSC form): ``rows[ptr[l]:ptr[l + 1]]`` are the samples where
     latent l is active (the posting list of l) and ``values[ptr[l]:ptr[l + 1]]`` (int32) their
@@ -314,7 +280,7 @@ def _query_arrays(q: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return q.indptr.astype(np.uint64), _as_uint32(q.indices), values
 
 
-@_jit(nogil=True)
+@jit(nogil=True)
 def _scatter(i, q_ptr, q_lat, q_val, g_ptr, g_row, g_val, y):
     """Adds query i's scores against the gallery into ``y`` (``[N]`` int64 holding 0s): for each
     stored (latent l, value v) of query row i and each posting (j, g) of l, ``y[j] += g * v``
@@ -326,7 +292,7 @@ def _scatter(i, q_ptr, q_lat, q_val, g_ptr, g_row, g_val, y):
             y[g_row[e]] += g_val[e] * v
 
 
-@_jit(nogil=True, parallel=True)
+@jit(nogil=True, parallel=True)
 def _count_kernel(q_ptr, q_lat, q_val, g_ptr, g_row, g_val, diag, fwd_greater, fwd_ties, rev_greater, rev_ties):
     """Rank counts of all queries by W = ``rev_greater.shape[0]`` workers run in parallel (numba
     prange; worker w takes queries w, w + W, ... with its own ``[N]`` int64 scratch ``y``).

@@ -22,7 +22,9 @@ One step (global step t, 0-based):
    mask is all False) gets no mask and its ``aux/<s>`` term is logged as the exact 0 the masked
    computation gives (``Trainer.none_dead``). For both
    USAE methods ``lam`` weights the cross-decoding terms (1: every target alike, 0: self only);
-4. backward; for USAE with ``usae_update == "source_only"`` the gradients of every parameter not
+4. on a CPU (float32, one process, SPARC without ``train.subset_keep`` or ``train.consistency``)
+   steps 3-5 are one fused step (:mod:`sparc.train.fused`: the same maths without autograd or
+   dense gradients); elsewhere backward; for USAE with ``usae_update == "source_only"`` the gradients of every parameter not
    owned by the source stream are dropped (as in the USAE reference, where only the source
    model's optimizer steps); ``"joint"`` steps every parameter that received a gradient;
 5. ``model.remove_parallel_grad()``, Adam step, ``model.normalise_decoder()`` (the SPARC
@@ -75,6 +77,7 @@ from tqdm.auto import tqdm
 from sparc.device import resolve_device
 from sparc.model.sae import MultiStreamSAE, SAEConfig
 from sparc.params import USAE_METHODS, Params, TrainParams, check_top_level, check_train
+from sparc.train import fused
 from sparc.train.checkpoint import (
     PREFIX,
     latest_checkpoint,
@@ -258,6 +261,7 @@ class Trainer:
         dead = {s: self.since[s] > t.dead_steps for s in self.streams}
         none_dead = self.none_dead(dead)
         dead = {s: m for s, m in dead.items() if s not in none_dead}
+        updated = False  # whether the fused step has already updated the model
         if spec.method in USAE_METHODS:
             src = self.streams[int(counter_rng(spec.seed, USAE_SOURCE, step).integers(len(self.streams)))]
             if spec.method == "usae":
@@ -270,19 +274,24 @@ class Trainer:
             if t.subset_keep < 1.0:  # drawn for the global batch, sliced as the rows
                 draw = stream_subset(spec.seed, step, len(batch), len(self.streams), t.subset_keep)
                 keep = torch.from_numpy(draw[part]).to(self.device)
-            out = self.objective.loss(x, spec.lam, dead=dead, aux_coef=t.aux_coef, keep=keep,
-                                      consistency=t.consistency)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.ranks.backward(out.total, len(batch))
-        if self.frozen is not None and src is not None:
-            for p in self.frozen[src]:
-                p.grad = None
-        if DECODER_NORMALISE == "before_step":
-            self.model.normalise_decoder()
-        self.model.remove_parallel_grad()
-        self.optimizer.step()
-        if DECODER_NORMALISE == "after_step":
-            self.model.normalise_decoder()
+            if self.fused_step_ok():
+                out = fused.fused_step(self.model, self.optimizer, x, spec.lam, dead, t.aux_coef)
+                updated = True
+            else:
+                out = self.objective.loss(x, spec.lam, dead=dead, aux_coef=t.aux_coef, keep=keep,
+                                          consistency=t.consistency)
+        if not updated:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.ranks.backward(out.total, len(batch))
+            if self.frozen is not None and src is not None:
+                for p in self.frozen[src]:
+                    p.grad = None
+            if DECODER_NORMALISE == "before_step":
+                self.model.normalise_decoder()
+            self.model.remove_parallel_grad()
+            self.optimizer.step()
+            if DECODER_NORMALISE == "after_step":
+                self.model.normalise_decoder()
         terms = {"loss/total": out.total.detach(), **{metric_name(k): v for k, v in out.terms.items()}}
         if spec.method != "usae_paper":  # the AuxK term of a stream without dead latents: exactly 0
             terms.update({f"aux/{s}": out.total.new_zeros(()) for s in none_dead if src in (None, s)})
@@ -297,6 +306,15 @@ class Trainer:
         for name, value in terms.items():
             self._accumulate(name, value.float())
         self.step += 1
+
+    def fused_step_ok(self) -> bool:
+        """Whether this step runs :func:`sparc.train.fused.fused_step` (a CPU float32 SPARC run in
+        one process without the stream-subset or consistency options, under the project's
+        decoder order; see :func:`sparc.train.fused.supports`) instead of autograd."""
+        t = self.spec.train
+        return fused.supports(self.model, self.optimizer, method=self.spec.method, keep=t.subset_keep < 1.0,
+                              consistency=t.consistency, processes=self.ranks.size,
+                              decoder_order=DECODER_NORMALISE)
 
     def none_dead(self, dead: dict[str, torch.Tensor]) -> set[str]:
         """Streams whose ``dead`` mask is known to hold no dead latent without waiting for a device:

@@ -1,0 +1,646 @@
+"""The fused CPU training step of SPARC: forward, backward, projection, Adam and renormalisation
+in a few compiled passes (numba), without autograd and without dense ``[L, d]`` gradients.
+
+:func:`fused_step` does what these five calls do for :meth:`MultiStreamSAE.loss` (Global or Local
+TopK, any ``lam``, AuxK on dead latents)::
+
+    out = model.loss(x, lam, dead, aux_coef); out.total.backward()
+    model.remove_parallel_grad(); optimizer.step(); model.normalise_decoder()
+
+with the same maths in another summation order (results agree to float rounding; the tests
+compare both). The dense encoder matmuls are the model's own (:meth:`MultiStreamSAE._logits`,
+oneDNN); everything else is one of these passes, each parallel over samples or over latents, so
+that its results do not depend on the number of threads:
+
+1. top-k (per sample): Global TopK's index set from the summed logits of the streams (or each
+   stream's own, Local TopK) and the AuxK picks among the dead latents, by a min-heap per row;
+2. decoder pass (per target stream ``t``, per sample ``b``): every source's reconstruction
+   ``xhat^(s->t)_b = b_pre^t + sum_j z^s_bj W_dec^t[i^s_bj]``, its per-sample NMSE, the gradient
+   of the loss with respect to it ``G_bs = w_st 2 (xhat - x^t_b) / (B max(||x^t_b||^2, eps))``
+   (``w_st`` the pair's weight in the total: ``1/n`` for ``s = t``, ``lam / (n (n - 1))``
+   otherwise), the AuxK reconstruction and its gradient likewise, and the code gradients
+   ``dz^s_bj += <G_bs, W_dec^t[i^s_bj]>``;
+3. decoder update (per latent ``l`` of ``W_dec^t``): its gradient row
+   ``g = sum over the occurrences (b, s, j) of l of z^s_bj G_bs`` (plus the AuxK occurrences), the
+   projection ``g <- g - (<g, w> / max(||w||^2, eps)) w``, Adam, and ``w <- w / max(||w||, eps)``:
+   one read and one write of the row and its two moments;
+4. encoder update (per latent ``l`` of stream ``s``): ``dh = dz [z > 0]`` at each occurrence,
+   ``g = sum dh (x_b - b_pre)``, ``db_lat[l] = sum dh``, the encoder's share of ``db_pre``
+   (``-db_lat[l] W_enc[l]``, summed over fixed blocks of latents in a fixed order), and Adam on
+   the row and on ``b_lat[l]``;
+5. Adam on ``b_pre``.
+
+Adam is ``torch.optim.Adam``'s (no weight decay, no AMSGrad): the moments and step counters live
+in the given optimizer's state, in its own format, so checkpoints, revival (which zeroes rows of
+the moments) and the unfused path read and write the same state.
+
+:func:`supports` says when the trainer uses it: a CPU, float32, single-process SPARC run of the
+linear encoder with Adam as the trainer makes it, without the stream-subset or consistency
+options, under the project's decoder order (``DECODER_NORMALISE == "after_step"``). Everything
+else takes the autograd path. ``FUSED`` switches it off (the tests compare both).
+
+Memory: the step holds the logits (``[B, L]`` per stream, as the autograd path) and ``[B (n + 1),
+d]`` gradient rows per target instead of ``[L, d]`` dense gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numba
+import numpy as np
+import torch
+from numba import prange
+from torch import Tensor
+
+from sparc.model import sae as sae_module
+from sparc.model.jit import jit
+from sparc.model.losses import NMSE_EPS, LossOutput
+from sparc.model.sae import INPUT_EPS, MultiStreamSAE
+
+# Use the fused step where supports() allows it (False: the autograd path everywhere).
+FUSED = True
+# Latents per block of the encoder update: its share of db_pre is summed block by block, in block
+# order, so the sum does not depend on the number of threads.
+_BLOCK = 128
+# Samples are split into at most this many chunks for the threads (scratch buffers per chunk).
+_CHUNKS = 64
+# Floating-point flags of the kernels: reassociation (vectorised sums) and fused multiply-adds.
+_FAST = {"reassoc", "contract"}
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@jit(nogil=True, fastmath=_FAST)
+def _heap_topk(row, k, out):  # pragma: no cover - compiled
+    """The ``k`` largest entries of ``row``: their positions into ``out`` (largest first, ties by
+    position). A min-heap of the best ``k`` seen; an entry replaces its root only when larger."""
+    n = row.shape[0]
+    hv = np.empty(k, np.float32)
+    hi = np.empty(k, np.int64)
+    for i in range(k):
+        hv[i] = row[i]
+        hi[i] = i
+    for start in range(k // 2 - 1, -1, -1):
+        _sift(hv, hi, start, k)
+    for c in range(k, n):
+        v = row[c]
+        if v > hv[0]:
+            hv[0] = v
+            hi[0] = c
+            _sift(hv, hi, 0, k)
+    for i in range(1, k):  # insertion sort: value descending, position ascending on ties
+        v, p = hv[i], hi[i]
+        j = i - 1
+        while j >= 0 and (hv[j] < v or (hv[j] == v and hi[j] > p)):
+            hv[j + 1] = hv[j]
+            hi[j + 1] = hi[j]
+            j -= 1
+        hv[j + 1] = v
+        hi[j + 1] = p
+    for i in range(k):
+        out[i] = hi[i]
+
+
+@jit(nogil=True)
+def _sift(hv, hi, i, k):  # pragma: no cover - compiled
+    """Restore the min-heap below ``i`` (the smaller value, or on ties the later position, is
+    nearer the root, so that a tie keeps the earlier position)."""
+    while True:
+        left = 2 * i + 1
+        if left >= k:
+            return
+        m = left
+        right = left + 1
+        if right < k and (hv[right] < hv[left] or (hv[right] == hv[left] and hi[right] > hi[left])):
+            m = right
+        if hv[m] < hv[i] or (hv[m] == hv[i] and hi[m] > hi[i]):
+            hv[m], hv[i] = hv[i], hv[m]
+            hi[m], hi[i] = hi[i], hi[m]
+            i = m
+        else:
+            return
+
+
+@jit(nogil=True, fastmath=_FAST)
+def _select(row, k, out, cand, where):  # pragma: no cover - compiled
+    """:func:`_heap_topk` of ``row`` (the same result), faster on long rows: a threshold ``t``
+    from a strided sample of ``row`` (its ``j``-th largest entry, ``j`` chosen so that with
+    overwhelming probability at least ``k`` entries of the row reach it), the entries ``>= t``
+    gathered in position order (into the scratch ``cand``, ``where``, as long as ``row``), and
+    the heap on them; the whole row when fewer than ``k`` reach ``t``."""
+    n = row.shape[0]
+    q = n // (4 * k)
+    if q < 2:
+        _heap_topk(row, k, out)
+        return
+    sample = row[::q].copy()
+    lam = k * sample.shape[0] / n  # expected sample entries among the row's top k
+    j = min(sample.shape[0], int(lam + 4.0 * math.sqrt(lam) + 2.0))
+    pick = np.empty(j, np.int64)
+    _heap_topk(sample, j, pick)
+    t = sample[pick[j - 1]]
+    cnt = 0
+    for c in range(n):
+        if row[c] >= t:
+            cand[cnt] = row[c]
+            where[cnt] = c
+            cnt += 1
+    if cnt < k:
+        _heap_topk(row, k, out)
+        return
+    sel = np.empty(k, np.int64)
+    _heap_topk(cand[:cnt], k, sel)
+    for i in range(k):
+        out[i] = where[sel[i]]
+
+
+@jit(nogil=True, parallel=True, fastmath=_FAST)
+def _topk_sum(h, k, out):  # pragma: no cover - compiled
+    """``out[b] = top-k(sum_s h[s][b])`` for ``h`` a tuple of ``[B, L]`` logits (the sum in stream
+    order, as :func:`sparc.model.topk.global_topk`; largest first, ties by position)."""
+    B, L = h[0].shape
+    chunks = min(B, _CHUNKS)
+    for ch in prange(chunks):
+        row = np.empty(L, np.float32)
+        cand = np.empty(L, np.float32)
+        where = np.empty(L, np.int64)
+        for b in range(ch * B // chunks, (ch + 1) * B // chunks):
+            h0 = h[0]
+            for c in range(L):
+                row[c] = h0[b, c]
+            for s in range(1, len(h)):
+                hs = h[s]
+                for c in range(L):
+                    row[c] += hs[b, c]
+            _select(row, k, out[b], cand, where)
+
+
+@jit(nogil=True, parallel=True, fastmath=_FAST)
+def _topk_among(h, cols, k, out):  # pragma: no cover - compiled
+    """``out[b] = cols[top-k(h[b, cols])]``: the ``k`` largest logits among the columns ``cols``."""
+    B = h.shape[0]
+    m = cols.shape[0]
+    chunks = min(B, _CHUNKS)
+    for ch in prange(chunks):
+        row = np.empty(m, np.float32)
+        cand = np.empty(m, np.float32)
+        where = np.empty(m, np.int64)
+        sel = np.empty(k, np.int64)
+        for b in range(ch * B // chunks, (ch + 1) * B // chunks):
+            for c in range(m):
+                row[c] = h[b, cols[c]]
+            _select(row, k, sel, cand, where)
+            for j in range(k):
+                out[b, j] = cols[sel[j]]
+
+
+@jit(nogil=True, parallel=True, fastmath=_FAST)
+def _decoder_pass(W, bpre, x, idx, z, shared, wts, self_src, aidx, aval, wa, aux_ref, nm, an, G):  # pragma: no cover
+    """Step 2 of the module docstring for one target stream (per sample ``b``, in parallel).
+
+    ``W [L, d]`` its decoder, ``bpre [d]``, ``x [B, d]`` its normalised inputs; sources ``s``:
+    ``idx, z [n, B, k]`` index sets and codes (``shared``: every source has the same index set,
+    so each decoder row is read once for all of them), ``wts [n]`` pair weights; ``self_src`` the
+    target's own source; AuxK: ``aidx, aval [B, m]`` (``m`` may be 0), weight ``wa``,
+    ``aux_ref``: the reference's denominator ``||r + b_pre||^2``. Writes ``nm [B, n]`` and
+    ``an [B]`` per-sample NMSE and ``G [B n + B, d]`` gradient rows (row ``b n + s``, AuxK row
+    ``B n + b``). The code gradients are left to :func:`_decoder_update`, which reads each
+    latent's row once for all its occurrences.
+    """
+    n, B, k = idx.shape
+    d = W.shape[1]
+    m = aidx.shape[1]
+    chunks = min(B, _CHUNKS)
+    for ch in prange(chunks):
+        rec = np.empty((n, d), np.float32)
+        resid = np.empty(d, np.float32)  # x - xhat^(t->t), the AuxK target
+        e_aux = np.empty(d, np.float32)
+        for b in range(ch * B // chunks, (ch + 1) * B // chunks):
+            xb = x[b]
+            den = np.float32(0.0)
+            for c in range(d):
+                den += xb[c] * xb[c]
+            den = max(den, np.float32(NMSE_EPS))
+            for s in range(n):
+                for c in range(d):
+                    rec[s, c] = bpre[c]
+            if shared:
+                for j in range(k):
+                    wl = W[idx[0, b, j]]
+                    for s in range(n):
+                        v = z[s, b, j]
+                        if v != 0.0:
+                            r = rec[s]
+                            for c in range(d):
+                                r[c] += v * wl[c]
+            else:
+                for s in range(n):
+                    r = rec[s]
+                    for j in range(k):
+                        v = z[s, b, j]
+                        if v != 0.0:
+                            wl = W[idx[s, b, j]]
+                            for c in range(d):
+                                r[c] += v * wl[c]
+            for s in range(n):
+                r = rec[s]
+                sq = np.float32(0.0)
+                for c in range(d):
+                    e = r[c] - xb[c]
+                    sq += e * e
+                nm[b, s] = sq / den
+                scale = np.float32(wts[s] * 2.0 / (B * den))
+                g = G[b * n + s]
+                for c in range(d):
+                    g[c] = scale * (r[c] - xb[c])
+                if s == self_src:
+                    for c in range(d):
+                        resid[c] = xb[c] - r[c]
+            if m > 0:
+                for c in range(d):
+                    e_aux[c] = 0.0
+                for j in range(m):
+                    v = aval[b, j]
+                    if v != 0.0:
+                        wl = W[aidx[b, j]]
+                        for c in range(d):
+                            e_aux[c] += v * wl[c]
+                denr = np.float32(0.0)
+                sq = np.float32(0.0)
+                for c in range(d):
+                    t = resid[c] + bpre[c] if aux_ref else resid[c]
+                    denr += t * t
+                    e = e_aux[c] - resid[c]
+                    sq += e * e
+                denr = max(denr, np.float32(NMSE_EPS))
+                an[b] = sq / denr
+                scale = np.float32(wa * 2.0 / (B * denr))
+                g = G[B * n + b]
+                for c in range(d):
+                    g[c] = scale * (e_aux[c] - resid[c])
+
+
+@jit(nogil=True)
+def _csr(L, keys, rows, coef, pos, count):  # pragma: no cover - compiled
+    """Counting sort of the first ``count`` occurrences by latent ``keys``: ``ptr [L + 1]`` and,
+    in that order (input order within a latent), their ``rows``, ``coef`` and ``pos``."""
+    ptr = np.zeros(L + 1, np.int64)
+    for i in range(count):
+        ptr[keys[i] + 1] += 1
+    for lat in range(L):
+        ptr[lat + 1] += ptr[lat]
+    fill = ptr[:-1].copy()
+    out_rows = np.empty(count, np.int64)
+    out_coef = np.empty(count, np.float32)
+    out_pos = np.empty(count, np.int64)
+    for i in range(count):
+        p = fill[keys[i]]
+        out_rows[p] = rows[i]
+        out_coef[p] = coef[i]
+        out_pos[p] = pos[i]
+        fill[keys[i]] = p + 1
+    return ptr, out_rows, out_coef, out_pos
+
+
+@jit(nogil=True)
+def _decoder_occurrences(L, idx, z, wts, aidx, aval):  # pragma: no cover - compiled
+    """The occurrences of one target decoder's latents (:func:`_csr`): ``(b, s, j)`` of every
+    trained source (``wts[s] != 0``) with ``z[s, b, j] != 0`` (table row ``b n + s``, coefficient
+    ``z``, position ``(s B + b) k + j`` of the code gradients), then the AuxK picks with
+    ``aval != 0`` (row ``B n + b``, coefficient ``aval``, position ``n B k + b m + j``)."""
+    n, B, k = idx.shape
+    m = aidx.shape[1]
+    size = n * B * k + B * m
+    keys = np.empty(size, np.int64)
+    rows = np.empty(size, np.int64)
+    coef = np.empty(size, np.float32)
+    pos = np.empty(size, np.int64)
+    cnt = 0
+    for b in range(B):
+        for s in range(n):
+            if wts[s] != 0.0:
+                for j in range(k):
+                    v = z[s, b, j]
+                    if v != 0.0:
+                        keys[cnt] = idx[s, b, j]
+                        rows[cnt] = b * n + s
+                        coef[cnt] = v
+                        pos[cnt] = (s * B + b) * k + j
+                        cnt += 1
+        for j in range(m):
+            v = aval[b, j]
+            if v != 0.0:
+                keys[cnt] = aidx[b, j]
+                rows[cnt] = B * n + b
+                coef[cnt] = v
+                pos[cnt] = n * B * k + b * m + j
+                cnt += 1
+    return _csr(L, keys, rows, coef, pos, cnt)
+
+
+@jit(nogil=True)
+def _encoder_occurrences(L, idx, z, dz, aidx, aval, da):  # pragma: no cover - compiled
+    """The occurrences of one stream's encoder latents (:func:`_csr`): ``(b, j)`` with
+    ``z[b, j] > 0`` (coefficient ``dz``: the ReLU passes the gradient), then the AuxK picks with
+    ``aval > 0`` (coefficient ``da``); table row ``b`` (the sample)."""
+    B, k = idx.shape
+    m = aidx.shape[1]
+    size = B * (k + m)
+    keys = np.empty(size, np.int64)
+    rows = np.empty(size, np.int64)
+    coef = np.empty(size, np.float32)
+    cnt = 0
+    for b in range(B):
+        for j in range(k):
+            if z[b, j] > 0.0:
+                keys[cnt] = idx[b, j]
+                rows[cnt] = b
+                coef[cnt] = dz[b, j]
+                cnt += 1
+        for j in range(m):
+            if aval[b, j] > 0.0:
+                keys[cnt] = aidx[b, j]
+                rows[cnt] = b
+                coef[cnt] = da[b, j]
+                cnt += 1
+    return _csr(L, keys, rows, coef, rows, cnt)
+
+
+@jit(nogil=True, parallel=True, fastmath=_FAST)
+def _decoder_update(W, m1, m2, ptr, rows, coef, pos, G, dcode, c1, b2, c2, step, bc2s, eps, row_eps):  # pragma: no cover
+    """Step 3 of the module docstring for one decoder ``W [L, d]`` with moments ``m1, m2``: per
+    latent ``lat``, for each of its occurrences (``ptr``; ``rows`` of ``G``, ``coef``, ``pos``) the
+    code gradient ``dcode[pos] += <G[row], W[lat]>`` and ``g += coef G[row]``; then the
+    projection of ``g``, Adam (:class:`_AdamState`'s constants) and the renormalisation."""
+    L, d = W.shape
+    blocks = (L + _BLOCK - 1) // _BLOCK
+    for blk in prange(blocks):
+        g = np.empty(d, np.float32)
+        for lat in range(blk * _BLOCK, min(L, (blk + 1) * _BLOCK)):
+            w, a, v = W[lat], m1[lat], m2[lat]
+            touched = ptr[lat] < ptr[lat + 1]
+            if touched:
+                for c in range(d):
+                    g[c] = 0.0
+                for p in range(ptr[lat], ptr[lat + 1]):
+                    cf = coef[p]
+                    gr = G[rows[p]]
+                    acc = np.float32(0.0)
+                    for c in range(d):
+                        acc += gr[c] * w[c]
+                        g[c] += cf * gr[c]
+                    dcode[pos[p]] += acc
+                dot = np.float32(0.0)
+                sq = np.float32(0.0)
+                for c in range(d):
+                    dot += g[c] * w[c]
+                    sq += w[c] * w[c]
+                f = dot / max(sq, np.float32(row_eps))
+                for c in range(d):
+                    g[c] -= f * w[c]
+            nrm = np.float32(0.0)
+            for c in range(d):
+                gc = g[c] if touched else np.float32(0.0)
+                a[c] += c1 * (gc - a[c])
+                v[c] = b2 * v[c] + c2 * gc * gc
+                w[c] -= step * a[c] / (np.sqrt(v[c]) / bc2s + eps)
+                nrm += w[c] * w[c]
+            scale = np.float32(1.0) / max(np.float32(math.sqrt(nrm)), np.float32(row_eps))
+            for c in range(d):
+                w[c] = w[c] * scale
+
+
+@jit(nogil=True, parallel=True, fastmath=_FAST)
+def _encoder_update(W, m1, m2, ptr, rows, coef, xc, dlat, dpre_blocks,
+                    c1, b2, c2, step, bc2s, eps):  # pragma: no cover - compiled
+    """Step 4 of the module docstring for one encoder ``W [L, d]`` (moments ``m1, m2``): per
+    latent, ``dh`` summed into ``g = sum dh xc[row]`` and ``dlat[lat] = sum dh`` (the latent
+    bias's gradient); ``dpre_blocks[block] -= dlat[lat] W[lat]`` (the row before its update); Adam on
+    the row."""
+    L, d = W.shape
+    blocks = (L + _BLOCK - 1) // _BLOCK
+    for blk in prange(blocks):
+        g = np.empty(d, np.float32)
+        part = dpre_blocks[blk]
+        for c in range(d):
+            part[c] = 0.0
+        for lat in range(blk * _BLOCK, min(L, (blk + 1) * _BLOCK)):
+            w, a, v = W[lat], m1[lat], m2[lat]
+            touched = ptr[lat] < ptr[lat + 1]
+            db = np.float32(0.0)
+            if touched:
+                for c in range(d):
+                    g[c] = 0.0
+                for p in range(ptr[lat], ptr[lat + 1]):
+                    cf = coef[p]
+                    db += cf
+                    xr = xc[rows[p]]
+                    for c in range(d):
+                        g[c] += cf * xr[c]
+                for c in range(d):
+                    part[c] -= db * w[c]
+            for c in range(d):
+                gc = g[c] if touched else np.float32(0.0)
+                a[c] += c1 * (gc - a[c])
+                v[c] = b2 * v[c] + c2 * gc * gc
+                w[c] -= step * a[c] / (np.sqrt(v[c]) / bc2s + eps)
+            dlat[lat] = db
+
+
+@jit(nogil=True, fastmath=_FAST)
+def _adam_vector(p, g, m1, m2, c1, b2, c2, step, bc2s, eps):  # pragma: no cover - compiled
+    """Adam on a 1-D parameter ``p`` with gradient ``g``."""
+    for c in range(p.shape[0]):
+        m1[c] += c1 * (g[c] - m1[c])
+        m2[c] = b2 * m2[c] + c2 * g[c] * g[c]
+        p[c] -= step * m1[c] / (np.sqrt(m2[c]) / bc2s + eps)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def supports(model: MultiStreamSAE, optimizer: torch.optim.Optimizer, *, method: str = "sparc",
+             keep: bool = False, consistency: float = 0.0, processes: int = 1,
+             decoder_order: str = "after_step") -> bool:
+    """Whether :func:`fused_step` can train ``model`` with ``optimizer`` (module docstring)."""
+    if not FUSED or method != "sparc" or keep or consistency or processes != 1 or decoder_order != "after_step":
+        return False
+    if model.batchnorm or sae_module.AUX_DENOMINATOR not in ("residual", "reference"):
+        return False
+    params = list(model.parameters())
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous() for p in params):
+        return False
+    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
+        return False
+    group = optimizer.param_groups[0]
+    plain = (group["weight_decay"] == 0 and not group["amsgrad"] and not group["maximize"]
+             and not isinstance(group["lr"], Tensor))
+    return plain and {id(p) for p in group["params"]} == {id(p) for p in params}
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+class _AdamState:
+    """The optimizer's per-parameter state in torch's format, stepped by the kernels."""
+
+    def __init__(self, optimizer: torch.optim.Adam) -> None:
+        group = optimizer.param_groups[0]
+        self.lr = float(group["lr"])
+        self.b1, self.b2 = (float(b) for b in group["betas"])
+        self.eps = float(group["eps"])
+        self.optimizer = optimizer
+
+    def take(self, p: Tensor) -> tuple[np.ndarray, np.ndarray, tuple[np.float32, ...]]:
+        """The moments of ``p`` (created as torch does on its first step) after advancing its step
+        counter, and the float32 constants of its update ``(1 - beta1, beta2, 1 - beta2,
+        lr / bias_correction1, sqrt(bias_correction2), eps)``: ``m1 += (1 - beta1) (g - m1)``,
+        ``m2 = beta2 m2 + (1 - beta2) g^2``, ``p -= lr / bc1 * m1 / (sqrt(m2) / sqrt(bc2) + eps)``
+        (torch's fused Adam)."""
+        st = self.optimizer.state[p]
+        if not st:
+            fused = bool(self.optimizer.param_groups[0].get("fused"))
+            st["step"] = torch.tensor(0.0, dtype=torch.float32) if fused else torch.tensor(0.0)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["step"] += 1
+        step = float(st["step"])
+        bc1 = 1.0 - self.b1**step
+        bc2s = math.sqrt(1.0 - self.b2**step)
+        f = np.float32
+        consts = (f(1.0 - self.b1), f(self.b2), f(1.0 - self.b2), f(self.lr / bc1), f(bc2s), f(self.eps))
+        return _np(st["exp_avg"]), _np(st["exp_avg_sq"]), consts
+
+
+def _aux_picks(h: np.ndarray, dead: Tensor, k_aux: int) -> tuple[np.ndarray, int]:
+    """AuxK picks of one stream: the ``min(k_aux, #dead)`` largest logits among its dead latents
+    per sample (``[B, m]`` ids; the live picks of :func:`~sparc.model.topk.aux_topk`, whose values
+    are zeroed there, are left out)."""
+    cols = dead.nonzero().view(-1).numpy()
+    m = min(k_aux, cols.shape[0])
+    out = np.empty((h.shape[0], m), np.int64)
+    if m:
+        _topk_among(h, cols.astype(np.int64), m, out)
+    return out, int(cols.shape[0])
+
+
+@torch.no_grad()
+def fused_step(model: MultiStreamSAE, optimizer: torch.optim.Adam, x: Mapping[str, Tensor], lam: float,
+               dead: Mapping[str, Tensor] | None = None, aux_coef: float = 1 / 32) -> LossOutput:
+    """One training step of ``model.loss(x, lam, dead, aux_coef)`` with ``optimizer`` (module
+    docstring); returns the loss terms as that method does (``total`` without a graph)."""
+    streams = model._check_inputs(x, require_all=True)
+    dead_m = model._check_dead(dead)
+    lam = float(lam)
+    cfg = model.cfg
+    n, k, L = len(streams), cfg.k, cfg.L
+    xn = {s: model._prepare(s, x[s]).contiguous() for s in streams}
+    h = {s: model._logits(s, xn[s]).contiguous() for s in streams}
+    hn = {s: _np(h[s]) for s in streams}
+    B = next(iter(xn.values())).shape[0]
+    idx = np.empty((n, B, k), np.int64)
+    if cfg.topk == "global":
+        _topk_sum(tuple(hn[s] for s in streams), k, idx[0])
+        idx[1:] = idx[0]
+    else:
+        for i, s in enumerate(streams):
+            _topk_sum((hn[s],), k, idx[i])
+    z = np.empty((n, B, k), np.float32)
+    for i, s in enumerate(streams):
+        z[i] = np.maximum(np.take_along_axis(hn[s], idx[i], axis=1), 0.0)
+    aux: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
+    for s in streams:
+        if s in dead_m:
+            ids, n_dead = _aux_picks(hn[s], dead_m[s], cfg.k_aux)
+            aux[s] = (ids, np.maximum(np.take_along_axis(hn[s], ids, axis=1), 0.0), n_dead)
+
+    adam = _AdamState(optimizer)
+    pair_w = np.float32(lam / (n * (n - 1))) if n > 1 else np.float32(0.0)
+    aux_ref = sae_module.AUX_DENOMINATOR == "reference"
+    none_idx, none_val = np.empty((B, 0), np.int64), np.empty((B, 0), np.float32)
+    # code gradients: [n, B, k] of the sources, then [B, m_s] of each stream's AuxK picks
+    dcodes = {s: np.zeros(n * B * k + B * aux.get(s, (none_idx,))[0].shape[1], np.float32) for s in streams}
+    M = np.empty((n, n), np.float32)  # [source, target] NMSE
+    aux_terms: dict[str, float] = {}
+    dpre: dict[str, np.ndarray] = {}
+    for ti, t in enumerate(streams):
+        W = model.W_dec[t]
+        d = W.shape[1]
+        wts = np.full(n, pair_w, np.float32)
+        wts[ti] = np.float32(1.0 / n)
+        aidx, aval, n_dead = aux.get(t, (none_idx, none_val, 0))
+        if not n_dead:
+            aidx, aval = none_idx, none_val
+        nm = np.empty((B, n), np.float32)
+        an = np.zeros(B, np.float32)
+        G = np.empty((B * n + B, d), np.float32)
+        _decoder_pass(_np(W), _np(model.b_pre[t]), _np(xn[t]), idx, z, cfg.topk == "global", wts, ti,
+                      aidx, aval, np.float32(aux_coef / n), aux_ref, nm, an, G)
+        M[:, ti] = nm.mean(0, dtype=np.float64)
+        if t in aux:
+            aux_terms[t] = float(an.mean(dtype=np.float64)) if n_dead else 0.0
+        dpre[t] = G[: B * n].sum(0, dtype=np.float64).astype(np.float32)  # decoder share of db_pre
+        ptr, orow, ocoef, opos = _decoder_occurrences(L, idx, z, wts, aidx, aval)
+        m1, m2, consts = adam.take(W)
+        _decoder_update(_np(W), m1, m2, ptr, orow, ocoef, opos, G, dcodes[t], *consts, np.float32(INPUT_EPS))
+    dz = sum(dc[: n * B * k] for dc in dcodes.values()).reshape(n, B, k)
+
+    for si, s in enumerate(streams):
+        Wenc = model.W_enc[s]
+        d = Wenc.shape[1]
+        aidx, aval, n_dead = aux.get(s, (none_idx, none_val, 0))
+        if not n_dead:
+            aidx, aval = none_idx, none_val
+        da = dcodes[s][n * B * k:].reshape(B, aidx.shape[1])
+        ptr, orow, ocoef, _ = _encoder_occurrences(L, idx[si], z[si], dz[si], aidx, aval, da)
+        xc = _np(xn[s]) - _np(model.b_pre[s])
+        blocks = np.empty(((L + _BLOCK - 1) // _BLOCK, d), np.float32)
+        dlat = np.empty(L, np.float32)
+        m1, m2, consts = adam.take(Wenc)
+        _encoder_update(_np(Wenc), m1, m2, ptr, orow, ocoef, xc, dlat, blocks, *consts)
+        bm1, bm2, bconsts = adam.take(model.b_lat[s])
+        _adam_vector(_np(model.b_lat[s]), dlat, bm1, bm2, *bconsts)
+        g_pre = dpre[s] + blocks.sum(0, dtype=np.float64).astype(np.float32)
+        pm1, pm2, pconsts = adam.take(model.b_pre[s])
+        _adam_vector(_np(model.b_pre[s]), g_pre, pm1, pm2, *pconsts)
+
+    return _loss_output(streams, M, lam, aux_coef, aux_terms, z, idx, L)
+
+
+def _loss_output(streams: list[str], M: np.ndarray, lam: float, aux_coef: float, aux_terms: dict[str, float],
+                 z: np.ndarray, idx: np.ndarray, L: int) -> LossOutput:
+    """The terms of :meth:`MultiStreamSAE.loss` from the NMSE matrix, AuxK terms and codes."""
+    n = len(streams)
+    Mt = torch.from_numpy(M)
+    diag = torch.diagonal(Mt)
+    l_self = diag.mean()
+    l_cross = (Mt.sum() - diag.sum()) / (n * (n - 1)) if n > 1 else Mt.new_zeros(())
+    l_aux = torch.tensor(sum(aux_terms.values()) / n, dtype=torch.float32) if aux_terms else Mt.new_zeros(())
+    total = l_self + aux_coef * l_aux
+    if lam != 0.0:
+        total = total + lam * l_cross
+    terms: dict[str, Tensor] = {}
+    fired: dict[str, Tensor] = {}
+    for i, s in enumerate(streams):
+        terms[f"self_nmse/{s}"] = Mt[i, i]
+        for j, t in enumerate(streams):
+            if t != s:
+                terms[f"cross_nmse/{s}->{t}"] = Mt[i, j]
+        active = torch.from_numpy(z[i] > 0)
+        terms[f"l0/{s}"] = active.sum(1).float().mean()
+        hits = torch.zeros(L, dtype=torch.bool)
+        hits[torch.from_numpy(idx[i][z[i] > sae_module.FIRE_THRESHOLD])] = True
+        fired[s] = hits
+    for s, a in aux_terms.items():
+        terms[f"aux/{s}"] = torch.tensor(a, dtype=torch.float32)
+    terms.update(self_nmse=l_self, cross_nmse=l_cross, aux=l_aux)
+    return LossOutput(total=total, terms=terms, fired=fired)
+
+
+def set_threads(threads: int) -> None:
+    """Run the kernels on ``threads`` threads (at most numba's pool size)."""
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
