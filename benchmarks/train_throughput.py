@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from sparc.model.matmul import linear
 from sparc.model.sae import MultiStreamSAE, SAEConfig
 from sparc.model.sparse import CPU_BUFFERS
+from sparc.train import fused
 from sparc.train.loop import make_adam
 
 DIMS = {"dino": 1024, "clip_img": 768, "clip_txt": 768}
@@ -109,9 +110,14 @@ class DenseSAE(nn.Module):
             W /= W.norm(dim=1, keepdim=True)
 
 
-def make_step(model: nn.Module, dead: dict[str, Tensor]) -> Callable[[dict[str, Tensor]], Tensor]:
-    """One full training step of either implementation; returns the detached total loss."""
+def make_step(model: nn.Module, dead: dict[str, Tensor], autograd: bool = False) -> Callable[[dict[str, Tensor]], Tensor]:
+    """One full training step of either implementation; returns the detached total loss.
+
+    The sparse model takes the trainer's path: the fused step (:mod:`sparc.train.fused`) where it
+    applies (on the CPU), else autograd; ``autograd=True`` forces the latter."""
     opt = make_adam(model.parameters(), lr=LR, eps=1e-8)
+    if isinstance(model, MultiStreamSAE) and not autograd and fused.supports(model, opt):
+        return lambda x: fused.fused_step(model, opt, x, LAM, dead, AUX_COEF).total
 
     def step(x: dict[str, Tensor]) -> Tensor:
         if isinstance(model, MultiStreamSAE):
@@ -308,12 +314,14 @@ def main() -> None:
     data = batches(DIMS, batch, 8, args.seed)
     impls = {"sparse": make_step(sparse, dead), "dense": make_step(dense, dead),
              "floor": make_floor(floor_model, args.seed)}
+    if DEVICE.type == "cpu":  # the autograd path of the same model, which the fused step replaces on CPU
+        impls["autograd"] = make_step(build(L, k, args.seed)[0], dead, autograd=True)
     times, losses = time_steps(impls, data, steps)
-    print(f"\n{'impl':>7} {'median s/step':>14} {'min s/step':>11} {'samples/s':>10} {'final loss':>11}")
-    for name in ("sparse", "dense", "floor"):
+    print(f"\n{'impl':>8} {'median s/step':>14} {'min s/step':>11} {'samples/s':>10} {'final loss':>11}")
+    for name in impls:
         med = statistics.median(times[name])
         loss = f"{losses[name][-1]:>11.6f}" if name != "floor" else f"{'-':>11}"
-        print(f"{name:>7} {med:>14.4f} {min(times[name]):>11.4f} {batch / med:>10.0f} {loss}")
+        print(f"{name:>8} {med:>14.4f} {min(times[name]):>11.4f} {batch / med:>10.0f} {loss}")
     floor_ratio = statistics.median(times["sparse"]) / statistics.median(times["floor"])
     print(f"sparse step / floor (encoder matmuls + fused Adam; medians): {floor_ratio:.2f}x (target <= 1.5)")
     ratio = statistics.median(times["dense"]) / statistics.median(times["sparse"])

@@ -73,128 +73,127 @@ _FAST = {"reassoc", "contract"}
 # --------------------------------------------------------------------------- kernels
 
 
-@jit(nogil=True, fastmath=_FAST)
-def _heap_topk(row, k, out):  # pragma: no cover - compiled
-    """The ``k`` largest entries of ``row``: their positions into ``out`` (largest first, ties by
-    position). A min-heap of the best ``k`` seen; an entry replaces its root only when larger."""
-    n = row.shape[0]
-    hv = np.empty(k, np.float32)
-    hi = np.empty(k, np.int64)
-    for i in range(k):
-        hv[i] = row[i]
-        hi[i] = i
-    for start in range(k // 2 - 1, -1, -1):
-        _sift(hv, hi, start, k)
-    for c in range(k, n):
-        v = row[c]
-        if v > hv[0]:
-            hv[0] = v
-            hi[0] = c
-            _sift(hv, hi, 0, k)
-    for i in range(1, k):  # insertion sort: value descending, position ascending on ties
-        v, p = hv[i], hi[i]
-        j = i - 1
-        while j >= 0 and (hv[j] < v or (hv[j] == v and hi[j] > p)):
-            hv[j + 1] = hv[j]
-            hi[j + 1] = hi[j]
-            j -= 1
-        hv[j + 1] = v
-        hi[j + 1] = p
-    for i in range(k):
-        out[i] = hi[i]
+@jit(nogil=True)
+def _key(bits, pos):  # pragma: no cover - compiled
+    """An int64 key ordering entries as the top-k wants them: by float32 value (``bits``, its bit
+    pattern as int32, made monotonic), then by earlier position (``pos < 2^32``)."""
+    b = np.int64(bits)
+    b ^= (b >> 31) & 0x7FFFFFFF  # negative floats: reverse their order
+    return (b << 32) | (0xFFFFFFFF - pos)
 
 
 @jit(nogil=True)
-def _sift(hv, hi, i, k):  # pragma: no cover - compiled
-    """Restore the min-heap below ``i`` (the smaller value, or on ties the later position, is
-    nearer the root, so that a tie keeps the earlier position)."""
+def _top_keys(keys, cnt, k, out, heap, positions):  # pragma: no cover - compiled
+    """The ``k``-th largest of ``keys[:cnt]`` (:func:`_key`) and, with ``positions``, the
+    positions of the ``k`` largest into ``out``, in no order. A min-heap (``heap``: int64 scratch of ``k``) of the
+    best ``k`` seen, whose root a key replaces when larger."""
+    for i in range(k):
+        heap[i] = keys[i]
+    for start in range(k // 2 - 1, -1, -1):
+        _sift(heap, start, k)
+    for c in range(k, cnt):
+        if keys[c] > heap[0]:
+            heap[0] = keys[c]
+            _sift(heap, 0, k)
+    if positions:
+        for i in range(k):
+            out[i] = 0xFFFFFFFF - (heap[i] & 0xFFFFFFFF)
+    return heap[0]
+
+
+@jit(nogil=True)
+def _sift(heap, i, k):  # pragma: no cover - compiled
+    """Restore the min-heap ``heap[:k]`` below ``i``."""
     while True:
-        left = 2 * i + 1
-        if left >= k:
+        m = 2 * i + 1
+        if m >= k:
             return
-        m = left
-        right = left + 1
-        if right < k and (hv[right] < hv[left] or (hv[right] == hv[left] and hi[right] > hi[left])):
-            m = right
-        if hv[m] < hv[i] or (hv[m] == hv[i] and hi[m] > hi[i]):
-            hv[m], hv[i] = hv[i], hv[m]
-            hi[m], hi[i] = hi[i], hi[m]
-            i = m
-        else:
+        if m + 1 < k and heap[m + 1] < heap[m]:
+            m += 1
+        if heap[m] >= heap[i]:
             return
+        heap[m], heap[i] = heap[i], heap[m]
+        i = m
 
 
 @jit(nogil=True, fastmath=_FAST)
-def _select(row, k, out, cand, where):  # pragma: no cover - compiled
-    """:func:`_heap_topk` of ``row`` (the same result), faster on long rows: a threshold ``t``
-    from a strided sample of ``row`` (its ``j``-th largest entry, ``j`` chosen so that with
-    overwhelming probability at least ``k`` entries of the row reach it), the entries ``>= t``
-    gathered in position order (into the scratch ``cand``, ``where``, as long as ``row``), and
-    the heap on them; the whole row when fewer than ``k`` reach ``t``."""
-    n = row.shape[0]
+def _select(row, n, k, out, keys, heap):  # pragma: no cover - compiled
+    """Positions of the ``k`` largest entries of ``row[:n]`` (float32, contiguous) into ``out``,
+    in no particular order; on ties the earlier position wins (``keys``, ``heap``: int64 scratch
+    of at least ``n``). A threshold ``t`` from a strided sample of the row
+    (its ``j``-th largest key, ``j`` chosen so that with overwhelming probability at least ``k``
+    entries reach it), then a selection among the entries that reach ``t``; among all entries
+    when fewer than ``k`` do."""
+    bits = row.view(np.int32)
     q = n // (4 * k)
-    if q < 2:
-        _heap_topk(row, k, out)
-        return
-    sample = row[::q].copy()
-    lam = k * sample.shape[0] / n  # expected sample entries among the row's top k
-    j = min(sample.shape[0], int(lam + 4.0 * math.sqrt(lam) + 2.0))
-    pick = np.empty(j, np.int64)
-    _heap_topk(sample, j, pick)
-    t = sample[pick[j - 1]]
-    cnt = 0
+    if q >= 2:
+        ns = (n + q - 1) // q
+        for i in range(ns):
+            keys[i] = _key(bits[i * q], i * q)
+        lam = k * ns / n  # expected sample entries among the row's top k
+        j = min(ns, int(lam + 4.0 * math.sqrt(lam) + 2.0))
+        t = _top_keys(keys, ns, j, out, heap, False)
+        cnt = 0
+        for c in range(n):  # without a branch: write every key, keep those that reach t
+            key = _key(bits[c], c)
+            keys[cnt] = key
+            cnt += key >= t
+        if cnt >= k:
+            _top_keys(keys, cnt, k, out, heap, True)
+            return
     for c in range(n):
-        if row[c] >= t:
-            cand[cnt] = row[c]
-            where[cnt] = c
-            cnt += 1
-    if cnt < k:
-        _heap_topk(row, k, out)
-        return
-    sel = np.empty(k, np.int64)
-    _heap_topk(cand[:cnt], k, sel)
-    for i in range(k):
-        out[i] = where[sel[i]]
+        keys[c] = _key(bits[c], c)
+    _top_keys(keys, n, k, out, heap, True)
 
 
 @jit(nogil=True, parallel=True, fastmath=_FAST)
-def _topk_sum(h, k, out):  # pragma: no cover - compiled
-    """``out[b] = top-k(sum_s h[s][b])`` for ``h`` a tuple of ``[B, L]`` logits (the sum in stream
-    order, as :func:`sparc.model.topk.global_topk`; largest first, ties by position)."""
+def _codes(h, k, shared, dcols, doff, maux, idx, z, aidx, aval):  # pragma: no cover - compiled
+    """Step 1 of the module docstring, per sample (each row of the logits read once).
+
+    ``h``: a tuple of ``n`` logits ``[B, L]``. ``shared``: Global TopK, ``idx[s, b] =
+    top-k(sum_s h[s][b])`` for every ``s`` (the sum in stream order, as
+    :func:`sparc.model.topk.global_topk`); else each stream's own top-k. ``z[s, b, j] =
+    max(h[s][b, idx[s, b, j]], 0)``. AuxK: stream ``s``'s dead latents are
+    ``dcols[doff[s]:doff[s + 1]]``; ``aidx[s, b, :maux[s]]`` are its ``maux[s]`` largest logits
+    among them and ``aval`` their ReLU. On ties the earlier position is chosen.
+    """
+    n = len(h)
     B, L = h[0].shape
     chunks = min(B, _CHUNKS)
     for ch in prange(chunks):
         row = np.empty(L, np.float32)
-        cand = np.empty(L, np.float32)
-        where = np.empty(L, np.int64)
+        keys = np.empty(L, np.int64)
+        sel = np.empty(max(k, aidx.shape[2]), np.int64)
+        heap = np.empty(L, np.int64)
         for b in range(ch * B // chunks, (ch + 1) * B // chunks):
-            h0 = h[0]
-            for c in range(L):
-                row[c] = h0[b, c]
-            for s in range(1, len(h)):
-                hs = h[s]
+            if shared:
+                h0 = h[0]
                 for c in range(L):
-                    row[c] += hs[b, c]
-            _select(row, k, out[b], cand, where)
-
-
-@jit(nogil=True, parallel=True, fastmath=_FAST)
-def _topk_among(h, cols, k, out):  # pragma: no cover - compiled
-    """``out[b] = cols[top-k(h[b, cols])]``: the ``k`` largest logits among the columns ``cols``."""
-    B = h.shape[0]
-    m = cols.shape[0]
-    chunks = min(B, _CHUNKS)
-    for ch in prange(chunks):
-        row = np.empty(m, np.float32)
-        cand = np.empty(m, np.float32)
-        where = np.empty(m, np.int64)
-        sel = np.empty(k, np.int64)
-        for b in range(ch * B // chunks, (ch + 1) * B // chunks):
-            for c in range(m):
-                row[c] = h[b, cols[c]]
-            _select(row, k, sel, cand, where)
-            for j in range(k):
-                out[b, j] = cols[sel[j]]
+                    row[c] = h0[b, c]
+                for s in range(1, n):
+                    hs = h[s]
+                    for c in range(L):
+                        row[c] += hs[b, c]
+                _select(row, L, k, idx[0, b], keys, heap)
+                for s in range(1, n):
+                    for j in range(k):
+                        idx[s, b, j] = idx[0, b, j]
+            for s in range(n):
+                hs = h[s]
+                if not shared:
+                    _select(hs[b], L, k, idx[s, b], keys, heap)
+                for j in range(k):
+                    z[s, b, j] = max(hs[b, idx[s, b, j]], np.float32(0.0))
+                m = maux[s]
+                if m > 0:
+                    nd = doff[s + 1] - doff[s]
+                    for c in range(nd):
+                        row[c] = hs[b, dcols[doff[s] + c]]
+                    _select(row, nd, m, sel, keys, heap)
+                    for j in range(m):
+                        col = dcols[doff[s] + sel[j]]
+                        aidx[s, b, j] = col
+                        aval[s, b, j] = max(hs[b, col], np.float32(0.0))
 
 
 @jit(nogil=True, parallel=True, fastmath=_FAST)
@@ -216,8 +215,6 @@ def _decoder_pass(W, bpre, x, idx, z, shared, wts, self_src, aidx, aval, wa, aux
     chunks = min(B, _CHUNKS)
     for ch in prange(chunks):
         rec = np.empty((n, d), np.float32)
-        resid = np.empty(d, np.float32)  # x - xhat^(t->t), the AuxK target
-        e_aux = np.empty(d, np.float32)
         for b in range(ch * B // chunks, (ch + 1) * B // chunks):
             xb = x[b]
             den = np.float32(0.0)
@@ -256,31 +253,37 @@ def _decoder_pass(W, bpre, x, idx, z, shared, wts, self_src, aidx, aval, wa, aux
                 g = G[b * n + s]
                 for c in range(d):
                     g[c] = scale * (r[c] - xb[c])
-                if s == self_src:
+                if s == self_src and m > 0:  # the AuxK target x - xhat^(t->t), for the second pass
+                    resid = G[B * n + b]
                     for c in range(d):
                         resid[c] = xb[c] - r[c]
-            if m > 0:
-                for c in range(d):
-                    e_aux[c] = 0.0
-                for j in range(m):
-                    v = aval[b, j]
-                    if v != 0.0:
-                        wl = W[aidx[b, j]]
-                        for c in range(d):
-                            e_aux[c] += v * wl[c]
-                denr = np.float32(0.0)
-                sq = np.float32(0.0)
-                for c in range(d):
-                    t = resid[c] + bpre[c] if aux_ref else resid[c]
-                    denr += t * t
-                    e = e_aux[c] - resid[c]
-                    sq += e * e
-                denr = max(denr, np.float32(NMSE_EPS))
-                an[b] = sq / denr
-                scale = np.float32(wa * 2.0 / (B * denr))
-                g = G[B * n + b]
-                for c in range(d):
-                    g[c] = scale * (e_aux[c] - resid[c])
+    if m == 0:
+        return
+    # AuxK in a second pass: its rows (the dead latents') stay in the caches from sample to sample
+    for ch in prange(chunks):
+        e_aux = np.empty(d, np.float32)
+        for b in range(ch * B // chunks, (ch + 1) * B // chunks):
+            resid = G[B * n + b]  # holds x - xhat^(t->t) until its gradient replaces it
+            for c in range(d):
+                e_aux[c] = 0.0
+            for j in range(m):
+                v = aval[b, j]
+                if v != 0.0:
+                    wl = W[aidx[b, j]]
+                    for c in range(d):
+                        e_aux[c] += v * wl[c]
+            denr = np.float32(0.0)
+            sq = np.float32(0.0)
+            for c in range(d):
+                t = resid[c] + bpre[c] if aux_ref else resid[c]
+                denr += t * t
+                e = e_aux[c] - resid[c]
+                sq += e * e
+            denr = max(denr, np.float32(NMSE_EPS))
+            an[b] = sq / denr
+            scale = np.float32(wa * 2.0 / (B * denr))
+            for c in range(d):
+                resid[c] = scale * (e_aux[c] - resid[c])
 
 
 @jit(nogil=True)
@@ -516,18 +519,6 @@ class _AdamState:
         return _np(st["exp_avg"]), _np(st["exp_avg_sq"]), consts
 
 
-def _aux_picks(h: np.ndarray, dead: Tensor, k_aux: int) -> tuple[np.ndarray, int]:
-    """AuxK picks of one stream: the ``min(k_aux, #dead)`` largest logits among its dead latents
-    per sample (``[B, m]`` ids; the live picks of :func:`~sparc.model.topk.aux_topk`, whose values
-    are zeroed there, are left out)."""
-    cols = dead.nonzero().view(-1).numpy()
-    m = min(k_aux, cols.shape[0])
-    out = np.empty((h.shape[0], m), np.int64)
-    if m:
-        _topk_among(h, cols.astype(np.int64), m, out)
-    return out, int(cols.shape[0])
-
-
 @torch.no_grad()
 def fused_step(model: MultiStreamSAE, optimizer: torch.optim.Adam, x: Mapping[str, Tensor], lam: float,
                dead: Mapping[str, Tensor] | None = None, aux_coef: float = 1 / 32) -> LossOutput:
@@ -537,26 +528,28 @@ def fused_step(model: MultiStreamSAE, optimizer: torch.optim.Adam, x: Mapping[st
     dead_m = model._check_dead(dead)
     lam = float(lam)
     cfg = model.cfg
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # torch's setting
     n, k, L = len(streams), cfg.k, cfg.L
     xn = {s: model._prepare(s, x[s]).contiguous() for s in streams}
     h = {s: model._logits(s, xn[s]).contiguous() for s in streams}
     hn = {s: _np(h[s]) for s in streams}
     B = next(iter(xn.values())).shape[0]
+    # AuxK: the min(k_aux, #dead) largest logits among each stream's dead latents (the live picks
+    # of sparc.model.topk.aux_topk, whose values are zeroed there, are left out)
+    dead_cols = [dead_m[s].nonzero().view(-1).numpy() if s in dead_m else np.empty(0, np.int64) for s in streams]
+    n_dead = np.array([c.shape[0] for c in dead_cols], np.int64)
+    maux = np.minimum(n_dead, cfg.k_aux)
     idx = np.empty((n, B, k), np.int64)
-    if cfg.topk == "global":
-        _topk_sum(tuple(hn[s] for s in streams), k, idx[0])
-        idx[1:] = idx[0]
-    else:
-        for i, s in enumerate(streams):
-            _topk_sum((hn[s],), k, idx[i])
     z = np.empty((n, B, k), np.float32)
-    for i, s in enumerate(streams):
-        z[i] = np.maximum(np.take_along_axis(hn[s], idx[i], axis=1), 0.0)
-    aux: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
-    for s in streams:
-        if s in dead_m:
-            ids, n_dead = _aux_picks(hn[s], dead_m[s], cfg.k_aux)
-            aux[s] = (ids, np.maximum(np.take_along_axis(hn[s], ids, axis=1), 0.0), n_dead)
+    aidx_all = np.empty((n, B, int(maux.max(initial=0))), np.int64)
+    aval_all = np.empty(aidx_all.shape, np.float32)
+    _codes(tuple(hn[s] for s in streams), k, cfg.topk == "global", np.concatenate(dead_cols).astype(np.int64),
+           np.concatenate([[0], np.cumsum(n_dead)]), maux, idx, z, aidx_all, aval_all)
+    aux: dict[str, tuple[np.ndarray, np.ndarray, int]] = {
+        s: (np.ascontiguousarray(aidx_all[i, :, : maux[i]]), np.ascontiguousarray(aval_all[i, :, : maux[i]]),
+            int(n_dead[i]))
+        for i, s in enumerate(streams) if s in dead_m
+    }
 
     adam = _AdamState(optimizer)
     pair_w = np.float32(lam / (n * (n - 1))) if n > 1 else np.float32(0.0)
@@ -639,8 +632,3 @@ def _loss_output(streams: list[str], M: np.ndarray, lam: float, aux_coef: float,
         terms[f"aux/{s}"] = torch.tensor(a, dtype=torch.float32)
     terms.update(self_nmse=l_self, cross_nmse=l_cross, aux=l_aux)
     return LossOutput(total=total, terms=terms, fired=fired)
-
-
-def set_threads(threads: int) -> None:
-    """Run the kernels on ``threads`` threads (at most numba's pool size)."""
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
