@@ -146,6 +146,31 @@ def _select(row, n, k, out, keys, heap):  # pragma: no cover - compiled
     _top_keys(keys, n, k, out, heap, True)
 
 
+@jit(nogil=True, fastmath=_FAST)
+def _add_rows(r, W, ids, vals, m, nz):  # pragma: no cover - compiled
+    """``r += sum_{j < m} vals[j] W[ids[j]]`` over the non-zero ``vals`` (``nz``: int64 scratch of
+    ``m``), four rows at a time: four streams of memory reads in flight, and ``r`` read and
+    written once per four rows."""
+    d = r.shape[0]
+    cnt = 0
+    for j in range(m):
+        nz[cnt] = j
+        cnt += vals[j] != 0.0
+    q = 0
+    while q + 3 < cnt:
+        j0, j1, j2, j3 = nz[q], nz[q + 1], nz[q + 2], nz[q + 3]
+        v0, v1, v2, v3 = vals[j0], vals[j1], vals[j2], vals[j3]
+        w0, w1, w2, w3 = W[ids[j0]], W[ids[j1]], W[ids[j2]], W[ids[j3]]
+        for c in range(d):
+            r[c] += (v0 * w0[c] + v1 * w1[c]) + (v2 * w2[c] + v3 * w3[c])
+        q += 4
+    while q < cnt:
+        v0, w0 = vals[nz[q]], W[ids[nz[q]]]
+        for c in range(d):
+            r[c] += v0 * w0[c]
+        q += 1
+
+
 @jit(nogil=True, parallel=True, fastmath=_FAST)
 def _codes(h, k, shared, dcols, doff, maux, idx, z, aidx, aval):  # pragma: no cover - compiled
     """Step 1 of the module docstring, per sample (each row of the logits read once).
@@ -215,6 +240,7 @@ def _decoder_pass(W, bpre, x, idx, z, shared, wts, self_src, aidx, aval, wa, aux
     chunks = min(B, _CHUNKS)
     for ch in prange(chunks):
         rec = np.empty((n, d), np.float32)
+        nz = np.empty(k, np.int64)
         for b in range(ch * B // chunks, (ch + 1) * B // chunks):
             xb = x[b]
             den = np.float32(0.0)
@@ -224,24 +250,8 @@ def _decoder_pass(W, bpre, x, idx, z, shared, wts, self_src, aidx, aval, wa, aux
             for s in range(n):
                 for c in range(d):
                     rec[s, c] = bpre[c]
-            if shared:
-                for j in range(k):
-                    wl = W[idx[0, b, j]]
-                    for s in range(n):
-                        v = z[s, b, j]
-                        if v != 0.0:
-                            r = rec[s]
-                            for c in range(d):
-                                r[c] += v * wl[c]
-            else:
-                for s in range(n):
-                    r = rec[s]
-                    for j in range(k):
-                        v = z[s, b, j]
-                        if v != 0.0:
-                            wl = W[idx[s, b, j]]
-                            for c in range(d):
-                                r[c] += v * wl[c]
+            for s in range(n):
+                _add_rows(rec[s], W, idx[s, b], z[s, b], k, nz)
             for s in range(n):
                 r = rec[s]
                 sq = np.float32(0.0)
@@ -262,16 +272,12 @@ def _decoder_pass(W, bpre, x, idx, z, shared, wts, self_src, aidx, aval, wa, aux
     # AuxK in a second pass: its rows (the dead latents') stay in the caches from sample to sample
     for ch in prange(chunks):
         e_aux = np.empty(d, np.float32)
+        nz = np.empty(m, np.int64)
         for b in range(ch * B // chunks, (ch + 1) * B // chunks):
             resid = G[B * n + b]  # holds x - xhat^(t->t) until its gradient replaces it
             for c in range(d):
                 e_aux[c] = 0.0
-            for j in range(m):
-                v = aval[b, j]
-                if v != 0.0:
-                    wl = W[aidx[b, j]]
-                    for c in range(d):
-                        e_aux[c] += v * wl[c]
+            _add_rows(e_aux, W, aidx[b], aval[b], m, nz)
             denr = np.float32(0.0)
             sq = np.float32(0.0)
             for c in range(d):
@@ -385,28 +391,45 @@ def _decoder_update(W, m1, m2, ptr, rows, coef, pos, G, dcode, c1, b2, c2, step,
         for lat in range(blk * _BLOCK, min(L, (blk + 1) * _BLOCK)):
             w, a, v = W[lat], m1[lat], m2[lat]
             touched = ptr[lat] < ptr[lat + 1]
+            f = np.float32(0.0)
             if touched:
                 for c in range(d):
                     g[c] = 0.0
-                for p in range(ptr[lat], ptr[lat + 1]):
-                    cf = coef[p]
-                    gr = G[rows[p]]
-                    acc = np.float32(0.0)
+                p, end = ptr[lat], ptr[lat + 1]
+                while p + 3 < end:  # four occurrences at a time: g is read and written once
+                    cf0, cf1, cf2, cf3 = coef[p], coef[p + 1], coef[p + 2], coef[p + 3]
+                    g0, g1, g2, g3 = G[rows[p]], G[rows[p + 1]], G[rows[p + 2]], G[rows[p + 3]]
+                    acc0 = acc1 = acc2 = acc3 = np.float32(0.0)
                     for c in range(d):
-                        acc += gr[c] * w[c]
-                        g[c] += cf * gr[c]
-                    dcode[pos[p]] += acc
+                        wc = w[c]
+                        acc0 += g0[c] * wc
+                        acc1 += g1[c] * wc
+                        acc2 += g2[c] * wc
+                        acc3 += g3[c] * wc
+                        g[c] += (cf0 * g0[c] + cf1 * g1[c]) + (cf2 * g2[c] + cf3 * g3[c])
+                    dcode[pos[p]] += acc0
+                    dcode[pos[p + 1]] += acc1
+                    dcode[pos[p + 2]] += acc2
+                    dcode[pos[p + 3]] += acc3
+                    p += 4
+                while p < end:
+                    cf0 = coef[p]
+                    g0 = G[rows[p]]
+                    acc0 = np.float32(0.0)
+                    for c in range(d):
+                        acc0 += g0[c] * w[c]
+                        g[c] += cf0 * g0[c]
+                    dcode[pos[p]] += acc0
+                    p += 1
                 dot = np.float32(0.0)
                 sq = np.float32(0.0)
                 for c in range(d):
                     dot += g[c] * w[c]
                     sq += w[c] * w[c]
                 f = dot / max(sq, np.float32(row_eps))
-                for c in range(d):
-                    g[c] -= f * w[c]
             nrm = np.float32(0.0)
             for c in range(d):
-                gc = g[c] if touched else np.float32(0.0)
+                gc = g[c] - f * w[c] if touched else np.float32(0.0)  # the projected gradient
                 a[c] += c1 * (gc - a[c])
                 v[c] = b2 * v[c] + c2 * gc * gc
                 w[c] -= step * a[c] / (np.sqrt(v[c]) / bc2s + eps)
@@ -437,12 +460,21 @@ def _encoder_update(W, m1, m2, ptr, rows, coef, xc, dlat, dpre_blocks,
             if touched:
                 for c in range(d):
                     g[c] = 0.0
-                for p in range(ptr[lat], ptr[lat + 1]):
-                    cf = coef[p]
-                    db += cf
-                    xr = xc[rows[p]]
+                p, end = ptr[lat], ptr[lat + 1]
+                while p + 3 < end:  # four occurrences at a time: g is read and written once
+                    cf0, cf1, cf2, cf3 = coef[p], coef[p + 1], coef[p + 2], coef[p + 3]
+                    db += (cf0 + cf1) + (cf2 + cf3)
+                    x0, x1, x2, x3 = xc[rows[p]], xc[rows[p + 1]], xc[rows[p + 2]], xc[rows[p + 3]]
                     for c in range(d):
-                        g[c] += cf * xr[c]
+                        g[c] += (cf0 * x0[c] + cf1 * x1[c]) + (cf2 * x2[c] + cf3 * x3[c])
+                    p += 4
+                while p < end:
+                    cf0 = coef[p]
+                    db += cf0
+                    x0 = xc[rows[p]]
+                    for c in range(d):
+                        g[c] += cf0 * x0[c]
+                    p += 1
                 for c in range(d):
                     part[c] -= db * w[c]
             for c in range(d):
