@@ -222,17 +222,17 @@ def _codes(h, k, shared, dcols, doff, maux, idx, z, aidx, aval):  # pragma: no c
 
 
 @jit(nogil=True, parallel=True, fastmath=_FAST)
-def _decoder_pass(W, bpre, x, idx, z, shared, wts, self_src, aidx, aval, wa, aux_ref, nm, an, G):  # pragma: no cover
+def _decoder_pass(W, bpre, x, idx, z, wts, self_src, aidx, aval, wa, aux_ref, nm, an, G, gsum):  # pragma: no cover
     """Step 2 of the module docstring for one target stream (per sample ``b``, in parallel).
 
     ``W [L, d]`` its decoder, ``bpre [d]``, ``x [B, d]`` its normalised inputs; sources ``s``:
-    ``idx, z [n, B, k]`` index sets and codes (``shared``: every source has the same index set,
-    so each decoder row is read once for all of them), ``wts [n]`` pair weights; ``self_src`` the
+    ``idx, z [n, B, k]`` index sets and codes, ``wts [n]`` pair weights; ``self_src`` the
     target's own source; AuxK: ``aidx, aval [B, m]`` (``m`` may be 0), weight ``wa``,
     ``aux_ref``: the reference's denominator ``||r + b_pre||^2``. Writes ``nm [B, n]`` and
     ``an [B]`` per-sample NMSE and ``G [B n + B, d]`` gradient rows (row ``b n + s``, AuxK row
-    ``B n + b``). The code gradients are left to :func:`_decoder_update`, which reads each
-    latent's row once for all its occurrences.
+    ``B n + b``) and ``gsum [chunks, d]``, the sums of the chunks' reconstruction gradient rows
+    (``b_pre``'s gradient from the decoder: their sum). The code gradients are left to
+    :func:`_decoder_update`, which reads each latent's row once for all its occurrences.
     """
     n, B, k = idx.shape
     d = W.shape[1]
@@ -241,6 +241,9 @@ def _decoder_pass(W, bpre, x, idx, z, shared, wts, self_src, aidx, aval, wa, aux
     for ch in prange(chunks):
         rec = np.empty((n, d), np.float32)
         nz = np.empty(k, np.int64)
+        part = gsum[ch]
+        for c in range(d):
+            part[c] = 0.0
         for b in range(ch * B // chunks, (ch + 1) * B // chunks):
             xb = x[b]
             den = np.float32(0.0)
@@ -263,6 +266,7 @@ def _decoder_pass(W, bpre, x, idx, z, shared, wts, self_src, aidx, aval, wa, aux
                 g = G[b * n + s]
                 for c in range(d):
                     g[c] = scale * (r[c] - xb[c])
+                    part[c] += g[c]
                 if s == self_src and m > 0:  # the AuxK target x - xhat^(t->t), for the second pass
                     resid = G[B * n + b]
                     for c in range(d):
@@ -315,14 +319,13 @@ def _csr(L, keys, rows, coef, pos, count):  # pragma: no cover - compiled
 
 
 @jit(nogil=True)
-def _decoder_occurrences(L, idx, z, wts, aidx, aval):  # pragma: no cover - compiled
-    """The occurrences of one target decoder's latents (:func:`_csr`): ``(b, s, j)`` of every
-    trained source (``wts[s] != 0``) with ``z[s, b, j] != 0`` (table row ``b n + s``, coefficient
-    ``z``, position ``(s B + b) k + j`` of the code gradients), then the AuxK picks with
-    ``aval != 0`` (row ``B n + b``, coefficient ``aval``, position ``n B k + b m + j``)."""
+def _code_occurrences(L, idx, z):  # pragma: no cover - compiled
+    """The occurrences of the sources' codes (:func:`_csr`): ``(b, s, j)`` with
+    ``z[s, b, j] != 0`` (table row ``b n + s``, coefficient ``z``, position ``(s B + b) k + j`` of
+    the code gradients). The same for every target decoder: a source whose pair weight is 0 has
+    zero gradient rows, so its occurrences add nothing there."""
     n, B, k = idx.shape
-    m = aidx.shape[1]
-    size = n * B * k + B * m
+    size = n * B * k
     keys = np.empty(size, np.int64)
     rows = np.empty(size, np.int64)
     coef = np.empty(size, np.float32)
@@ -330,22 +333,36 @@ def _decoder_occurrences(L, idx, z, wts, aidx, aval):  # pragma: no cover - comp
     cnt = 0
     for b in range(B):
         for s in range(n):
-            if wts[s] != 0.0:
-                for j in range(k):
-                    v = z[s, b, j]
-                    if v != 0.0:
-                        keys[cnt] = idx[s, b, j]
-                        rows[cnt] = b * n + s
-                        coef[cnt] = v
-                        pos[cnt] = (s * B + b) * k + j
-                        cnt += 1
+            for j in range(k):
+                v = z[s, b, j]
+                if v != 0.0:
+                    keys[cnt] = idx[s, b, j]
+                    rows[cnt] = b * n + s
+                    coef[cnt] = v
+                    pos[cnt] = (s * B + b) * k + j
+                    cnt += 1
+    return _csr(L, keys, rows, coef, pos, cnt)
+
+
+@jit(nogil=True)
+def _aux_occurrences(L, aidx, aval, row0, pos0):  # pragma: no cover - compiled
+    """The occurrences of one stream's AuxK picks (:func:`_csr`): ``(b, j)`` with
+    ``aval[b, j] != 0`` (table row ``row0 + b``, coefficient ``aval``, position
+    ``pos0 + b m + j``)."""
+    B, m = aidx.shape
+    keys = np.empty(B * m, np.int64)
+    rows = np.empty(B * m, np.int64)
+    coef = np.empty(B * m, np.float32)
+    pos = np.empty(B * m, np.int64)
+    cnt = 0
+    for b in range(B):
         for j in range(m):
             v = aval[b, j]
             if v != 0.0:
                 keys[cnt] = aidx[b, j]
-                rows[cnt] = B * n + b
+                rows[cnt] = row0 + b
                 coef[cnt] = v
-                pos[cnt] = n * B * k + b * m + j
+                pos[cnt] = pos0 + b * m + j
                 cnt += 1
     return _csr(L, keys, rows, coef, pos, cnt)
 
@@ -378,49 +395,58 @@ def _encoder_occurrences(L, idx, z, dz, aidx, aval, da):  # pragma: no cover - c
     return _csr(L, keys, rows, coef, rows, cnt)
 
 
+@jit(nogil=True, fastmath=_FAST)
+def _gather_grad(g, w, G, rows, coef, pos, p, end, dcode):  # pragma: no cover - compiled
+    """For the occurrences ``p:end`` of one latent (row ``w``): ``dcode[pos] += <G[row], w>`` and
+    ``g += coef G[row]``, four occurrences at a time (``g`` read and written once per four)."""
+    d = g.shape[0]
+    while p + 3 < end:
+        cf0, cf1, cf2, cf3 = coef[p], coef[p + 1], coef[p + 2], coef[p + 3]
+        g0, g1, g2, g3 = G[rows[p]], G[rows[p + 1]], G[rows[p + 2]], G[rows[p + 3]]
+        acc0 = acc1 = acc2 = acc3 = np.float32(0.0)
+        for c in range(d):
+            wc = w[c]
+            acc0 += g0[c] * wc
+            acc1 += g1[c] * wc
+            acc2 += g2[c] * wc
+            acc3 += g3[c] * wc
+            g[c] += (cf0 * g0[c] + cf1 * g1[c]) + (cf2 * g2[c] + cf3 * g3[c])
+        dcode[pos[p]] += acc0
+        dcode[pos[p + 1]] += acc1
+        dcode[pos[p + 2]] += acc2
+        dcode[pos[p + 3]] += acc3
+        p += 4
+    while p < end:
+        cf0 = coef[p]
+        g0 = G[rows[p]]
+        acc0 = np.float32(0.0)
+        for c in range(d):
+            acc0 += g0[c] * w[c]
+            g[c] += cf0 * g0[c]
+        dcode[pos[p]] += acc0
+        p += 1
+
+
 @jit(nogil=True, parallel=True, fastmath=_FAST)
-def _decoder_update(W, m1, m2, ptr, rows, coef, pos, G, dcode, c1, b2, c2, step, bc2s, eps, row_eps):  # pragma: no cover
+def _decoder_update(W, m1, m2, occ, aux, G, dcode, c1, b2, c2, step, bc2s, eps, row_eps):  # pragma: no cover
     """Step 3 of the module docstring for one decoder ``W [L, d]`` with moments ``m1, m2``: per
-    latent ``lat``, for each of its occurrences (``ptr``; ``rows`` of ``G``, ``coef``, ``pos``) the
-    code gradient ``dcode[pos] += <G[row], W[lat]>`` and ``g += coef G[row]``; then the
-    projection of ``g``, Adam (:class:`_AdamState`'s constants) and the renormalisation."""
+    latent ``lat``, for each of its occurrences in ``occ`` (the codes') and ``aux`` (the AuxK
+    picks'), both ``(ptr, rows, coef, pos)`` of :func:`_csr`, the code gradient
+    ``dcode[pos] += <G[row], W[lat]>`` and ``g += coef G[row]``; then the projection of ``g``,
+    Adam (:class:`_AdamState`'s constants) and the renormalisation."""
     L, d = W.shape
     blocks = (L + _BLOCK - 1) // _BLOCK
     for blk in prange(blocks):
         g = np.empty(d, np.float32)
         for lat in range(blk * _BLOCK, min(L, (blk + 1) * _BLOCK)):
             w, a, v = W[lat], m1[lat], m2[lat]
-            touched = ptr[lat] < ptr[lat + 1]
+            touched = occ[0][lat] < occ[0][lat + 1] or aux[0][lat] < aux[0][lat + 1]
             f = np.float32(0.0)
             if touched:
                 for c in range(d):
                     g[c] = 0.0
-                p, end = ptr[lat], ptr[lat + 1]
-                while p + 3 < end:  # four occurrences at a time: g is read and written once
-                    cf0, cf1, cf2, cf3 = coef[p], coef[p + 1], coef[p + 2], coef[p + 3]
-                    g0, g1, g2, g3 = G[rows[p]], G[rows[p + 1]], G[rows[p + 2]], G[rows[p + 3]]
-                    acc0 = acc1 = acc2 = acc3 = np.float32(0.0)
-                    for c in range(d):
-                        wc = w[c]
-                        acc0 += g0[c] * wc
-                        acc1 += g1[c] * wc
-                        acc2 += g2[c] * wc
-                        acc3 += g3[c] * wc
-                        g[c] += (cf0 * g0[c] + cf1 * g1[c]) + (cf2 * g2[c] + cf3 * g3[c])
-                    dcode[pos[p]] += acc0
-                    dcode[pos[p + 1]] += acc1
-                    dcode[pos[p + 2]] += acc2
-                    dcode[pos[p + 3]] += acc3
-                    p += 4
-                while p < end:
-                    cf0 = coef[p]
-                    g0 = G[rows[p]]
-                    acc0 = np.float32(0.0)
-                    for c in range(d):
-                        acc0 += g0[c] * w[c]
-                        g[c] += cf0 * g0[c]
-                    dcode[pos[p]] += acc0
-                    p += 1
+                for o in (occ, aux):
+                    _gather_grad(g, w, G, o[1], o[2], o[3], o[0][lat], o[0][lat + 1], dcode)
                 dot = np.float32(0.0)
                 sq = np.float32(0.0)
                 for c in range(d):
@@ -440,12 +466,12 @@ def _decoder_update(W, m1, m2, ptr, rows, coef, pos, G, dcode, c1, b2, c2, step,
 
 
 @jit(nogil=True, parallel=True, fastmath=_FAST)
-def _encoder_update(W, m1, m2, ptr, rows, coef, xc, dlat, dpre_blocks,
+def _encoder_update(W, m1, m2, ptr, rows, coef, x, bpre, dlat, dpre_blocks,
                     c1, b2, c2, step, bc2s, eps):  # pragma: no cover - compiled
     """Step 4 of the module docstring for one encoder ``W [L, d]`` (moments ``m1, m2``): per
-    latent, ``dh`` summed into ``g = sum dh xc[row]`` and ``dlat[lat] = sum dh`` (the latent
-    bias's gradient); ``dpre_blocks[block] -= dlat[lat] W[lat]`` (the row before its update); Adam on
-    the row."""
+    latent, ``dh`` summed into ``dlat[lat] = sum dh`` (the latent bias's gradient) and
+    ``g = sum dh (x[row] - bpre) = sum dh x[row] - dlat[lat] bpre``;
+    ``dpre_blocks[block] -= dlat[lat] W[lat]`` (the row before its update); Adam on the row."""
     L, d = W.shape
     blocks = (L + _BLOCK - 1) // _BLOCK
     for blk in prange(blocks):
@@ -464,17 +490,19 @@ def _encoder_update(W, m1, m2, ptr, rows, coef, xc, dlat, dpre_blocks,
                 while p + 3 < end:  # four occurrences at a time: g is read and written once
                     cf0, cf1, cf2, cf3 = coef[p], coef[p + 1], coef[p + 2], coef[p + 3]
                     db += (cf0 + cf1) + (cf2 + cf3)
-                    x0, x1, x2, x3 = xc[rows[p]], xc[rows[p + 1]], xc[rows[p + 2]], xc[rows[p + 3]]
+                    x0, x1, x2, x3 = x[rows[p]], x[rows[p + 1]], x[rows[p + 2]], x[rows[p + 3]]
                     for c in range(d):
                         g[c] += (cf0 * x0[c] + cf1 * x1[c]) + (cf2 * x2[c] + cf3 * x3[c])
                     p += 4
                 while p < end:
                     cf0 = coef[p]
                     db += cf0
-                    x0 = xc[rows[p]]
+                    x0 = x[rows[p]]
                     for c in range(d):
                         g[c] += cf0 * x0[c]
                     p += 1
+                for c in range(d):
+                    g[c] -= db * bpre[c]
                 for c in range(d):
                     part[c] -= db * w[c]
             for c in range(d):
@@ -592,6 +620,7 @@ def fused_step(model: MultiStreamSAE, optimizer: torch.optim.Adam, x: Mapping[st
     M = np.empty((n, n), np.float32)  # [source, target] NMSE
     aux_terms: dict[str, float] = {}
     dpre: dict[str, np.ndarray] = {}
+    occ = _code_occurrences(L, idx, z)
     for ti, t in enumerate(streams):
         W = model.W_dec[t]
         d = W.shape[1]
@@ -603,15 +632,16 @@ def fused_step(model: MultiStreamSAE, optimizer: torch.optim.Adam, x: Mapping[st
         nm = np.empty((B, n), np.float32)
         an = np.zeros(B, np.float32)
         G = np.empty((B * n + B, d), np.float32)
-        _decoder_pass(_np(W), _np(model.b_pre[t]), _np(xn[t]), idx, z, cfg.topk == "global", wts, ti,
-                      aidx, aval, np.float32(aux_coef / n), aux_ref, nm, an, G)
+        gsum = np.empty((min(B, _CHUNKS), d), np.float32)
+        _decoder_pass(_np(W), _np(model.b_pre[t]), _np(xn[t]), idx, z, wts, ti,
+                      aidx, aval, np.float32(aux_coef / n), aux_ref, nm, an, G, gsum)
         M[:, ti] = nm.mean(0, dtype=np.float64)
         if t in aux:
             aux_terms[t] = float(an.mean(dtype=np.float64)) if n_dead else 0.0
-        dpre[t] = G[: B * n].sum(0, dtype=np.float64).astype(np.float32)  # decoder share of db_pre
-        ptr, orow, ocoef, opos = _decoder_occurrences(L, idx, z, wts, aidx, aval)
+        dpre[t] = gsum.sum(0)  # decoder share of db_pre
         m1, m2, consts = adam.take(W)
-        _decoder_update(_np(W), m1, m2, ptr, orow, ocoef, opos, G, dcodes[t], *consts, np.float32(INPUT_EPS))
+        _decoder_update(_np(W), m1, m2, occ, _aux_occurrences(L, aidx, aval, B * n, n * B * k), G, dcodes[t],
+                        *consts, np.float32(INPUT_EPS))
     dz = sum(dc[: n * B * k] for dc in dcodes.values()).reshape(n, B, k)
 
     for si, s in enumerate(streams):
@@ -622,14 +652,13 @@ def fused_step(model: MultiStreamSAE, optimizer: torch.optim.Adam, x: Mapping[st
             aidx, aval = none_idx, none_val
         da = dcodes[s][n * B * k:].reshape(B, aidx.shape[1])
         ptr, orow, ocoef, _ = _encoder_occurrences(L, idx[si], z[si], dz[si], aidx, aval, da)
-        xc = _np(xn[s]) - _np(model.b_pre[s])
         blocks = np.empty(((L + _BLOCK - 1) // _BLOCK, d), np.float32)
         dlat = np.empty(L, np.float32)
         m1, m2, consts = adam.take(Wenc)
-        _encoder_update(_np(Wenc), m1, m2, ptr, orow, ocoef, xc, dlat, blocks, *consts)
+        _encoder_update(_np(Wenc), m1, m2, ptr, orow, ocoef, _np(xn[s]), _np(model.b_pre[s]), dlat, blocks, *consts)
         bm1, bm2, bconsts = adam.take(model.b_lat[s])
         _adam_vector(_np(model.b_lat[s]), dlat, bm1, bm2, *bconsts)
-        g_pre = dpre[s] + blocks.sum(0, dtype=np.float64).astype(np.float32)
+        g_pre = dpre[s] + blocks.sum(0)
         pm1, pm2, pconsts = adam.take(model.b_pre[s])
         _adam_vector(_np(model.b_pre[s]), g_pre, pm1, pm2, *pconsts)
 
@@ -657,9 +686,9 @@ def _loss_output(streams: list[str], M: np.ndarray, lam: float, aux_coef: float,
                 terms[f"cross_nmse/{s}->{t}"] = Mt[i, j]
         active = torch.from_numpy(z[i] > 0)
         terms[f"l0/{s}"] = active.sum(1).float().mean()
-        hits = torch.zeros(L, dtype=torch.bool)
-        hits[torch.from_numpy(idx[i][z[i] > sae_module.FIRE_THRESHOLD])] = True
-        fired[s] = hits
+        hits = np.zeros(L, np.bool_)
+        hits[idx[i][z[i] > sae_module.FIRE_THRESHOLD]] = True
+        fired[s] = torch.from_numpy(hits)
     for s, a in aux_terms.items():
         terms[f"aux/{s}"] = torch.tensor(a, dtype=torch.float32)
     terms.update(self_nmse=l_self, cross_nmse=l_cross, aux=l_aux)
