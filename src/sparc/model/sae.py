@@ -37,7 +37,10 @@ and for gradients with respect to the inputs, e.g. localisation).
 Gradients of the ``[L, d]`` matrices are dense tensors (as Adam needs) that are zero outside the
 touched rows. On CPU, gradients of 8 MiB or more live in reusable buffers
 (:class:`sparc.model.sparse.CpuBufferPool`); with ``optimizer.zero_grad(set_to_none=True)`` (the
-default) the same buffers serve every step. Gradients are correct either way.
+default) the same buffers serve every step. Gradients are correct either way. On a CPU the
+trainer does not call :meth:`loss` for SPARC runs at all: :mod:`sparc.train.fused` computes the
+same step (loss, gradients, projection, Adam, renormalisation) in compiled passes, about twice
+as fast; this autograd path is the reference it is tested against, and runs everywhere else.
 
 Precision options (attributes, also constructor keywords; not saved with the weights):
 ``bf16=True`` computes the dense encoder matmul with bfloat16 inputs and float32 output (about 2x
