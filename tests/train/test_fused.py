@@ -12,6 +12,8 @@ from sparc.model.sae import MultiStreamSAE, SAEConfig
 from sparc.train import fused
 from sparc.train.loop import make_adam
 
+pytestmark = pytest.mark.kernels  # compared with the autograd path, whose kernels vary with the CPU
+
 DIMS = {"a": 48, "b": 32, "c": 24}
 L, K = 256, 8
 
@@ -122,3 +124,30 @@ def test_select_returns_the_top_k_ties_by_position(n, k):
             row[::3] = -0.5
         fused._select(row, n, k, out, keys, heap)
         np.testing.assert_array_equal(np.sort(out), np.sort(np.lexsort((np.arange(n), -row))[:k]))
+
+
+@pytest.mark.parametrize(
+    ("method", "train", "expected"),
+    [("sparc", {}, True), ("sparc", {"subset_keep": 0.5}, False), ("sparc", {"consistency": 1.0}, False),
+     ("usae", {}, False), ("usae_paper", {}, False)],
+)
+def test_the_trainer_takes_the_fused_step_where_it_applies(method, train, expected):
+    """A CPU SPARC run trains with the fused step; the options it does not compute keep autograd,
+    and both train (the loss falls)."""
+    from sparc.data.planted import PlantedConfig, make_planted
+    from sparc.params import TrainParams
+    from sparc.train.loop import Trainer, TrainSpec
+    from sparc.train.sampler import FeatureSource
+
+    data = make_planted(PlantedConfig(dims={"a": 12, "b": 10}, n_samples=128, n_parents=2, n_children=3, world_dim=8))
+    params = dict(batch_size=64, epochs=20, lr=3.0e-3, k_aux=8, dead_steps=5, device="cpu", **train)
+    spec = TrainSpec(L=32, k=3, method=method, topk="local" if method != "sparc" else "global",
+                     train=TrainParams(**params))
+    trainer = Trainer(FeatureSource(data.features), spec, torch.device("cpu"))
+    assert trainer.fused_step_ok() is expected
+    first = None
+    while trainer.step < trainer.total_steps:
+        trainer.train_step()
+        metrics = trainer.collect_metrics()
+        first = first if first is not None else metrics["loss/total"]
+    assert metrics["loss/total"] < first
