@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from sparc.report.ablation import (
@@ -100,6 +102,10 @@ def test_records_and_groups_from_exp_show():
     assert list(groups) == ["sparc", "local-lam1"]
     assert [r.params["seed"] for r in groups["sparc"]] == [0, 1]
     assert groups["sparc"][0].metrics["jaccard_d0"] == 0.80
+    # another block's grid under a longer prefix (localise-q240) is not a configuration of this one
+    sub = [dataclasses.replace(r, name=r.name.replace("ablation-", "ablation-q240-")) for r in records]
+    assert list(group_records(records + sub, "ablation")) == ["sparc", "local-lam1"]
+    assert list(group_records(records + sub, "ablation-q240")) == ["sparc", "local-lam1"]
 
 
 def test_table_reports_mean_and_std_over_seeds():

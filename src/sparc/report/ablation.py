@@ -152,13 +152,15 @@ def config_name(name: str, prefix: str) -> str | None:
 
 def group_records(records: Iterable[Record], prefix: str) -> dict[str, list[Record]]:
     """Experiments of the grid ``prefix`` by configuration, in the order of its grid in
-    :data:`GRIDS` first."""
+    :data:`GRIDS` first. A name ``<prefix>-<tag>-<config>-s<seed>`` whose ``<config>`` is one of
+    the grid's belongs to the grid ``<prefix>-<tag>`` (``localise-q240-sparc-s0``) and is left out."""
+    known = GRIDS[grid_of(prefix)]
     groups: dict[str, list[Record]] = {}
     for rec in records:
         cfg = config_name(rec.name, prefix)
-        if cfg is not None:
-            groups.setdefault(cfg, []).append(rec)
-    known = GRIDS[grid_of(prefix)]
+        if cfg is None or (cfg not in known and any(cfg.endswith("-" + c) for c in known)):
+            continue
+        groups.setdefault(cfg, []).append(rec)
     order = [c for c in known if c in groups] + sorted(c for c in groups if c not in known)
     return {c: sorted(groups[c], key=lambda r: r.name) for c in order}
 
