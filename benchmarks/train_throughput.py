@@ -3,7 +3,9 @@
 Both implementations train the same model (method.md sections 1-2: Global TopK, self + cross NMSE,
 AuxK on a fixed set of dead latents) from the same initialisation on the same batches of random
 unit-norm features. Every timed step is a full training step: forward, loss, backward,
-``remove_parallel_grad``, Adam step, ``normalise_decoder``. The two are timed in alternation, so
+``remove_parallel_grad``, Adam step, ``normalise_decoder``; for the sparse model the step the
+trainer runs (on a CPU the fused step of :mod:`sparc.train.fused`, whose autograd path is timed as
+the ``autograd`` row). The two are timed in alternation, so
 machine load affects both alike, and the ratio of their median step times is printed together
 with the losses after the same number of steps (they must agree within 1%).
 
