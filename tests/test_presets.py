@@ -207,6 +207,11 @@ def test_quick_look_is_a_separate_experiment_on_the_first_images(tmp_path):
     assert applied_overrides(tmp_path, paper_overrides(max_images=100)).data.openimages.max_images == 100
     with pytest.raises(ValueError, match="max_images applies to Open Images"):
         paper_overrides("/x.csv", max_images=5)
+    # fewer images than one composite query takes would fail at the localise stage, after extraction
+    for few in (1, 3):
+        with pytest.raises(ValueError, match=f"max_images {few}: .* at least 4 images per split"):
+            paper_overrides(max_images=few)
+    assert applied_overrides(tmp_path, paper_overrides(max_images=4)).data.openimages.max_images == 4
 
 
 def test_paper_and_coco_offer_the_stream_subset_rule_without_changing_the_papers_setting():
@@ -230,8 +235,8 @@ def test_random_weights_runs_the_same_setting_with_random_weight_models(tmp_path
     from sparc import presets
 
     command = getattr(presets, f"{preset}_command")
-    plain, rand = command(max_images=3), command(max_images=3, weights="random", base_url="http://127.0.0.1:8000")
-    assert rand[4] == f"{preset}-random-3"
+    plain, rand = command(max_images=4), command(max_images=4, weights="random", base_url="http://127.0.0.1:8000")
+    assert rand[4] == f"{preset}-random-4"
     assert rand[-2:] == ["-S", "download.base_url='http://127.0.0.1:8000'"]
     assert len(rand) == len(plain) + 2
     changed = [(a, b) for a, b in zip(plain[5:], rand[5:-2], strict=True) if a != b]
@@ -245,9 +250,9 @@ def test_random_weights_runs_the_same_setting_with_random_weight_models(tmp_path
 
 
 def test_make_passes_weights_and_base_url(tmp_path):
-    out = subprocess.run(["make", "-n", "-C", str(ROOT), "paper", "coco", "usae", "WEIGHTS=random", "MAX_IMAGES=2",
+    out = subprocess.run(["make", "-n", "-C", str(ROOT), "paper", "coco", "usae", "WEIGHTS=random", "MAX_IMAGES=4",
                           "BASE_URL=http://127.0.0.1:8000"], capture_output=True, text=True, check=True).stdout
     lines = [line for line in out.splitlines() if "-m sparc " in line]
     assert len(lines) == 3
-    assert all('--max-images "2"' in line and '--weights "random" --base-url "http://127.0.0.1:8000"' in line
+    assert all('--max-images "4"' in line and '--weights "random" --base-url "http://127.0.0.1:8000"' in line
                for line in lines)

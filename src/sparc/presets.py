@@ -99,6 +99,10 @@ OPENIMAGES_DATA: dict[str, object] = {
     "data.openimages.splits": ["train", "validation", "test"],
     "data.openimages.max_images": 0,
 }
+# The fewest Open Images images per split (max_images) that the whole pipeline runs on: the
+# localise stage's composite queries draw localise.grid^2 = 4 distinct test samples (on COCO it
+# uses the images' own masks, any number of them).
+MIN_OPENIMAGES_QUICK_LOOK = 4
 COCO_DATA: dict[str, object] = {
     "data.dataset": "coco",
     "data.coco.splits": ["train2017", "val2017"],
@@ -143,6 +147,12 @@ def _data_overrides(
     ``max_images`` > 0: only the first images of each split, a quick look), or with ``csv`` on a
     folder-format dataset (see sparc.data.folder), as DVC ``-S`` overrides."""
     if not csv:
+        if 0 < max_images < MIN_OPENIMAGES_QUICK_LOOK:
+            raise ValueError(
+                f"max_images {max_images}: the localise stage draws {MIN_OPENIMAGES_QUICK_LOOK} test images "
+                f"into each composite query (a 2 x 2 grid), so a quick look needs at least "
+                f"{MIN_OPENIMAGES_QUICK_LOOK} images per split (0 = all)"
+            )
         return _setting_overrides({**OPENIMAGES_DATA, "data.openimages.max_images": max_images}, models, setting)
     if max_images:
         raise ValueError("max_images applies to Open Images, not to a folder CSV (set data.max_samples)")

@@ -65,6 +65,7 @@ what stands alone is already beside it (sampler.py, checkpoint.py, live.py, dist
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,6 +394,7 @@ class Trainer:
         return {
             "spec": self.spec.key_payload(),
             "dims": self.source.dims,
+            "precision": self.precision,
             "n_rows": len(self.source),
             "epoch": self.sampler.epoch_of(self.step),
             "batch_in_epoch": self.step % self.sampler.steps_per_epoch,
@@ -422,6 +424,14 @@ class Trainer:
             raise ValueError(f"checkpoint {path} was written with other training parameters; delete it to start over")
         if st.get("n_rows") != len(self.source):
             raise ValueError(f"checkpoint {path}: {st.get('n_rows')} training rows there, {len(self.source)} now")
+        # train.precision auto is decided by the machine (and a timing): a resumed run keeps the
+        # format its checkpoint was trained in, so one run never mixes two
+        saved = st.get("precision", self.precision)
+        if saved != self.precision:
+            print(f"train: resuming in {saved}, the format of checkpoint {path} "
+                  f"(train.precision auto chose {self.precision} on this machine)", file=sys.stderr)
+            self.precision = saved
+            self.model.bf16 = saved == "bf16"
         self.model.load_state_dict({k: v.to(self.device) for k, v in ck.tensors["model"].items()})
         trainer = ck.tensors["trainer"]
         restore_optimizer(self.optimizer, trainer, self.param_by_name, copy=False)
