@@ -329,13 +329,17 @@ def _csr(L, keys, rows, coef, pos, count):  # pragma: no cover - compiled
 
 
 @jit(nogil=True)
-def _code_occurrences(L, idx, z):  # pragma: no cover - compiled
-    """The occurrences of the sources' codes (:func:`_csr`): ``(b, s, j)`` with
-    ``z[s, b, j] != 0`` (table row ``b n + s``, coefficient ``z``, position ``(s B + b) k + j`` of
-    the code gradients). The same for every target decoder: a source whose pair weight is 0 has
-    zero gradient rows, so its occurrences add nothing there."""
-    n, B, k = idx.shape
-    size = n * B * k
+def _occurrences(L, idx, z, row0, pos0):  # pragma: no cover - compiled
+    """The non-zero entries of codes ``z`` at latents ``idx`` (both ``[n, B, m]``), sorted by latent
+    (:func:`_csr`): ``(b, s, j)`` with ``z[s, b, j] != 0``, table row ``row0 + b n + s``,
+    coefficient ``z``, position ``pos0 + (s B + b) m + j`` of the code gradients.
+
+    For the sources' codes (``row0 = pos0 = 0``) the list is the same for every target decoder: a
+    source whose pair weight is 0 has zero gradient rows, so its occurrences add nothing there.
+    One stream's AuxK picks ``[B, m]`` are passed as ``n = 1`` (``aidx[None]``), with their rows
+    and positions after the codes'."""
+    n, B, m = idx.shape
+    size = n * B * m
     keys = np.empty(size, np.int64)
     rows = np.empty(size, np.int64)
     coef = np.empty(size, np.float32)
@@ -343,37 +347,14 @@ def _code_occurrences(L, idx, z):  # pragma: no cover - compiled
     cnt = 0
     for b in range(B):
         for s in range(n):
-            for j in range(k):
+            for j in range(m):
                 v = z[s, b, j]
                 if v != 0.0:
                     keys[cnt] = idx[s, b, j]
-                    rows[cnt] = b * n + s
+                    rows[cnt] = row0 + b * n + s
                     coef[cnt] = v
-                    pos[cnt] = (s * B + b) * k + j
+                    pos[cnt] = pos0 + (s * B + b) * m + j
                     cnt += 1
-    return _csr(L, keys, rows, coef, pos, cnt)
-
-
-@jit(nogil=True)
-def _aux_occurrences(L, aidx, aval, row0, pos0):  # pragma: no cover - compiled
-    """The occurrences of one stream's AuxK picks (:func:`_csr`): ``(b, j)`` with
-    ``aval[b, j] != 0`` (table row ``row0 + b``, coefficient ``aval``, position
-    ``pos0 + b m + j``)."""
-    B, m = aidx.shape
-    keys = np.empty(B * m, np.int64)
-    rows = np.empty(B * m, np.int64)
-    coef = np.empty(B * m, np.float32)
-    pos = np.empty(B * m, np.int64)
-    cnt = 0
-    for b in range(B):
-        for j in range(m):
-            v = aval[b, j]
-            if v != 0.0:
-                keys[cnt] = aidx[b, j]
-                rows[cnt] = row0 + b
-                coef[cnt] = v
-                pos[cnt] = pos0 + b * m + j
-                cnt += 1
     return _csr(L, keys, rows, coef, pos, cnt)
 
 
@@ -630,7 +611,7 @@ def fused_step(model: MultiStreamSAE, optimizer: torch.optim.Adam, x: Mapping[st
     M = np.empty((n, n), np.float32)  # [source, target] NMSE
     aux_terms: dict[str, float] = {}
     dpre: dict[str, np.ndarray] = {}
-    occ = _code_occurrences(L, idx, z)
+    occ = _occurrences(L, idx, z, 0, 0)
     for ti, t in enumerate(streams):
         W = model.W_dec[t]
         d = W.shape[1]
@@ -650,7 +631,8 @@ def fused_step(model: MultiStreamSAE, optimizer: torch.optim.Adam, x: Mapping[st
             aux_terms[t] = float(an.mean(dtype=np.float64)) if n_dead else 0.0
         dpre[t] = gsum.sum(0)  # decoder share of db_pre
         m1, m2, consts = adam.take(W)
-        _decoder_update(_np(W), m1, m2, occ, _aux_occurrences(L, aidx, aval, B * n, n * B * k), G, dcodes[t],
+        aux_occ = _occurrences(L, aidx[np.newaxis], aval[np.newaxis], B * n, n * B * k)
+        _decoder_update(_np(W), m1, m2, occ, aux_occ, G, dcodes[t],
                         *consts, np.float32(INPUT_EPS))
     dz = sum(dc[: n * B * k] for dc in dcodes.values()).reshape(n, B, k)
 
