@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 # Guards the denominator of NMSE against all-zero targets (e.g. a perfectly fitted AuxK residual).
@@ -52,3 +53,37 @@ class LossOutput:
     total: Tensor
     terms: dict[str, Tensor]
     fired: dict[str, Tensor]
+
+
+def sparc_objective(streams: list[str], M: Tensor, aux: dict[str, Tensor], lam: float, aux_coef: float,
+                    l0: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """The SPARC objective and its logged terms from the NMSE matrix ``M [n, n]`` (row: source
+    ``s``, column: target ``t``: ``NMSE(x^(s->t), x^t)``) and the AuxK terms ``aux`` (stream ->
+    scalar, for the streams given a dead mask).
+
+    ``total = L_self + aux_coef * L_aux + lam * L_cross`` with ``L_self`` the mean of the diagonal,
+    ``L_cross`` the mean off it and ``L_aux = sum(aux) / n`` (the cross term left out when
+    ``lam == 0``). ``terms`` (detached), in this order: per stream ``self_nmse/<s>``,
+    ``cross_nmse/<s>-><t>``, ``l0/<s>`` (from ``l0``); ``aux/<s>``; ``self_nmse``, ``cross_nmse``,
+    ``aux``. Shared by :meth:`sparc.model.sae.MultiStreamSAE.loss` and the fused CPU step.
+    """
+    n = len(streams)
+    diag = torch.diagonal(M)
+    l_self = diag.mean()
+    l_cross = (M.sum() - diag.sum()) / (n * (n - 1)) if n > 1 else M.new_zeros(())
+    l_aux = torch.stack(list(aux.values())).sum() / n if aux else M.new_zeros(())
+    total = l_self + aux_coef * l_aux
+    if lam != 0.0:
+        total = total + lam * l_cross
+    Md = M.detach()
+    terms: dict[str, Tensor] = {}
+    for i, s in enumerate(streams):
+        terms[f"self_nmse/{s}"] = Md[i, i]
+        for j, t in enumerate(streams):
+            if t != s:
+                terms[f"cross_nmse/{s}->{t}"] = Md[i, j]
+        terms[f"l0/{s}"] = l0[s]
+    for s, a in aux.items():
+        terms[f"aux/{s}"] = a.detach()
+    terms.update(self_nmse=l_self.detach(), cross_nmse=l_cross.detach(), aux=l_aux.detach())
+    return total, terms

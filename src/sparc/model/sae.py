@@ -100,7 +100,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparc.model.losses import NMSE_EPS, LossOutput, nmse, nmse_sources
+from sparc.model.losses import NMSE_EPS, LossOutput, nmse, nmse_sources, sparc_objective
 from sparc.model.matmul import linear
 from sparc.model.sparse import (
     decode_rows,
@@ -521,7 +521,8 @@ class MultiStreamSAE(nn.Module):
         consistency = float(consistency)
         idx, z, aux, c_term = self._encode_train(xn, mode, dead_m, keep, consistency > 0)
         n = len(streams)
-        cols, aux_terms = [], []
+        cols: list[Tensor] = []
+        aux_terms: dict[str, Tensor] = {}
         for t in streams:
             # decode every source's code into t (sources in stream order), plus t's AuxK code
             trained = streams if lam != 0.0 else [t]
@@ -543,31 +544,14 @@ class MultiStreamSAE(nn.Module):
             cols.append(nmse_sources(rec, xn[t]))
             if e_aux is not None:
                 xhat_self = rec[:, streams.index(t)]
-                aux_terms.append(self._aux_term(t, e_aux, xn[t], xhat_self, dead_m[t]))
+                aux_terms[t] = self._aux_term(t, e_aux, xn[t], xhat_self, dead_m[t])
         M = torch.stack(cols, dim=1)  # [source, target] NMSE
-        diag = torch.diagonal(M)
-        l_self = diag.mean()
-        l_cross = (M.sum() - diag.sum()) / (n * (n - 1)) if n > 1 else M.new_zeros(())
-        l_aux = torch.stack(aux_terms).sum() / n if aux_terms else M.new_zeros(())
-        total = l_self + aux_coef * l_aux
-        if lam != 0.0:
-            total = total + lam * l_cross
+        l0, fired = {}, {}
+        for s in streams:
+            l0[s], fired[s] = self._stats(z[s], idx[s], self.cfg.L)
+        total, terms = sparc_objective(streams, M, aux_terms, lam, aux_coef, l0)
         if c_term is not None:
             total = total + consistency * c_term
-
-        Md = M.detach()
-        terms: dict[str, Tensor] = {}
-        fired: dict[str, Tensor] = {}
-        for i, s in enumerate(streams):
-            terms[f"self_nmse/{s}"] = Md[i, i]
-            for j, t in enumerate(streams):
-                if t != s:
-                    terms[f"cross_nmse/{s}->{t}"] = Md[i, j]
-            terms[f"l0/{s}"], fired[s] = self._stats(z[s], idx[s], self.cfg.L)
-        for s, a in zip([s for s in streams if s in aux], aux_terms, strict=True):
-            terms[f"aux/{s}"] = a.detach()
-        terms.update(self_nmse=l_self.detach(), cross_nmse=l_cross.detach(), aux=l_aux.detach())
-        if c_term is not None:
             terms["consistency"] = c_term.detach()
         return LossOutput(total=total, terms=terms, fired=fired)
 

@@ -66,7 +66,7 @@ from torch import Tensor
 
 from sparc.model import sae as sae_module
 from sparc.model.jit import jit
-from sparc.model.losses import NMSE_EPS, LossOutput
+from sparc.model.losses import NMSE_EPS, LossOutput, sparc_objective
 from sparc.model.sae import INPUT_EPS, MultiStreamSAE
 
 # Use the fused step where supports() allows it (False: the autograd path everywhere).
@@ -659,29 +659,15 @@ def fused_step(model: MultiStreamSAE, optimizer: torch.optim.Adam, x: Mapping[st
 
 def _loss_output(streams: list[str], M: np.ndarray, lam: float, aux_coef: float, aux_terms: dict[str, float],
                  z: np.ndarray, idx: np.ndarray, L: int) -> LossOutput:
-    """The terms of :meth:`MultiStreamSAE.loss` from the NMSE matrix, AuxK terms and codes."""
-    n = len(streams)
-    Mt = torch.from_numpy(M)
-    diag = torch.diagonal(Mt)
-    l_self = diag.mean()
-    l_cross = (Mt.sum() - diag.sum()) / (n * (n - 1)) if n > 1 else Mt.new_zeros(())
-    l_aux = torch.tensor(sum(aux_terms.values()) / n, dtype=torch.float32) if aux_terms else Mt.new_zeros(())
-    total = l_self + aux_coef * l_aux
-    if lam != 0.0:
-        total = total + lam * l_cross
-    terms: dict[str, Tensor] = {}
+    """The terms of :meth:`MultiStreamSAE.loss` (:func:`sparc.model.losses.sparc_objective`) from
+    the NMSE matrix, AuxK terms and codes."""
+    l0: dict[str, Tensor] = {}
     fired: dict[str, Tensor] = {}
     for i, s in enumerate(streams):
-        terms[f"self_nmse/{s}"] = Mt[i, i]
-        for j, t in enumerate(streams):
-            if t != s:
-                terms[f"cross_nmse/{s}->{t}"] = Mt[i, j]
-        active = torch.from_numpy(z[i] > 0)
-        terms[f"l0/{s}"] = active.sum(1).float().mean()
+        l0[s] = torch.from_numpy(z[i] > 0).sum(1).float().mean()
         hits = np.zeros(L, np.bool_)
         hits[idx[i][z[i] > sae_module.FIRE_THRESHOLD]] = True
         fired[s] = torch.from_numpy(hits)
-    for s, a in aux_terms.items():
-        terms[f"aux/{s}"] = torch.tensor(a, dtype=torch.float32)
-    terms.update(self_nmse=l_self, cross_nmse=l_cross, aux=l_aux)
+    aux = {s: torch.tensor(a, dtype=torch.float32) for s, a in aux_terms.items()}
+    total, terms = sparc_objective(streams, torch.from_numpy(M), aux, lam, aux_coef, l0)
     return LossOutput(total=total, terms=terms, fired=fired)
